@@ -1,0 +1,43 @@
+# hpc_moe: the commands a newcomer runs are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Extras installed by `make install`. `mpich` brings an MPI library as a wheel; drop it (EXTRAS=test)
+# on a cluster to use the system MPI that mpi4py was built against.
+EXTRAS ?= test,mpich
+# The live transformers comparison needs CPU torch. The pin takes the CPU wheel these machines carry
+# locally; set PARITY= to skip it (the committed golden files are still checked).
+PARITY ?= torch==2.13.0 transformers>=4.57
+NP     ?= 4
+MPIEXEC ?= $(VENV)/bin/mpiexec
+
+.PHONY: install run test test-unit test-mpi lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]" $(PARITY)
+	touch $@
+
+run: install
+	$(PY) -m hpc_moe demo --np $(NP)
+
+test: test-unit test-mpi
+
+test-unit: install
+	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/mpi
+
+# The same MPI test files at several world sizes (oversubscribed on small machines is fine).
+test-mpi: install
+	for n in 1 2 4 8 16; do \
+	  $(MPIEXEC) -n $$n $(PY) -m mpi4py -m pytest -q -p no:cacheprovider --with-mpi tests/mpi || exit 1; \
+	done
+
+lint: install
+	$(PY) -m pip install --quiet ruff
+	$(VENV)/bin/ruff check hpc_moe tests scripts
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

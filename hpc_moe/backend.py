@@ -1,0 +1,122 @@
+"""The array backend: NumPy on CPU machines, CuPy on GPUs. The only module that imports cupy.
+
+Everything else receives a :class:`Backend` and uses ``backend.xp`` for array math, so one code path
+serves both. Compute dtype is float32 on CPU (exact comparisons) and bfloat16 on GPU (tensor cores),
+where reductions (norms, softmax, router scores) are done in float32 by the callers.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+try:  # CuPy is an optional extra; a machine without a usable GPU falls back to NumPy.
+    import cupy as _cupy
+except Exception:  # ImportError, or a CUDA library that fails to load
+    _cupy = None
+
+bfloat16 = np.dtype(ml_dtypes.bfloat16)
+float8_e4m3 = np.dtype(ml_dtypes.float8_e4m3fn)
+
+_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": bfloat16, "float64": np.dtype(np.float64)}
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+def gpu_count() -> int:
+    """Number of CUDA devices CuPy can use (0 when CuPy or a GPU is missing)."""
+    if _cupy is None:
+        return 0
+    try:
+        return int(_cupy.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An array module plus the compute dtype and the device it is bound to.
+
+    name: "numpy" or "cupy"; xp: the module; dtype: compute dtype of activations and weights;
+    device: human-readable device name (CPU model or GPU name), device_id: CUDA ordinal or -1.
+    """
+
+    name: str
+    xp: Any
+    dtype: np.dtype
+    device: str
+    device_id: int = -1
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.name == "cupy"
+
+    def asarray(self, a, dtype=None):
+        """Host or device array -> this backend's array in ``dtype`` (default: compute dtype)."""
+        return self.xp.asarray(a, dtype=self.dtype if dtype is None else dtype)
+
+    def to_numpy(self, a) -> np.ndarray:
+        """Any array -> a NumPy array on the host (a copy for device arrays)."""
+        if self.is_gpu and isinstance(a, _cupy.ndarray):
+            return _cupy.asnumpy(a)
+        return np.asarray(a)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work; MPI does not synchronise CUDA streams for us."""
+        if self.is_gpu:
+            _cupy.cuda.get_current_stream().synchronize()
+
+    def empty_host(self, shape, dtype) -> np.ndarray:
+        """A host buffer for MPI; page-locked on GPU runs so that copies to/from it are DMA."""
+        dtype = np.dtype(dtype)
+        if not self.is_gpu:
+            return np.empty(shape, dtype)
+        n = int(np.prod(shape)) * dtype.itemsize
+        mem = _cupy.cuda.alloc_pinned_memory(max(n, 1))
+        return np.frombuffer(mem, dtype, int(np.prod(shape))).reshape(shape)
+
+    def pointer_is_device(self, a) -> bool:
+        return self.is_gpu and isinstance(a, _cupy.ndarray)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "dtype": str(self.dtype), "device": self.device,
+                "device_id": self.device_id}
+
+
+def get_backend(kind: str = "auto", dtype: str | None = None, local_rank: int = 0) -> Backend:
+    """Pick the array module and bind this process to a GPU.
+
+    kind: "numpy", "cupy" or "auto" (cupy when a GPU is visible); dtype: "float32", "bfloat16" or
+    None (float32 on CPU, bfloat16 on GPU); local_rank: this process's index among the ranks of its
+    node, so that rank i of a node drives GPU i mod (GPUs on the node).
+    """
+    if kind not in ("auto", "numpy", "cupy"):
+        raise BackendError(f"unknown backend {kind!r} (choose auto, numpy or cupy)")
+    if dtype is not None and dtype not in _DTYPES:
+        raise BackendError(f"unknown dtype {dtype!r} (choose {', '.join(_DTYPES)})")
+    ngpu = gpu_count()
+    if kind == "cupy" and ngpu == 0:
+        raise BackendError("backend cupy asked for, but CuPy cannot see a GPU on this machine")
+    if kind == "numpy" or (kind == "auto" and ngpu == 0):
+        return Backend("numpy", np, _DTYPES[dtype or "float32"], _cpu_name())
+    dev = local_rank % ngpu
+    _cupy.cuda.Device(dev).use()
+    props = _cupy.cuda.runtime.getDeviceProperties(dev)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    return Backend("cupy", _cupy, _DTYPES[dtype or "bfloat16"], name, dev)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine

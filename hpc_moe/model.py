@@ -1,0 +1,125 @@
+"""The DeepSeek-V3 transformer, readable top to bottom.
+
+    embed -> [x + MLA(norm(x)); x + (dense MLP | MoE)(norm(x))] x layers -> norm -> lm_head
+
+One class serves the single-process reference and every rank of the expert-parallel engine: the
+engine passes its own expert executor and the subset of layers' weights each rank loads is the
+same (attention, dense and shared experts are replicated; routed experts live in the executor).
+
+Shape legend: T tokens of a packed ragged batch, D hidden, V vocabulary, B sequences.
+"""
+from __future__ import annotations
+
+from .backend import Backend
+from .config import ModelConfig
+from .kvcache import Batch, KVCache
+from .layers import MLA, MLAWeights, Rope, linear, rms_norm
+from .moe import ExpertExecutor, ExpertWeights, LocalExperts, MoEBlock
+
+
+def load_mla(cfg: ModelConfig, weights, backend: Backend, layer: int) -> MLAWeights:
+    p = f"model.layers.{layer}.self_attn"
+
+    def get(name):
+        return backend.asarray(weights.get(f"{p}.{name}.weight"))
+
+    lora = cfg.q_lora_rank is not None
+    kv_b = get("kv_b_proj")
+    heads = kv_b.reshape(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+    return MLAWeights(
+        q_proj=None if lora else get("q_proj"),
+        q_a_proj=get("q_a_proj") if lora else None,
+        q_a_layernorm=get("q_a_layernorm") if lora else None,
+        q_b_proj=get("q_b_proj") if lora else None,
+        kv_a_proj_with_mqa=get("kv_a_proj_with_mqa"),
+        kv_a_layernorm=get("kv_a_layernorm"),
+        kv_b_proj=kv_b,
+        o_proj=get("o_proj"),
+        w_uk=heads[:, :cfg.qk_nope_head_dim].copy(),
+        w_uv=heads[:, cfg.qk_nope_head_dim:].copy(),
+    )
+
+
+class Model:
+    """DeepSeek-V3 forward over ragged batches with a latent KV cache.
+
+    weights: any source with ``get(hf_name) -> float32 ndarray`` (a checkpoint or synthetic);
+    experts: the routed-expert executor (default: all experts in this process);
+    num_layers: run only the first N layers (then the final norm and head), for machines that
+    cannot hold the model.
+    """
+
+    def __init__(self, cfg: ModelConfig, weights, backend: Backend,
+                 experts: ExpertExecutor | None = None, num_layers: int | None = None):
+        self.cfg, self.backend = cfg, backend
+        self.num_layers = cfg.num_hidden_layers if num_layers is None else num_layers
+        if not 1 <= self.num_layers <= cfg.num_hidden_layers:
+            raise ValueError(f"num_layers must be in [1, {cfg.num_hidden_layers}] (got {self.num_layers})")
+        layers = range(self.num_layers)
+        self.experts = experts if experts is not None else LocalExperts(cfg, weights, backend, layers)
+        rope = Rope.from_config(cfg)
+        self.rope = rope
+        self.embed = backend.asarray(weights.get("model.embed_tokens.weight"))
+        self.attn, self.ffn, self.input_norm, self.post_norm = [], [], [], []
+        for i in layers:
+            p = f"model.layers.{i}"
+            self.input_norm.append(backend.asarray(weights.get(f"{p}.input_layernorm.weight")))
+            self.post_norm.append(backend.asarray(weights.get(f"{p}.post_attention_layernorm.weight")))
+            self.attn.append(MLA(cfg, load_mla(cfg, weights, backend, i), rope))
+            if cfg.is_moe_layer(i):
+                self.ffn.append(MoEBlock(cfg, i, weights, backend, self.experts))
+            else:
+                self.ffn.append(ExpertWeights.load(weights, backend, f"{p}.mlp"))
+        self.norm = backend.asarray(weights.get("model.norm.weight"))
+        self.lm_head = backend.asarray(weights.get("lm_head.weight"))
+
+    def new_cache(self, slots: int, max_len: int) -> KVCache:
+        return KVCache(self.cfg, self.num_layers, slots, max_len, self.backend)
+
+    # ---- the layer, in two halves so that the engine can interleave micro-batches -------------
+    def attention(self, layer: int, h_TD, batch: Batch, cache: KVCache, rope_TR):
+        """h + MLA(norm(h)): writes the batch's latents into the cache, attends, returns [T, D]."""
+        xp = self.backend.xp
+        attn = self.attn[layer]
+        x = rms_norm(h_TD, self.input_norm[layer], self.cfg.rms_norm_eps)
+        q_nope, q_rot, latent = attn.project(x, *rope_TR)
+        cache.write(layer, batch, latent)
+        if batch.num_tokens == 0:
+            return h_TD
+        if batch.is_decode:
+            slots = xp.asarray(batch.slots_B)
+            length = int((batch.start_B + 1).max())
+            out = attn.attend_absorbed(q_nope, q_rot, cache.data[layer][slots, :length], batch.start_B + 1)
+        else:
+            off = batch.offsets
+            out = xp.concatenate([
+                attn.attend_plain(q_nope[off[b]:off[b + 1]], q_rot[off[b]:off[b + 1]],
+                                  cache.data[layer][slot, :start + n], int(start))
+                for b, (slot, start, n) in enumerate(zip(batch.slots_B, batch.start_B, batch.new_B))])
+        return h_TD + linear(out, attn.w.o_proj)
+
+    def feed_forward(self, layer: int, h_TD):
+        """h + (dense MLP | MoE)(norm(h)), [T, D]. MoE layers talk to other ranks in the engine:
+        every rank must call this for every layer, with zero tokens if it has none."""
+        x = rms_norm(h_TD, self.post_norm[layer], self.cfg.rms_norm_eps)
+        return h_TD + self.ffn[layer](x)
+
+    def rope_for(self, batch: Batch):
+        return self.rope.cos_sin(batch.positions_T, self.backend.xp, self.backend.dtype)
+
+    def embed_tokens(self, batch: Batch):
+        return self.embed[self.backend.xp.asarray(batch.token_ids_T)]
+
+    def head(self, h_TD):
+        """Final norm and vocabulary projection: [T, D] -> float32 logits [T, V]."""
+        x = rms_norm(h_TD, self.norm, self.cfg.rms_norm_eps)
+        return linear(x, self.lm_head).astype(self.backend.xp.float32)
+
+    def forward(self, batch: Batch, cache: KVCache):
+        """Token ids of a ragged batch -> float32 logits [T, V]; the cache gains the batch's tokens."""
+        h = self.embed_tokens(batch)
+        rope = self.rope_for(batch)
+        for layer in range(self.num_layers):
+            h = self.attention(layer, h, batch, cache, rope)
+            h = self.feed_forward(layer, h)
+        return self.head(h)

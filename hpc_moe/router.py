@@ -1,0 +1,69 @@
+"""DeepSeek-V3 routing: sigmoid scores, bias-corrected group-limited top-k, and load statistics.
+
+Shape legend: T tokens, D hidden size, E routed experts, G routing groups, K experts per token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelConfig
+from .layers import array_module
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The router's decision for a batch of tokens.
+
+    topk_idx_TK: int64 [T, K] global expert ids, in descending order of biased score.
+    topk_weight_TK: float32 [T, K] combine weights (normalised if norm_topk_prob, times
+    routed_scaling_factor).
+    """
+
+    topk_idx_TK: object
+    topk_weight_TK: object
+
+
+def route(x_TD, gate_ED, bias_E, cfg: ModelConfig) -> Routing:
+    """Score tokens x [T, D] against gate [E, D] (float32) with correction bias [E] (float32).
+
+    The bias only steers the choice of experts (aux-loss-free balancing); the combine weights come
+    from the unbiased sigmoid scores. Group-limited: a token may only pick experts from the
+    ``topk_group`` groups with the highest sum of their two best biased scores.
+    """
+    xp = array_module(x_TD)
+    T, E, G = x_TD.shape[0], cfg.n_routed_experts, cfg.n_group
+    logits = x_TD.astype(xp.float32) @ gate_ED.T
+    scores = 1.0 / (1.0 + xp.exp(-logits))
+    choice = scores + bias_E[None, :]
+    grouped = choice.reshape(T, G, E // G)
+    top2 = xp.sort(grouped, axis=-1)[..., -2:]
+    group_scores = top2.sum(axis=-1)  # [T, G]
+    # A group's rank among the token's groups; the best topk_group are kept.
+    order = xp.argsort(-group_scores, axis=-1, kind="stable")
+    group_mask = xp.argsort(order, axis=-1) < cfg.topk_group
+    masked = xp.where(xp.repeat(group_mask, E // G, axis=-1), choice, xp.float32(-xp.inf))
+    topk_idx = xp.argsort(-masked, axis=-1, kind="stable")[:, :cfg.num_experts_per_tok]
+    weights = xp.take_along_axis(scores, topk_idx, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + xp.float32(1e-20))
+    weights = weights * xp.float32(cfg.routed_scaling_factor)
+    return Routing(topk_idx.astype(xp.int64), weights.astype(xp.float32))
+
+
+def expert_counts(topk_idx_TK, n_experts: int) -> np.ndarray:
+    """Tokens routed to each expert: int64 [E] on the host (a token counts once per chosen expert)."""
+    xp = array_module(topk_idx_TK)
+    counts = xp.bincount(topk_idx_TK.reshape(-1), minlength=n_experts)
+    return np.asarray(counts.get() if xp is not np else counts, dtype=np.int64)
+
+
+def update_bias(bias_E: np.ndarray, counts_E: np.ndarray, rate: float) -> np.ndarray:
+    """The aux-loss-free balancing rule: bias += rate * sign(mean load - load), float32 [E].
+
+    Raising the bias of under-loaded experts makes the router pick them more often. This changes
+    the model's outputs; it is opt-in.
+    """
+    counts = counts_E.astype(np.float64)
+    return (bias_E + rate * np.sign(counts.mean() - counts)).astype(np.float32)
