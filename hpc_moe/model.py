@@ -14,7 +14,9 @@ from .backend import Backend
 from .config import ModelConfig
 from .kvcache import Batch, KVCache
 from .layers import MLA, MLAWeights, Rope, linear, rms_norm
+from .router import SyntheticRouting
 from .moe import ExpertExecutor, ExpertWeights, LocalExperts, MoEBlock
+from .timing import NullProfiler, Profiler
 
 
 def load_mla(cfg: ModelConfig, weights, backend: Backend, layer: int) -> MLAWeights:
@@ -46,12 +48,15 @@ class Model:
     weights: any source with ``get(hf_name) -> float32 ndarray`` (a checkpoint or synthetic);
     experts: the routed-expert executor (default: all experts in this process);
     num_layers: run only the first N layers (then the final norm and head), for machines that
-    cannot hold the model.
+    cannot hold the model; profiler: where phase times go (default: nowhere); synthetic_routing:
+    replaces the router's decisions (benchmarks of the dispatch path; changes the outputs).
     """
 
     def __init__(self, cfg: ModelConfig, weights, backend: Backend,
-                 experts: ExpertExecutor | None = None, num_layers: int | None = None):
+                 experts: ExpertExecutor | None = None, num_layers: int | None = None,
+                 profiler: Profiler | None = None, synthetic_routing: SyntheticRouting | None = None):
         self.cfg, self.backend = cfg, backend
+        self.prof = profiler if profiler is not None else NullProfiler()
         self.num_layers = cfg.num_hidden_layers if num_layers is None else num_layers
         if not 1 <= self.num_layers <= cfg.num_hidden_layers:
             raise ValueError(f"num_layers must be in [1, {cfg.num_hidden_layers}] (got {self.num_layers})")
@@ -67,7 +72,7 @@ class Model:
             self.post_norm.append(backend.asarray(weights.get(f"{p}.post_attention_layernorm.weight")))
             self.attn.append(MLA(cfg, load_mla(cfg, weights, backend, i), rope))
             if cfg.is_moe_layer(i):
-                self.ffn.append(MoEBlock(cfg, i, weights, backend, self.experts))
+                self.ffn.append(MoEBlock(cfg, i, weights, backend, self.experts, synthetic_routing))
             else:
                 self.ffn.append(ExpertWeights.load(weights, backend, f"{p}.mlp"))
         self.norm = backend.asarray(weights.get("model.norm.weight"))
@@ -79,6 +84,10 @@ class Model:
     # ---- the layer, in two halves so that the engine can interleave micro-batches -------------
     def attention(self, layer: int, h_TD, batch: Batch, cache: KVCache, rope_TR):
         """h + MLA(norm(h)): writes the batch's latents into the cache, attends, returns [T, D]."""
+        with self.prof.phase(layer, "attention"):
+            return self._attention(layer, h_TD, batch, cache, rope_TR)
+
+    def _attention(self, layer: int, h_TD, batch: Batch, cache: KVCache, rope_TR):
         xp = self.backend.xp
         attn = self.attn[layer]
         x = rms_norm(h_TD, self.input_norm[layer], self.cfg.rms_norm_eps)
@@ -101,8 +110,12 @@ class Model:
     def feed_forward(self, layer: int, h_TD):
         """h + (dense MLP | MoE)(norm(h)), [T, D]. MoE layers talk to other ranks in the engine:
         every rank must call this for every layer, with zero tokens if it has none."""
-        x = rms_norm(h_TD, self.post_norm[layer], self.cfg.rms_norm_eps)
-        return h_TD + self.ffn[layer](x)
+        ffn = self.ffn[layer]
+        if isinstance(ffn, MoEBlock):
+            x = rms_norm(h_TD, self.post_norm[layer], self.cfg.rms_norm_eps)
+            return h_TD + ffn(x, self.prof)
+        with self.prof.phase(layer, "dense_mlp"):
+            return h_TD + ffn(rms_norm(h_TD, self.post_norm[layer], self.cfg.rms_norm_eps))
 
     def rope_for(self, batch: Batch):
         return self.rope.cos_sin(batch.positions_T, self.backend.xp, self.backend.dtype)

@@ -14,7 +14,8 @@ from typing import Protocol
 from .backend import Backend
 from .config import ModelConfig
 from .layers import array_module, swiglu
-from .router import Routing, route
+from .router import Routing, SyntheticRouting, route
+from .timing import Profiler
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def apply_experts(experts: dict, x_ND, expert_N):
 
 
 class ExpertExecutor(Protocol):
-    def __call__(self, layer: int, x_TD, routing: Routing): ...
+    def __call__(self, layer: int, x_TD, routing: Routing, prof: Profiler): ...
 
 
 class LocalExperts:
@@ -64,12 +65,13 @@ class LocalExperts:
             for layer in layers if cfg.is_moe_layer(layer)
         }
 
-    def __call__(self, layer: int, x_TD, routing: Routing):
+    def __call__(self, layer: int, x_TD, routing: Routing, prof: Profiler):
         """x [T, D] -> sum_k w[t, k] * expert_{idx[t, k]}(x[t]), [T, D]."""
         T, K = routing.topk_idx_TK.shape
         xp = array_module(x_TD)
-        pairs = apply_experts(self.experts[layer], xp.repeat(x_TD, K, axis=0), routing.topk_idx_TK.reshape(-1))
-        return weighted_sum(pairs.reshape(T, K, x_TD.shape[1]), routing.topk_weight_TK)
+        with prof.phase(layer, "expert"):
+            pairs = apply_experts(self.experts[layer], xp.repeat(x_TD, K, axis=0), routing.topk_idx_TK.reshape(-1))
+            return weighted_sum(pairs.reshape(T, K, x_TD.shape[1]), routing.topk_weight_TK)
 
 
 def weighted_sum(out_TKD, weight_TK):
@@ -82,19 +84,30 @@ def weighted_sum(out_TKD, weight_TK):
 class MoEBlock:
     """One MoE layer: y = routed experts (via the executor) + shared experts."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, weights, backend: Backend, experts: ExpertExecutor):
+    def __init__(self, cfg: ModelConfig, layer: int, weights, backend: Backend, experts: ExpertExecutor,
+                 synthetic: SyntheticRouting | None = None):
         p = f"model.layers.{layer}.mlp"
         self.cfg, self.layer, self.experts = cfg, layer, experts
+        self.synthetic, self.calls = synthetic, 0
         self.gate = backend.asarray(weights.get(f"{p}.gate.weight"), dtype=backend.xp.float32)
         self.bias = backend.asarray(weights.get(f"{p}.gate.e_score_correction_bias"), dtype=backend.xp.float32)
         self.shared = ExpertWeights.load(weights, backend, f"{p}.shared_experts") if cfg.n_shared_experts else None
 
     def route(self, x_TD) -> Routing:
-        return route(x_TD, self.gate, self.bias, self.cfg)
+        """The router's top-k; with synthetic routing the gate still runs (its time is real) but
+        the decision is replaced."""
+        r = route(x_TD, self.gate, self.bias, self.cfg)
+        if self.synthetic is not None:
+            self.calls += 1
+            return self.synthetic(x_TD, self.cfg, self.layer, self.calls)
+        return r
 
-    def __call__(self, x_TD):
+    def __call__(self, x_TD, prof: Profiler):
         """x [T, D] (post-attention-normed hidden states) -> [T, D]."""
-        y = self.experts(self.layer, x_TD, self.route(x_TD))
+        with prof.phase(self.layer, "gate"):
+            routing = self.route(x_TD)
+        y = self.experts(self.layer, x_TD, routing, prof)
         if self.shared is not None:
-            y = y + self.shared(x_TD)
+            with prof.phase(self.layer, "shared"):
+                y = y + self.shared(x_TD)
         return y

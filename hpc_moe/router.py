@@ -67,3 +67,53 @@ def update_bias(bias_E: np.ndarray, counts_E: np.ndarray, rate: float) -> np.nda
     """
     counts = counts_E.astype(np.float64)
     return (bias_E + rate * np.sign(counts.mean() - counts)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SyntheticRouting:
+    """Routing decisions drawn from a controlled distribution instead of the model's router, for
+    studying the dispatch path under chosen imbalance.
+
+    kind: "uniform" (every expert equally likely), "zipf" (expert popularity ~ 1/rank^s, hot
+    experts picked at random per layer) or "one" (every token's experts are the same K, i.e. all
+    tokens go to one expert group: the worst case). Each token still gets K distinct experts;
+    weights are random, normalised and scaled like the model's.
+    """
+
+    kind: str
+    s: float = 1.2
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, text: str, seed: int = 0) -> "SyntheticRouting | None":
+        """``model`` -> None; ``uniform``, ``one``, ``zipf`` or ``zipf:S``."""
+        kind, _, arg = text.partition(":")
+        if kind == "model" and not arg:
+            return None
+        if kind in ("uniform", "one") and not arg:
+            return cls(kind, seed=seed)
+        if kind == "zipf":
+            try:
+                s = float(arg) if arg else 1.2
+            except ValueError:
+                s = -1.0
+            if s > 0:
+                return cls("zipf", s, seed)
+        raise ValueError(f"routing must be model, uniform, one or zipf[:S] with S > 0 (got {text!r})")
+
+    def __call__(self, x_TD, cfg: ModelConfig, layer: int, call: int) -> Routing:
+        """Decisions for x's T tokens at this layer; ``call`` makes successive calls differ."""
+        xp = array_module(x_TD)
+        T, E, K = x_TD.shape[0], cfg.n_routed_experts, cfg.num_experts_per_tok
+        rng = np.random.default_rng([self.seed, layer, call])
+        if self.kind == "one":
+            idx = np.broadcast_to(np.arange(K, dtype=np.int64), (T, K))
+        else:
+            logp = np.zeros(E) if self.kind == "uniform" else \
+                -self.s * np.log1p(rng.permutation(E).astype(np.float64))
+            # Gumbel top-k: K distinct experts drawn without replacement with probability ~ p.
+            keys = logp[None, :] + rng.gumbel(size=(T, E))
+            idx = np.argsort(-keys, axis=1)[:, :K].astype(np.int64)
+        w = rng.uniform(0.5, 1.0, (T, K))
+        w = (w / w.sum(axis=1, keepdims=True) * cfg.routed_scaling_factor).astype(np.float32)
+        return Routing(xp.asarray(np.ascontiguousarray(idx)), xp.asarray(w))

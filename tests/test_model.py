@@ -135,3 +135,21 @@ def test_presets_load_and_round_trip(tmp_path):
     assert paper.num_attention_heads * paper.v_head_dim == 7168 and paper.intermediate_size == 18432
     v3 = json.load(open(load_config.__globals__["PRESET_DIR"] + "/deepseek-v3.json"))
     assert v3["n_routed_experts"] == 256 and load_config("deepseek-v3").fp8_block == (128, 128)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "zipf:1.5", "one"])
+def test_synthetic_routing_distinct_experts_and_imbalance(kind):
+    from hpc_moe.router import SyntheticRouting, expert_counts
+    cfg = load_config("small")
+    r = SyntheticRouting.parse(kind, seed=3)(np.zeros((4000, 4), np.float32), cfg, layer=1, call=1)
+    idx = r.topk_idx_TK
+    assert all(len(set(row)) == cfg.num_experts_per_tok for row in idx[:200])
+    np.testing.assert_allclose(r.topk_weight_TK.sum(1), cfg.routed_scaling_factor, rtol=1e-5)
+    counts = expert_counts(idx, cfg.n_routed_experts)
+    assert counts.sum() == 4000 * cfg.num_experts_per_tok
+    imbalance = counts.max() / counts.mean()
+    # "one": the same K experts take every token, so max / mean = E / K.
+    expected = {"uniform": (1.0, 1.2), "zipf:1.5": (2.0, 20.0), "one": (3.99, 4.01)}[kind]
+    assert expected[0] <= imbalance <= expected[1]
+    with pytest.raises(ValueError, match="routing must be"):
+        SyntheticRouting.parse("zipf:-1")
