@@ -16,16 +16,13 @@ import json
 import math
 import os
 import re
-import struct
-from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator
 
-import ml_dtypes
 import numpy as np
 
 from .backend import bfloat16, float8_e4m3
 from .config import ConfigError, ModelConfig
+from .safetensors_io import (ST_DTYPES, CheckpointError, TensorInfo, _atomic, _write_file, read_header)
 
 CONFIG_NAME = "config.json"
 SINGLE_NAME = "model.safetensors"
@@ -33,23 +30,10 @@ INDEX_NAME = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
-# safetensors dtype names <-> NumPy dtypes (a read-only table, not state).
-ST_DTYPES: Mapping[str, np.dtype] = MappingProxyType({
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": bfloat16, "F8_E4M3": float8_e4m3, "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32),
-    "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-})
-_ST_NAMES = MappingProxyType({dt: name for name, dt in ST_DTYPES.items()})
 _FP8_NAMES = frozenset({"F8_E4M3", "F8_E5M2"})
 _QUANTIZED = re.compile(
     r"^model\.layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
     r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is unreadable or does not match its config; the message names tensor and file."""
 
 
 # ---- key names ---------------------------------------------------------------------------------
@@ -152,59 +136,6 @@ def dequantize_fp8(q_RC: np.ndarray, scale_inv: np.ndarray, block: tuple[int, in
 
 
 # ---- reader ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: file, safetensors dtype name, shape, absolute byte range [start, end)."""
-
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-
-def read_header(path: str) -> dict[str, TensorInfo]:
-    """Parse one .safetensors header (8-byte LE length, JSON) and check every entry against the file
-    size; reads no tensor data. Raises CheckpointError naming the file (and tensor)."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            if n < 0 or n > size - 8:
-                raise CheckpointError(f"{path}: header length {n} does not fit in the file "
-                                      f"({size} bytes): truncated or not safetensors")
-            raw = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: bad header JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: bad header JSON (expected an object)")
-    header.pop("__metadata__", None)
-    base, out = 8 + n, {}
-    for name, info in header.items():
-        try:
-            dtype, (b, e) = info["dtype"], info["data_offsets"]
-            shape = tuple(int(s) for s in info["shape"])
-            b, e = int(b), int(e)
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"tensor {name!r} in {path}: malformed header entry {info!r}") from None
-        if dtype not in ST_DTYPES:
-            raise CheckpointError(f"tensor {name!r} in {path}: unknown dtype {dtype!r}")
-        need = math.prod(shape) * ST_DTYPES[dtype].itemsize
-        if b < 0 or e - b != need:
-            raise CheckpointError(f"tensor {name!r} in {path}: data_offsets [{b}, {e}] hold {e - b} "
-                                  f"bytes but {dtype} {list(shape)} needs {need}")
-        if base + e > size:
-            raise CheckpointError(f"tensor {name!r} in {path}: data ends at byte {base + e} but the "
-                                  f"file has {size} bytes (truncated)")
-        out[name] = TensorInfo(path, dtype, shape, base + b, base + e)
-    return out
-
-
 class Checkpoint:
     """A memory-mapped HF checkpoint directory (``config.json`` + one file or an index of shards).
 
@@ -354,63 +285,6 @@ def _read_index(d: str, index: str) -> dict[str, TensorInfo]:
 
 
 # ---- writer ------------------------------------------------------------------------------------
-def write_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
-    """Write NumPy arrays (any dtype in :data:`ST_DTYPES`) as one .safetensors file, atomically."""
-    arrays = {n: np.asarray(a) for n, a in tensors.items()}
-    _write_file(path, {n: (_ST_NAMES[a.dtype], a.shape) for n, a in arrays.items()}, arrays.items())
-
-
-def _write_file(path: str, specs: Mapping[str, tuple[str, tuple[int, ...]]],
-                chunks: Iterable[tuple[str, np.ndarray]]) -> int:
-    """Header from ``specs`` (name -> (dtype name, shape)), then the arrays ``chunks`` yields, each
-    written at its own offset, so they may come in any order. Returns the data size in bytes.
-
-    Data is laid out by descending item size, then name (as safetensors does): every tensor starts
-    aligned to its item size with no gaps, which the reference reader requires.
-    """
-    order = sorted(specs, key=lambda n: (-ST_DTYPES[specs[n][0]].itemsize, n))
-    offsets, pos = {}, 0
-    for n in order:
-        nbytes = math.prod(specs[n][1]) * ST_DTYPES[specs[n][0]].itemsize
-        offsets[n], pos = (pos, pos + nbytes), pos + nbytes
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    for n in sorted(specs):
-        header[n] = {"dtype": specs[n][0], "shape": list(specs[n][1]), "data_offsets": list(offsets[n])}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-    base, written = 8 + len(raw), set()
-    with _atomic(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(base + pos)
-        for n, a in chunks:
-            a = np.ascontiguousarray(a)
-            if n not in specs or n in written or a.dtype != ST_DTYPES[specs[n][0]] or a.shape != tuple(specs[n][1]):
-                raise CheckpointError(f"tensor {n!r} for {path}: {a.dtype} {list(a.shape)} does not "
-                                      f"match the planned header entry {specs.get(n)} (or came twice)")
-            f.seek(base + offsets[n][0])
-            f.write(a.reshape(-1).view(np.uint8).data)
-            written.add(n)
-        if written != set(specs):
-            raise CheckpointError(f"{path}: no data for {sorted(set(specs) - written)[:3]}")
-    return pos
-
-
-@contextlib.contextmanager
-def _atomic(path: str, mode: str) -> Iterator[Any]:
-    """A file that appears at ``path`` complete (written, fsynced, renamed) or not at all."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def _order(name: str) -> tuple:
     # Layer order (embedding first, head last) with numbers compared as numbers, so that a shard
     # holds consecutive layers and experts, as published checkpoints do.
