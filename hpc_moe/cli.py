@@ -6,6 +6,7 @@ rank aborts the whole job (MPI_Abort) instead of leaving the other ranks waiting
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from . import __version__
@@ -34,7 +35,32 @@ def _add_generate(sub):
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--output", required=True, help=".npz to write (prefill_logits, tokens)")
     _add_backend_args(p)
+    _add_parallel_args(p)
     return p
+
+
+def _add_parallel_args(p):
+    g = p.add_argument_group("parallelism and communication")
+    g.add_argument("--dp", type=_positive, default=1, help="model replicas (independent EP groups)")
+    g.add_argument("--expert-tp", type=_positive, default=1,
+                   help="ranks per expert: each expert's intermediate dimension split over T ranks")
+    g.add_argument("--algorithm", default="alltoallv", choices=["alltoallv", "pipelined"],
+                   help="one Ialltoallv per direction, or per-peer messages with experts run as tokens land")
+    g.add_argument("--transport", default="auto", choices=["auto", "host", "cuda-aware", "nccl"])
+    g.add_argument("--payload", default="native", choices=["native", "fp8"],
+                   help="dispatch payload: the compute dtype, or FP8 e4m3 with a scale per 128 values")
+    g.add_argument("--micro-batches", type=_positive, default=1,
+                   help="split each step's sequences; > 1 overlaps communication with compute")
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
 
 
 def _add_backend_args(p):
@@ -71,7 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
-    known = (ConfigError, CheckpointError, BackendError, UsageError, FileNotFoundError)
+    from .comm import ParallelError
+    from .placement import PlacementError
+    from .workload import WorkloadError
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="hpc-moe: %(message)s", stream=sys.stderr)
+    known = (ConfigError, CheckpointError, BackendError, UsageError, ParallelError, PlacementError,
+             WorkloadError)
     try:
         return _dispatch(args)
     except known as e:

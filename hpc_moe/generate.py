@@ -20,20 +20,23 @@ class Generation:
     tokens: np.ndarray
 
 
-def generate(model: Model, prompts: list, max_new_tokens: int) -> Generation:
+def generate(model: Model, prompts: list, max_new_tokens: int, forward=None) -> Generation:
     """Greedy generation for prompts (int64 arrays of any lengths, possibly none on this rank).
 
     Every call runs exactly 1 + max(0, max_new_tokens - 1) forward passes whatever the prompts, so
-    that ranks of the engine stay in lockstep in the MoE exchanges.
+    that ranks of the engine stay in lockstep in the MoE exchanges. forward(batch, cache) -> host
+    float32 logits [T, V] replaces the model's own (the engine's overlapped schedule).
     """
-    be = model.backend
+    if forward is None:
+        def forward(batch, cache):
+            return model.backend.to_numpy(model.forward(batch, cache))
     lens = np.array([len(p) for p in prompts], dtype=np.int64)
     if len(prompts) and lens.min() < 1:
         raise ValueError("every prompt needs at least one token")
     max_len = int(lens.max(initial=0)) + max_new_tokens
     cache = model.new_cache(len(prompts), max(max_len, 1))
     batch = Batch.prefill(prompts)
-    logits = be.to_numpy(model.forward(batch, cache))
+    logits = forward(batch, cache)
     off = batch.offsets
     prefill_logits = [logits[off[b]:off[b + 1]] for b in range(len(prompts))]
     tokens = np.zeros((len(prompts), max_new_tokens), dtype=np.int64)
@@ -43,6 +46,6 @@ def generate(model: Model, prompts: list, max_new_tokens: int) -> Generation:
     slots = np.arange(len(prompts), dtype=np.int64)
     for step in range(1, max_new_tokens):
         batch = Batch.decode(tokens[:, step - 1], slots, lens + step - 1)
-        step_logits = be.to_numpy(model.forward(batch, cache))
+        step_logits = forward(batch, cache)
         tokens[:, step] = step_logits.argmax(axis=-1)
     return Generation(prefill_logits, tokens)

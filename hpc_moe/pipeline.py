@@ -8,10 +8,20 @@ import os
 
 import numpy as np
 
+import logging
+
+from mpi4py import MPI
+
 from .backend import get_backend
+from .comm import ParallelContext
 from .config import load_config
+from .dispatch import DispatchOptions
+from .engine import EngineOptions, build_model
+from .engine import forward as engine_forward
 from .generate import generate
-from .model import Model
+from .workload import assign
+
+log = logging.getLogger("hpc_moe")
 
 
 def load_input_ids(path: str) -> np.ndarray:
@@ -60,13 +70,75 @@ def write_npz(path: str, **arrays) -> None:
     os.replace(tmp, path)
 
 
+def on_root(ctx, fn):
+    """fn() on rank 0, its result broadcast to every rank; an input error raised there is raised
+    on every rank (so none waits forever in a collective rank 0 never reaches)."""
+    from .cli import UsageError
+    result, error = None, None
+    if ctx.rank == 0:
+        try:
+            result = fn()
+        except (UsageError, ValueError) as e:
+            error = f"{e}"
+    result, error = ctx.world.bcast((result, error), root=0)  # small Python objects, not arrays
+    if error is not None:
+        raise UsageError(error)
+    return result
+
+
+def scatter_sequences(ctx, ids_BS, owner_B):
+    """Rank 0's prompts [B, S] -> this rank's prompts [b, S] (rows whose owner is this rank, in
+    order). ids_BS and owner_B are read on rank 0 only; shape known everywhere via ``owner_B``."""
+    S = ids_BS.shape[1]
+    counts = np.bincount(owner_B, minlength=ctx.size) * S
+    order = np.argsort(owner_B, kind="stable")
+    send = np.ascontiguousarray(ids_BS[order]) if ctx.rank == 0 else None
+    mine = np.empty(counts[ctx.rank], np.int64)
+    ctx.world.Scatterv([send, (counts, None), MPI.INT64_T] if ctx.rank == 0 else None, [mine, MPI.INT64_T], root=0)
+    return mine.reshape(-1, S)
+
+
+def gather_rows(ctx, local, owner_B, dtype, mpi_type):
+    """Every rank's rows [b_r, ...] -> rank 0's [B, ...] in the original sequence order."""
+    row = int(np.prod(local.shape[1:]))
+    counts = np.bincount(owner_B, minlength=ctx.size) * row
+    out = np.empty((len(owner_B),) + local.shape[1:], dtype) if ctx.rank == 0 else None
+    ctx.world.Gatherv([np.ascontiguousarray(local, dtype), mpi_type],
+                      [out, (counts, None), mpi_type] if ctx.rank == 0 else None, root=0)
+    if ctx.rank != 0:
+        return None
+    result = np.empty_like(out)
+    result[np.argsort(owner_B, kind="stable")] = out
+    return result
+
+
 def run_generate(args) -> int:
+    """Prefill + greedy decode of rank 0's prompts, each rank serving its share of sequences and
+    every MoE layer expert-parallel over the EP group; rank 0 writes the output."""
+    ctx = ParallelContext.create(dp=args.dp, expert_tp=args.expert_tp)
     cfg, weights = open_weights(args)
-    ids = load_input_ids(args.input_ids)
-    check_ids(ids, cfg, args.max_new_tokens)
-    backend = get_backend(args.backend, args.dtype)
-    model = Model(cfg, weights, backend)
-    gen = generate(model, list(ids), args.max_new_tokens)
-    logits = np.stack(gen.prefill_logits) if len(ids) else np.zeros((0, ids.shape[1], cfg.vocab_size), np.float32)
-    write_npz(args.output, prefill_logits=logits, tokens=gen.tokens)
+
+    def read():
+        ids = load_input_ids(args.input_ids)
+        check_ids(ids, cfg, args.max_new_tokens)
+        return ids.shape, assign(np.full(ids.shape[0], ids.shape[1]), ctx.size)
+
+    shape, owner = on_root(ctx, read)
+    ids = load_input_ids(args.input_ids) if ctx.rank == 0 else np.zeros(shape, np.int64)
+    mine = scatter_sequences(ctx, ids, owner)
+    backend = get_backend(args.backend, args.dtype, ctx.local_rank)
+    options = EngineOptions(micro_batches=args.micro_batches,
+                            dispatch=DispatchOptions(args.algorithm, args.transport, args.payload))
+    model, executor = build_model(cfg, weights, backend, ctx, options=options)
+    if ctx.rank == 0 and executor.placement.colocated:
+        log.warning("%d experts on %d expert slots: ranks hold several experts per layer, which "
+                    "breaks the one-expert-per-GPU principle", cfg.n_routed_experts, executor.placement.n_slots)
+    gen = generate(model, list(mine), args.max_new_tokens,
+                   forward=lambda b, c: engine_forward(model, executor, b, c, args.micro_batches))
+    local_logits = np.stack(gen.prefill_logits) if len(mine) else np.zeros((0, shape[1], cfg.vocab_size), np.float32)
+    logits = gather_rows(ctx, local_logits, owner, np.float32, MPI.FLOAT)
+    tokens = gather_rows(ctx, gen.tokens, owner, np.int64, MPI.INT64_T)
+    if ctx.rank == 0:
+        write_npz(args.output, prefill_logits=logits, tokens=tokens)
+    executor.dispatcher.close()
     return 0
