@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 EXTRAS ?= test,mpich
 # The live transformers comparison needs CPU torch. The pin takes the CPU wheel these machines carry
 # locally; set PARITY= to skip it (the committed golden files are still checked).
-PARITY ?= torch==2.13.0 transformers>=4.57
+PARITY ?= torch==2.13.0 "transformers>=4.57"
 NP     ?= 4
 MPIEXEC ?= $(VENV)/bin/mpiexec
 

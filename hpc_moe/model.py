@@ -76,7 +76,7 @@ class Model:
             else:
                 self.ffn.append(ExpertWeights.load(weights, backend, f"{p}.mlp"))
         self.norm = backend.asarray(weights.get("model.norm.weight"))
-        self.lm_head = backend.asarray(weights.get("lm_head.weight"))
+        self.lm_head = self.embed if cfg.tie_word_embeddings else backend.asarray(weights.get("lm_head.weight"))
 
     def new_cache(self, slots: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, self.num_layers, slots, max_len, self.backend)
