@@ -120,3 +120,63 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return os.uname().machine
+
+
+# ---- device <-> host copies and NCCL, for the dispatch transports (hpc_moe/transport.py) ----------
+def copy_to_host(backend: Backend, src, out: np.ndarray) -> np.ndarray:
+    """Copy ``src`` (host or device array) into the host array ``out`` (same shape and dtype, e.g.
+    pinned from empty_host); returns when the bytes are there, so MPI may read ``out`` at once."""
+    if backend.pointer_is_device(src):
+        _cupy.cuda.get_current_stream().synchronize()  # src may still be being written
+        src.get(out=out)  # blocking device -> host copy
+    else:
+        np.copyto(out, src)
+    return out
+
+
+def record_event(backend: Backend):
+    """A CUDA event recorded on the current stream (``.done``, ``.synchronize()``), None on CPU."""
+    if not backend.is_gpu:
+        return None
+    ev = _cupy.cuda.Event(disable_timing=True)
+    ev.record(_cupy.cuda.get_current_stream())
+    return ev
+
+
+def nccl_available() -> bool:
+    if _cupy is None:
+        return False
+    try:
+        from cupy.cuda import nccl
+        return bool(nccl.available)
+    except Exception:  # noqa: BLE001 (a CuPy build without NCCL fails to import in several ways)
+        return False
+
+
+def nccl_unique_id() -> np.ndarray:
+    """A fresh NCCL unique id as int16 [128] (so that MPI can broadcast it with Bcast)."""
+    from cupy.cuda import nccl
+    return np.asarray(nccl.get_unique_id(), dtype=np.int16)
+
+
+def nccl_communicator(nranks: int, uid: np.ndarray, rank: int):
+    """NCCL communicator of ``nranks`` from a unique id made by nccl_unique_id on one rank."""
+    from cupy.cuda import nccl
+    return nccl.NcclCommunicator(int(nranks), tuple(int(b) for b in uid), int(rank))
+
+
+def nccl_alltoallv(comm, send, send_offsets, send_nbytes, recv, recv_offsets, recv_nbytes) -> None:
+    """Grouped NCCL send/recv of byte ranges of contiguous device arrays, enqueued on the current
+    stream: peer p gets send[send_offsets[p] : +send_nbytes[p]] (offsets and sizes in bytes)."""
+    from cupy.cuda import nccl
+    stream = _cupy.cuda.get_current_stream().ptr
+    sptr, rptr = send.data.ptr, recv.data.ptr
+    nccl.groupStart()
+    try:
+        for p in range(len(send_nbytes)):
+            if send_nbytes[p]:
+                comm.send(sptr + int(send_offsets[p]), int(send_nbytes[p]), nccl.NCCL_UINT8, p, stream)
+            if recv_nbytes[p]:
+                comm.recv(rptr + int(recv_offsets[p]), int(recv_nbytes[p]), nccl.NCCL_UINT8, p, stream)
+    finally:
+        nccl.groupEnd()

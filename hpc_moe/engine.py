@@ -10,6 +10,7 @@ P EP ranks, M MoE layers.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -60,27 +61,46 @@ class ExpertParallelExperts:
     """
 
     def __init__(self, cfg: ModelConfig, weights, backend: Backend, ctx: ParallelContext,
-                 placement: ExpertPlacement, options: DispatchOptions, moe_layers: list[int]):
+                 placement: ExpertPlacement, options: DispatchOptions, moe_layers: list[int],
+                 channels: int = 1):
         if cfg.moe_intermediate_size % ctx.expert_tp:
             raise ValueError(f"moe_intermediate_size {cfg.moe_intermediate_size} is not divisible by "
                              f"expert_tp {ctx.expert_tp}")
         self.cfg, self.weights, self.backend, self.ctx = cfg, weights, backend, ctx
         self.moe_layers = moe_layers
         self.moe_index = {layer: i for i, layer in enumerate(moe_layers)}
-        self.dispatcher = Dispatcher(ctx, placement, backend, options, logger=log)
+        # One dispatcher per micro-batch, each on its own duplicate of the EP communicator: a
+        # dispatch posts its payload Ialltoallv only when its count exchange completes, which
+        # happens at different times on different ranks; non-blocking collectives of one
+        # communicator must start in the same order everywhere, those of different ones need not.
+        self.dispatchers = [Dispatcher(ctx if i == 0 else dataclasses.replace(ctx, ep_comm=ctx.ep_comm.Dup()),
+                                       placement, backend, options, logger=log if i == 0 else None)
+                            for i in range(channels)]
         self.experts: dict[int, list[ExpertWeights]] = {}
         self.set_placement(placement)
         self.start_step()
 
     @property
+    def dispatcher(self) -> Dispatcher:
+        return self.dispatchers[0]
+
+    @property
     def placement(self) -> ExpertPlacement:
         return self.dispatcher.placement
+
+    def close(self) -> None:
+        """Release transports and the duplicated communicators. Collective."""
+        for i, d in enumerate(self.dispatchers):
+            d.close()
+            if i:
+                d.comm.Free()
 
     def set_placement(self, placement: ExpertPlacement) -> None:
         """Adopt a new placement (collective in effect: every rank must adopt the same one);
         loads the experts this rank now owns. Outputs do not change."""
         tp, tp_rank = self.ctx.expert_tp, self.ctx.ep_rank % self.ctx.expert_tp
-        self.dispatcher.placement = placement
+        for d in self.dispatchers:
+            d.placement = placement
         self.experts = {
             layer: [load_expert(self.weights, self.backend, layer, e, tp_rank, tp)
                     for e in placement.local_experts(self.ctx.ep_rank, layer)]
@@ -159,7 +179,9 @@ class ExpertParallelExperts:
         same number of micro-batches (some may be empty), so collectives match. -> logits per
         micro-batch, float32 [T_i, V].
         """
-        prof, d = model.prof, self.dispatcher
+        prof = model.prof
+        if len(batches) > len(self.dispatchers):
+            raise ValueError(f"{len(batches)} micro-batches but {len(self.dispatchers)} dispatch channels")
         hs = [model.embed_tokens(b) for b in batches]
         ropes = [model.rope_for(b) for b in batches]
         combines: list = [None] * len(batches)  # (pending combine, h + shared) per micro-batch
@@ -191,7 +213,8 @@ class ExpertParallelExperts:
                     routing = block.route(x)
                 self._count(layer, routing)
                 with prof.phase(layer, "dispatch"):
-                    posted.append((x, d.dispatch_async(x, routing.topk_idx_TK, routing.topk_weight_TK, layer)))
+                    posted.append((x, self.dispatchers[i].dispatch_async(
+                        x, routing.topk_idx_TK, routing.topk_weight_TK, layer)))
                 progress()
             for i, (x, pending) in enumerate(posted):
                 with prof.phase(layer, "wait"):
@@ -199,7 +222,7 @@ class ExpertParallelExperts:
                 with prof.phase(layer, "expert"):
                     out = self.run_local(layer, pairs.gather(recv_x, self.backend), pairs.local_expert_Q)
                 with prof.phase(layer, "combine"):
-                    pc = d.combine_async(out, handle)
+                    pc = self.dispatchers[i].combine_async(out, handle)
                 self._account(handle.stats)
                 progress()
                 base = hs[i]
@@ -228,7 +251,8 @@ def build_model(cfg: ModelConfig, weights, backend: Backend, ctx: ParallelContex
     placement = ExpertPlacement.build(cfg.n_routed_experts, ctx.ep_size, ctx.expert_tp,
                                       ctx.node_of_ep_rank, cfg.n_group, loads=loads,
                                       layers=moe_layers or None)
-    executor = ExpertParallelExperts(cfg, weights, backend, ctx, placement, options.dispatch, moe_layers)
+    executor = ExpertParallelExperts(cfg, weights, backend, ctx, placement, options.dispatch, moe_layers,
+                                     channels=options.micro_batches)
     model = Model(cfg, weights, backend, experts=executor, num_layers=n,
                   profiler=profiler if profiler is not None else NullProfiler(n),
                   synthetic_routing=synthetic_routing)

@@ -140,5 +140,5 @@ def run_generate(args) -> int:
     tokens = gather_rows(ctx, gen.tokens, owner, np.int64, MPI.INT64_T)
     if ctx.rank == 0:
         write_npz(args.output, prefill_logits=logits, tokens=tokens)
-    executor.dispatcher.close()
+    executor.close()
     return 0

@@ -60,7 +60,7 @@ def check_against_reference(cfg, options: EngineOptions, dp=1, expert_tp=1, new_
     for g, r in zip(got.prefill_logits, ref.prefill_logits):
         assert np.abs(g - r).max() <= 1e-5 * np.abs(r).max()
     np.testing.assert_array_equal(got.tokens, ref.tokens)
-    executor.dispatcher.close()
+    executor.close()
     ctx.free()
     return executor
 
@@ -108,7 +108,7 @@ def test_all_tokens_to_one_expert_group():
         assert np.abs(g - r).max() <= 1e-5 * np.abs(r).max()
     counts, _ = executor.reduce_step(ctx.ep_comm)
     assert (counts[:, cfg.num_experts_per_tok:] == 0).all()  # nobody else got a token
-    executor.dispatcher.close()
+    executor.close()
 
 
 def test_step_accounting_adds_up():
@@ -123,7 +123,7 @@ def test_step_accounting_adds_up():
     assert counts.shape == (cfg.num_moe_layers, cfg.n_routed_experts)
     assert (counts.sum(axis=1) == tokens * cfg.num_experts_per_tok).all()
     assert sent.shape == (ctx.ep_size, ctx.ep_size) and (sent >= 0).all()
-    executor.dispatcher.close()
+    executor.close()
 
 
 def test_replacement_from_loads_keeps_outputs():
@@ -142,7 +142,7 @@ def test_replacement_from_loads_keeps_outputs():
     for a, b in zip(before.prefill_logits, after.prefill_logits):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
     np.testing.assert_array_equal(before.tokens, after.tokens)
-    executor.dispatcher.close()
+    executor.close()
 
 
 def test_cli_generate_writes_once_and_matches(tmp_path_factory):

@@ -1,0 +1,338 @@
+"""Expert placement: which EP rank holds which routed expert, per MoE layer. Pure functions, no MPI.
+
+An expert *slot* is ``expert_tp`` consecutive EP ranks that together run one expert (tensor
+parallel inside it); there are S = ep_size / expert_tp slots. The rules, per layer:
+
+* E == S: slot i owns exactly one expert (the principle: one expert per GPU per layer).
+* E <  S: every expert owns one slot and the S - E spare slots hold replicas, given greedily as
+  DeepSeek's EPLB does (the next replica goes to the expert with the highest load / replicas).
+  A token's expert is served by one replica: the source node's own replica if it has one, then
+  spread over the candidates by (token index + source rank).
+* E >  S: experts are colocated (``colocated`` is True, so that the run can say it breaks the
+  principle), ceil/floor(E/S) per slot, balanced by load (longest-processing-time) when loads are
+  given.
+
+Topology: slots are filled node by node with contiguous runs of experts, node n receiving a share
+of experts proportional to its slots, so the E / n_group experts of one routing group sit on one node
+where the shapes allow and group-limited routing also limits the nodes a token reaches. With loads,
+whole groups are first packed onto nodes by load (as EPLB's hierarchical policy), and replicas stay
+on the node of their group.
+
+Legend: E experts, S slots, R replicas of an expert (max over experts), N nodes, L layers, T tokens,
+K top-k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class PlacementError(ValueError):
+    """The placement asked for is impossible (the message says why)."""
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertPlacement:
+    """Expert -> slot maps for one shared layer map or one map per MoE layer.
+
+    slot_experts[l][s]: the experts slot s holds in map l (ascending; position = local expert id).
+    layer_ids: the model layer of each map, or None when one map serves every layer; every method
+    takes ``layer`` (a model layer id, ignored for a shared map). Slot s is EP ranks
+    [s * expert_tp, (s + 1) * expert_tp). node_of_rank: node id of every EP rank [ep_size].
+    """
+
+    n_experts: int
+    ep_size: int
+    expert_tp: int
+    node_of_rank: tuple[int, ...]
+    n_group: int
+    slot_experts: tuple[tuple[tuple[int, ...], ...], ...]
+    layer_ids: tuple[int, ...] | None = None
+    _tables: tuple = field(init=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_tables", tuple(_tables(self, m) for m in self.slot_experts))
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def build(cls, n_experts: int, ep_size: int, expert_tp: int = 1, node_of_rank=None,
+              n_group: int = 1, loads=None, layers=None) -> ExpertPlacement:
+        """Place E experts on ep_size ranks in slots of expert_tp ranks.
+
+        node_of_rank: node id per EP rank [ep_size] (default: one node); n_group: routing groups
+        (E / n_group consecutive experts each); loads: expected tokens per expert, float [E] (one
+        map) or [L, E] (one map per layer, needs ``layers``); layers: model layer ids for per-layer
+        maps (default: one map shared by all layers).
+        """
+        node_of_rank = tuple(int(n) for n in (node_of_rank if node_of_rank is not None
+                                               else [0] * ep_size))
+        _need(n_experts >= 1, f"n_experts must be >= 1 (got {n_experts})")
+        _need(ep_size >= 1 and expert_tp >= 1 and ep_size % expert_tp == 0,
+              f"ep_size {ep_size} must be a positive multiple of expert_tp {expert_tp}")
+        _need(len(node_of_rank) == ep_size,
+              f"node_of_rank has {len(node_of_rank)} entries for ep_size {ep_size}")
+        _need(n_group >= 1 and n_experts % n_group == 0,
+              f"n_experts {n_experts} must be divisible by n_group {n_group}")
+        layer_ids = None if layers is None else tuple(int(x) for x in layers)
+        _need(layer_ids is None or len(layer_ids) >= 1, "layers must not be empty")
+        n_maps = 1 if layer_ids is None else len(layer_ids)
+        loads_LE = _loads(loads, n_experts, n_maps)
+        node_of_slot = node_of_rank[::expert_tp]
+        maps = tuple(_place_layer(n_experts, node_of_slot, n_group, loads_LE[i])
+                     for i in range(n_maps))
+        return cls(n_experts, ep_size, expert_tp, node_of_rank, n_group, maps, layer_ids)
+
+    def from_loads(self, loads, layer: int | None = None) -> ExpertPlacement:
+        """Re-place from measured tokens per expert: [E] for one layer (``layer`` given) or for all
+        maps (``layer`` None), or [L, E] for every per-layer map."""
+        loads = np.asarray(loads, dtype=np.float64)
+        maps = list(self.slot_experts)
+        node_of_slot = self.node_of_rank[::self.expert_tp]
+        if layer is not None:
+            _need(self.layer_ids is not None, "this placement has one shared map; build it "
+                  "with layers=... to re-place layers one by one")
+            _need(loads.shape == (self.n_experts,), f"loads must have shape ({self.n_experts},)")
+            maps[self._index(layer)] = _place_layer(self.n_experts, node_of_slot, self.n_group, loads)
+        else:
+            loads_LE = _loads(loads, self.n_experts, len(maps))
+            maps = [_place_layer(self.n_experts, node_of_slot, self.n_group, loads_LE[i])
+                    for i in range(len(maps))]
+        return ExpertPlacement(self.n_experts, self.ep_size, self.expert_tp, self.node_of_rank,
+                               self.n_group, tuple(maps), self.layer_ids)
+
+    # ---- queries ---------------------------------------------------------------------------
+    @property
+    def n_slots(self) -> int:
+        return self.ep_size // self.expert_tp
+
+    @property
+    def colocated(self) -> bool:
+        """True when some rank holds more than one expert of a layer (E > slots)."""
+        return self.n_experts > self.n_slots
+
+    @property
+    def replicated(self) -> bool:
+        return self.n_experts < self.n_slots
+
+    def owners(self, e: int, layer: int | None = None) -> list[int]:
+        """The slots holding expert ``e`` (one unless replicated)."""
+        rep_ER, n_rep_E = self._tables[self._index(layer)][:2]
+        return [int(s) for s in rep_ER[e, :n_rep_E[e]]]
+
+    def slot_ranks(self, slot: int) -> list[int]:
+        """The expert_tp EP ranks of ``slot``."""
+        return list(range(slot * self.expert_tp, (slot + 1) * self.expert_tp))
+
+    def slot_of_rank(self, rank: int) -> int:
+        return rank // self.expert_tp
+
+    def local_experts(self, rank: int, layer: int | None = None) -> list[int]:
+        """Global ids of the experts EP rank ``rank`` runs (its local expert i is list[i])."""
+        return list(self.slot_experts[self._index(layer)][rank // self.expert_tp])
+
+    def local_index_table(self, layer: int | None = None) -> np.ndarray:
+        """int32 [S, E]: local expert id of expert e on slot s, -1 where s does not hold e."""
+        return self._tables[self._index(layer)][4]
+
+    def choose_replica(self, expert_ids, src_rank: int, token_idx, layer: int | None = None) -> np.ndarray:
+        """Slot serving each (expert, token) of EP rank ``src_rank``; arrays broadcast together.
+
+        Deterministic: the replicas on the source's node if any, else all, picked by
+        (token_idx + src_rank) modulo their number. Returns int64 of the broadcast shape.
+        """
+        _, _, cand_NER, ncand_NE, _ = self._tables[self._index(layer)]
+        e = np.asarray(expert_ids, dtype=np.int64)
+        node = self.node_of_rank[src_rank]
+        n = ncand_NE[node, e]
+        j = (np.asarray(token_idx, dtype=np.int64) + src_rank) % n
+        return cand_NER[node, e, j]
+
+    def route(self, topk_idx_TK, src_rank: int, layer: int | None = None) -> np.ndarray:
+        """int64 [T, K]: the slot each (token, k) of ``src_rank`` goes to (topk_idx int [T, K])."""
+        topk = np.asarray(topk_idx_TK, dtype=np.int64)
+        return self.choose_replica(topk, src_rank, np.arange(topk.shape[0])[:, None], layer)
+
+    def to_array(self, layer: int | None = None) -> np.ndarray:
+        """int32 [E, R] slots of each expert, -1 padded; [L, E, R] for all per-layer maps when
+        ``layer`` is None and the placement has per-layer maps (the HDF5 trace form)."""
+        if self.layer_ids is not None and layer is None:
+            r = max(t[0].shape[1] for t in self._tables)
+            out = np.full((len(self._tables), self.n_experts, r), -1, dtype=np.int32)
+            for i, t in enumerate(self._tables):
+                out[i, :, :t[0].shape[1]] = t[0]
+            return out
+        return self._tables[self._index(layer)][0].astype(np.int32)
+
+    def max_replicas(self, layer: int | None = None) -> int:
+        return int(self._tables[self._index(layer)][1].max())
+
+    def format(self, layer: int | None = None, hostnames=None) -> str:
+        """A table: per slot its node, ranks and experts (replicas marked), then a summary."""
+        li = self._index(layer)
+        slots = self.slot_experts[li]
+        n_rep_E = self._tables[li][1]
+        head = (f"expert placement (layer {self.layer_ids[li]})" if self.layer_ids is not None
+                else "expert placement (all MoE layers)")
+        lines = [(f"{head}: {self.n_experts} experts, {self.ep_size} EP ranks, expert_tp "
+                  f"{self.expert_tp}, {self.n_slots} slots, {len(set(self.node_of_rank))} nodes"),
+                 f"{'node':>4} {'host':<12} {'slot':>4} {'ranks':<9} experts"]
+        for s, experts in enumerate(slots):
+            ranks = self.slot_ranks(s)
+            node = self.node_of_rank[ranks[0]]
+            host = hostnames[ranks[0]] if hostnames is not None else "-"
+            rk = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+            ex = ", ".join(f"{e}" + (f" (1 of {n_rep_E[e]} replicas)" if n_rep_E[e] > 1 else "")
+                           for e in experts)
+            lines.append(f"{node:>4} {host[:12]:<12} {s:>4} {rk:<9} {ex}")
+        if self.colocated:
+            per = [len(x) for x in slots]
+            lines.append(f"colocated: {min(per)}-{max(per)} experts per slot (E > slots breaks "
+                         "one expert per GPU)")
+        elif self.replicated:
+            lines.append(f"replicated: {self.n_slots - self.n_experts} spare slots hold replicas "
+                         f"(max {int(n_rep_E.max())} per expert)")
+        else:
+            lines.append("one expert per slot")
+        return "\n".join(lines)
+
+    def _index(self, layer: int | None) -> int:
+        if self.layer_ids is None:
+            return 0
+        if layer is None:
+            _need(len(self.layer_ids) == 1, "this placement has per-layer maps: pass layer=")
+            return 0
+        try:
+            return self.layer_ids.index(int(layer))
+        except ValueError:
+            raise PlacementError(f"layer {layer} has no placement (layers {self.layer_ids[0]}.."
+                                 f"{self.layer_ids[-1]})") from None
+
+
+# ---- algorithms (pure) -------------------------------------------------------------------------
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise PlacementError(msg)
+
+
+def _loads(loads, n_experts: int, n_maps: int) -> np.ndarray:
+    if loads is None:
+        return np.ones((n_maps, n_experts))
+    a = np.asarray(loads, dtype=np.float64)
+    if a.ndim == 1:
+        a = np.broadcast_to(a, (n_maps, a.shape[0]))
+    _need(a.shape == (n_maps, n_experts), f"loads must have shape ({n_experts},) or "
+          f"({n_maps}, {n_experts}); got {a.shape}")
+    _need(bool(np.all(np.isfinite(a)) and np.all(a >= 0)), "loads must be finite and >= 0")
+    return a + 1e-9  # a zero-load expert still ranks, and load / replicas stays defined
+
+
+def _place_layer(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray):
+    """-> tuple over slots of sorted expert tuples."""
+    s_total = len(node_of_slot)
+    nodes = sorted(set(node_of_slot))
+    slots_by_node = [[s for s in range(s_total) if node_of_slot[s] == n] for n in nodes]
+    # Node n gets a contiguous share of the expert order proportional to its slots.
+    cum = np.cumsum([0] + [len(x) for x in slots_by_node])
+    bounds = (n_experts * cum) // s_total
+    order = _group_order(n_experts, n_group, np.diff(bounds), loads_E)
+    result: list[list[int]] = [[] for _ in range(s_total)]
+    empty: list[int] = []
+    for n, slots in enumerate(slots_by_node):
+        ex = order[bounds[n]:bounds[n + 1]]
+        if len(ex) == 0:
+            empty.extend(slots)
+        elif len(ex) <= len(slots):
+            counts = _replicate(loads_E[ex], len(slots))
+            for s, e in zip(slots, np.repeat(ex, counts)):
+                result[s] = [int(e)]
+        else:
+            for s, group in zip(slots, _colocate(ex, loads_E, len(slots))):
+                result[s] = group
+    if empty:  # fewer experts than nodes: the expert-less nodes take global replicas
+        counts = np.zeros(n_experts)
+        for held in result:
+            for e in held:
+                counts[e] += 1
+        for s in empty:
+            e = int(np.argmax(loads_E / counts))
+            counts[e] += 1
+            result[s] = [e]
+    return tuple(tuple(sorted(x)) for x in result)
+
+
+def _group_order(n_experts: int, n_group: int, per_node, loads_E) -> np.ndarray:
+    """Expert order to cut into node shares: whole routing groups packed onto nodes by load
+    when every node's share is a whole number of groups, else the natural order."""
+    gs = n_experts // n_group
+    natural = np.arange(n_experts)
+    if n_group == 1 or any(c % gs for c in per_node) or np.ptp(loads_E) == 0:
+        return natural
+    group_load = loads_E.reshape(n_group, gs).sum(1)
+    cap = [c // gs for c in per_node]
+    load = np.zeros(len(cap))
+    members: list[list[int]] = [[] for _ in cap]
+    for g in np.argsort(-group_load, kind="stable"):
+        open_nodes = [n for n in range(len(cap)) if len(members[n]) < cap[n]]
+        n = min(open_nodes, key=lambda i: (load[i], i))
+        members[n].append(int(g))
+        load[n] += group_load[g]
+    return np.concatenate([natural[g * gs:(g + 1) * gs] for m in members for g in sorted(m)])
+
+
+def _replicate(loads_m: np.ndarray, n_slots: int) -> np.ndarray:
+    """EPLB: one replica each, then each spare slot to the expert with the highest load/replicas."""
+    counts = np.ones(len(loads_m), dtype=np.int64)
+    for _ in range(n_slots - len(loads_m)):
+        counts[int(np.argmax(loads_m / counts))] += 1
+    return counts
+
+
+def _colocate(ex: np.ndarray, loads_E: np.ndarray, n_slots: int) -> list[list[int]]:
+    """Experts ``ex`` on n_slots slots, floor/ceil(m / n_slots) each: contiguous blocks for equal
+    loads, else longest-processing-time first onto the least loaded slot that may take one more."""
+    q, r = divmod(len(ex), n_slots)
+    loads = loads_E[ex]
+    if np.ptp(loads) == 0:
+        sizes = [q + 1] * r + [q] * (n_slots - r)
+        starts = np.cumsum([0] + sizes)
+        return [[int(e) for e in ex[starts[i]:starts[i + 1]]] for i in range(n_slots)]
+    slots: list[list[int]] = [[] for _ in range(n_slots)]
+    load = np.zeros(n_slots)
+    big = 0
+    for i in np.argsort(-loads, kind="stable"):
+        ok = [s for s in range(n_slots) if len(slots[s]) < q or (len(slots[s]) == q and big < r)]
+        s = min(ok, key=lambda j: (load[j], len(slots[j]), j))
+        big += len(slots[s]) == q
+        slots[s].append(int(ex[i]))
+        load[s] += loads[i]
+    return slots
+
+
+def _tables(p: ExpertPlacement, slot_experts):
+    """Lookup tables of one map: replicas [E, R], replica counts [E], per-node candidates
+    [N, E, R] and their counts [N, E] (for choose_replica), local index [S, E]."""
+    e_count, s_count = p.n_experts, len(slot_experts)
+    _need(s_count == p.n_slots, f"map has {s_count} slots, expected {p.n_slots}")
+    owners: list[list[int]] = [[] for _ in range(e_count)]
+    local_SE = np.full((s_count, e_count), -1, dtype=np.int32)
+    for s, experts in enumerate(slot_experts):
+        for i, e in enumerate(experts):
+            owners[e].append(s)
+            local_SE[s, e] = i
+    _need(all(owners), "every expert needs at least one slot")
+    r = max(len(o) for o in owners)
+    rep_ER = np.full((e_count, r), -1, dtype=np.int64)
+    for e, o in enumerate(owners):
+        rep_ER[e, :len(o)] = o
+    n_rep_E = np.array([len(o) for o in owners], dtype=np.int64)
+    node_of_slot = np.asarray(p.node_of_rank[::p.expert_tp])
+    n_nodes = max(p.node_of_rank) + 1
+    cand_NER = np.zeros((n_nodes, e_count, r), dtype=np.int64)
+    ncand_NE = np.zeros((n_nodes, e_count), dtype=np.int64)
+    for n in range(n_nodes):
+        for e, o in enumerate(owners):
+            near = [s for s in o if node_of_slot[s] == n] or o
+            cand_NER[n, e, :len(near)] = near
+            ncand_NE[n, e] = len(near)
+    return rep_ER, n_rep_E, cand_NER, ncand_NE, local_SE

@@ -1,0 +1,274 @@
+"""Summary tables and PNG plots of throughput traces: ``hpc-moe report TRACE.h5 [MORE.h5 ...]``.
+
+``summary_stats`` computes the numbers, ``summary_table`` / ``scaling_table`` format them, and
+``make_report`` writes the figures of hpc_moe.plots. Throughput is tokens over the summed step wall
+time of the whole job; "per rank" divides it by the ranks, "per GPU" by the ranks that drive a
+GPU, "per node" by the distinct hosts.
+
+Shape legend: S steps, L layers, M MoE layers, E experts, R ranks, P phases.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from hpc_moe.trace import (
+    KINDS,
+    Trace,
+    TraceError,
+    achieved_bandwidth,
+    expert_load_imbalance,
+    read_trace,
+)
+
+
+def _groups(trace: Trace) -> list[tuple[str, np.ndarray]]:
+    """(name, step mask [S]) for each step kind present, plus "all" when there are several."""
+    groups = [(k, trace.kind == k) for k in KINDS if np.any(trace.kind == k)]
+    return groups + [("all", np.ones(trace.num_steps, bool))] if len(groups) > 1 else groups
+
+
+def throughput_rows(trace: Trace) -> list[dict[str, Any]]:
+    """One dict per (step kind, direction) with tokens > 0: tokens, wall_s, tok_s and tok_s per
+    rank / GPU (NaN on a CPU run) / node."""
+    rows = []
+    for kind, mask in _groups(trace):
+        wall = float(trace.wall_time_s[mask].sum())
+        for direction, tokens in (("input", trace.input_tokens), ("output", trace.output_tokens)):
+            n = int(tokens[mask].sum())
+            if n:
+                tps = n / wall
+                rows.append({"kind": kind, "direction": direction, "steps": int(mask.sum()),
+                             "wall_s": wall, "tokens": n, "tok_s": tps, "per_rank": tps / trace.num_ranks,
+                             "per_gpu": tps / trace.num_gpus if trace.num_gpus else float("nan"),
+                             "per_node": tps / trace.num_nodes})
+    return rows
+
+
+def comm_stats(trace: Trace) -> dict[str, float]:
+    """Off-rank all-to-all bytes per step (total, intra-node, inter-node) and achieved bandwidth
+    per rank (bytes / dispatch+combine seconds; min, mean, max over ranks) in B/s."""
+    off = trace.bytes_sent.sum(axis=0) * ~np.eye(trace.num_ranks, dtype=bool)  # [R, R], all steps
+    same = trace.rank_node[:, None] == trace.rank_node[None, :]
+    steps = max(trace.num_steps, 1)
+    bw = achieved_bandwidth(trace)
+    ok = bw[np.isfinite(bw)]
+    return {"bytes_per_step": off.sum() / steps, "intra_node_bytes_per_step": (off * same).sum() / steps,
+            "inter_node_bytes_per_step": (off * ~same).sum() / steps,
+            "bw_min": float(ok.min()) if ok.size else float("nan"),
+            "bw_mean": float(ok.mean()) if ok.size else float("nan"),
+            "bw_max": float(ok.max()) if ok.size else float("nan")}
+
+
+def summary_stats(trace: Trace) -> dict[str, Any]:
+    """The numbers behind summary_table.
+
+    throughput: throughput_rows(); layer_ms: float64 [L, P] mean ms over all steps and ranks;
+    step_ms: {kind: float64 [P]} ms per step summed over layers (mean over steps and ranks);
+    wall_ms: {kind: mean step wall ms}; comm: comm_stats(); imbalance: float64 [M] per MoE layer
+    max/mean tokens per expert, mean over steps.
+    """
+    step_ms, wall_ms = {}, {}
+    for kind, mask in _groups(trace):
+        step_ms[kind] = trace.phase_time_s[mask].sum(axis=1).mean(axis=(0, 1)) * 1e3
+        wall_ms[kind] = float(trace.wall_time_s[mask].mean() * 1e3)
+    imbalance = expert_load_imbalance(trace)
+    with np.errstate(invalid="ignore"):
+        per_layer = np.nanmean(imbalance, axis=0) if trace.num_steps else np.full(imbalance.shape[1], np.nan)
+    return {"throughput": throughput_rows(trace), "layer_ms": trace.phase_time_s.mean(axis=(0, 2)) * 1e3,
+            "step_ms": step_ms, "wall_ms": wall_ms, "comm": comm_stats(trace), "imbalance": per_layer}
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Plain-text table; first column left-aligned, the others right-aligned."""
+    cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _num(x: float, digits: int = 0) -> str:
+    return "-" if not np.isfinite(x) else f"{x:,.{digits}f}"
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _header(trace: Trace) -> list[str]:
+    m = trace.meta
+    gpus = ", ".join(m.get("device_names", [])) if trace.num_gpus else "no GPUs"
+    state = {"completed": "completed", "failed": "FAILED (closed after an error)",
+             "running": "still running, or killed (valid up to the last flushed step)"}[trace.state]
+    slurm = f", Slurm job {m['slurm_job_id']}" if m.get("slurm_job_id") else ""
+    return [f"== {trace.name} ({trace.path}) ==",
+            f"{trace.num_steps} steps, {state}",
+            (f"{trace.num_ranks} ranks on {trace.num_nodes} nodes, {trace.num_gpus} GPUs ({gpus}); "
+             f"backend {m.get('array_backend')}, transport {m.get('transport')}, CUDA-aware MPI {m.get('cuda_aware')}"),
+            (f"{trace.num_layers} layers ({len(trace.moe_layers)} MoE{', truncated' if m.get('truncated') else ''}), "
+             f"{trace.num_experts} experts; hpc_moe {m.get('software_version')} (git {str(m.get('git_commit'))[:12]}), "
+             f"created {m.get('created')}{slurm}")]
+
+
+def summary_table(trace: Trace) -> str:
+    """Text summary of one trace: throughput, time per layer split into phases, communication,
+    expert load imbalance. Scaling over several traces is scaling_table's."""
+    out = _header(trace)
+    if not trace.num_steps:
+        return "\n".join(out + ["(no steps recorded)"])
+    st = summary_stats(trace)
+    out += ["", "Throughput (tokens/s, whole job; one GPU per rank)", _table(
+        ["kind", "steps", "wall s", "tokens", "tok/s", "per rank", "per GPU", "per node"],
+        [[f"{r['kind']} {r['direction']}", r["steps"], f"{r['wall_s']:.3f}", f"{r['tokens']:,}",
+          _num(r["tok_s"]), _num(r["per_rank"]), _num(r["per_gpu"]), _num(r["per_node"])]
+         for r in st["throughput"]])]
+    phases = list(trace.phases)
+    out += ["", "Time per step by phase (ms, summed over layers, mean over steps and ranks)", _table(
+        ["steps", *phases, "sum", "wall"],
+        [[kind, *(f"{v:.3f}" for v in ms), f"{ms.sum():.3f}", f"{st['wall_ms'][kind]:.3f}"]
+         for kind, ms in st["step_ms"].items()])]
+    moe, ms = set(trace.moe_layers.tolist()), st["layer_ms"]
+    rows = [[layer, "moe" if layer in moe else "dense", *(f"{v:.3f}" for v in ms[layer]), f"{ms[layer].sum():.3f}"]
+            for layer in range(trace.num_layers)]
+    out += ["", f"Time per layer (ms, mean over all {trace.num_steps} steps and {trace.num_ranks} ranks)",
+            _table(["layer", "type", *phases, "total"], rows)]
+    c = st["comm"]
+    inter = c["inter_node_bytes_per_step"] / c["bytes_per_step"] * 100 if c["bytes_per_step"] else 0.0
+    out += ["", "Communication (expert-parallel all-to-all, off-rank bytes)",
+            f"  per step: {_bytes(c['bytes_per_step'])} ({inter:.1f}% between nodes)",
+            (f"  achieved bandwidth per rank, bytes / (dispatch + combine) time: min {_num(c['bw_min'] / 1e9, 3)}, "
+             f"mean {_num(c['bw_mean'] / 1e9, 3)}, max {_num(c['bw_max'] / 1e9, 3)} GB/s")]
+    imb = st["imbalance"]
+    if imb.size and np.isfinite(imb).any():
+        worst = int(np.nanargmax(imb))
+        out += ["", "Expert load imbalance (max/mean tokens per expert, mean over steps; 1.00 = balanced)",
+                (f"  mean over MoE layers {np.nanmean(imb):.2f}, worst layer {trace.moe_layers[worst]}: "
+                 f"{imb[worst]:.2f}, best {np.nanmin(imb):.2f}")]
+    return "\n".join(out)
+
+
+def scaling_points(traces: Sequence[Trace]) -> list[dict[str, Any]]:
+    """One dict per trace, sorted by ranks: input/output tok/s over all steps and efficiency =
+    (tok/s per rank) / (that of the smallest run); NaN where either run has no such tokens."""
+    pts = []
+    for t in sorted(traces, key=lambda t: t.num_ranks):
+        wall = float(t.wall_time_s.sum()) or float("nan")
+        pts.append({"name": t.name, "ranks": t.num_ranks, "nodes": t.num_nodes, "steps": t.num_steps,
+                    "input_tok_s": t.input_tokens.sum() / wall, "output_tok_s": t.output_tokens.sum() / wall})
+    for p in pts:
+        for d in ("input", "output"):
+            base = pts[0][f"{d}_tok_s"] / pts[0]["ranks"]
+            ok = base > 0 and p[f"{d}_tok_s"] > 0  # a run without such tokens has no efficiency
+            p[f"{d}_eff"] = p[f"{d}_tok_s"] / p["ranks"] / base if ok else float("nan")
+    return pts
+
+
+def scaling_table(traces: Sequence[Trace]) -> str:
+    """Throughput and scaling efficiency per trace, by rank count (efficiency 100% = linear)."""
+    pts = scaling_points(traces)
+    rows = [[p["name"], p["ranks"], p["nodes"], p["steps"], _num(p["input_tok_s"]),
+             _num(p["input_tok_s"] / p["ranks"]), _num(p["input_eff"] * 100, 1), _num(p["output_tok_s"]),
+             _num(p["output_tok_s"] / p["ranks"]), _num(p["output_eff"] * 100, 1)] for p in pts]
+    return "\n".join([f"Scaling (efficiency = tok/s per rank relative to the {pts[0]['ranks']}-rank run)",
+                      _table(["trace", "ranks", "nodes", "steps", "input tok/s", "per rank", "eff %",
+                              "output tok/s", "per rank", "eff %"], rows)])
+
+
+def _unique_stems(traces: Sequence[Trace]) -> list[str]:
+    stems = [t.name for t in traces]
+    return stems if len(set(stems)) == len(stems) else [f"{i}_{s}" for i, s in enumerate(stems)]
+
+
+def write_plots(traces: Sequence[Trace], out_dir: str | os.PathLike, *, step: int | None = None) -> list[str]:
+    """Save the figures of each trace (and the scaling figure when rank counts differ) as PNGs."""
+    from hpc_moe import plots
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise TraceError(f"cannot create report directory {out_dir}: {e.strerror}") from None
+    written = []
+
+    def save(fig, name: str) -> None:
+        if fig is not None:
+            path = os.path.join(out_dir, name)
+            try:
+                fig.savefig(path)
+            except OSError as e:
+                raise TraceError(f"cannot write {path}: {e.strerror}") from None
+            written.append(path)
+
+    for trace, stem in zip(traces, _unique_stems(traces)):
+        if not trace.num_steps:
+            continue
+        save(plots.plot_phase_breakdown(trace), f"{stem}_phases.png")
+        save(plots.plot_timeline(trace, step), f"{stem}_timeline.png")
+        save(plots.plot_expert_load(trace), f"{stem}_expert_load.png")
+        save(plots.plot_step_throughput(trace), f"{stem}_steps.png")
+        save(plots.plot_traffic(trace), f"{stem}_traffic.png")
+    if len({t.num_ranks for t in traces if t.num_steps}) > 1:
+        save(plots.plot_scaling(scaling_points([t for t in traces if t.num_steps])), "scaling.png")
+    return written
+
+
+def make_report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, skip_steps: int = 0,
+                step: int | None = None) -> list[str]:
+    """Read traces, drop ``skip_steps`` warm-up steps of each and write the PNGs into ``out_dir``.
+
+    Returns the written paths: per trace <stem>_phases, _timeline (when it has events),
+    _expert_load, _steps, _traffic; scaling.png when the traces have different rank counts.
+    """
+    traces = [read_trace(p).subset(slice(skip_steps, None)) for p in paths]
+    return write_plots(traces, out_dir, step=step)
+
+
+def add_report_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``hpc-moe report``."""
+    parser.add_argument("traces", nargs="+", metavar="TRACE.h5", help="trace files (several: a scaling series)")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="directory for the PNG plots (default: report/ next to the first trace)")
+    parser.add_argument("--skip-steps", type=int, default=0, metavar="N",
+                        help="leave out the first N steps of each trace (warm-up)")
+    parser.add_argument("--step", type=int, default=None, help="step for the timeline plot (default: last sampled)")
+    parser.add_argument("--no-plots", action="store_true", help="print the tables only")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Print summary tables (and the scaling table for several traces), write plots; 0 on success,
+    2 with a one-line error for a missing, corrupt or unwritable file."""
+    try:
+        if args.skip_steps < 0:
+            raise TraceError(f"--skip-steps must be >= 0, got {args.skip_steps}")
+        traces = [read_trace(p).subset(slice(args.skip_steps, None)) for p in args.traces]
+        for t in traces:
+            print(summary_table(t), end="\n\n")
+        if len(traces) > 1:
+            print(scaling_table(traces), end="\n\n")
+        if not args.no_plots:
+            out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.traces[0])), "report")
+            for path in write_plots(traces, out, step=args.step):
+                print(f"wrote {path}")
+    except TraceError as e:
+        print(f"hpc-moe report: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m hpc_moe.report`` until the lead wires ``hpc-moe report``."""
+    parser = argparse.ArgumentParser(prog="hpc-moe report", description=__doc__.splitlines()[0])
+    add_report_args(parser)
+    return run_report(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

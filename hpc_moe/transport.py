@@ -1,0 +1,401 @@
+"""Transports for dispatch/combine, and the byte layout of the rows they carry.
+
+A transport moves 2-D uint8 arrays of fixed-width rows (counts and offsets in rows) between the
+ranks of the EP communicator:
+
+* ``host``: MPI on host buffers. NumPy runs hand their arrays to MPI as they are; CuPy runs stage
+  through page-locked host buffers (``Backend.empty_host``), copied after the stream is synchronised
+  (mpi4py does not synchronise streams for us).
+* ``cuda-aware``: MPI on device buffers. Chosen only when the library says it is CUDA-aware AND a
+  start-up Ialltoallv on device buffers returns the right bytes on every rank (Open MPI documents
+  that even its CUDA-aware builds refuse device buffers in non-blocking collectives).
+* ``nccl``: grouped ncclSend/ncclRecv of per-peer byte ranges through CuPy; the unique id travels
+  by MPI Bcast. Completion is a CUDA event, so ``Test`` polls the event.
+
+Every choice is collective: the ranks agree (Allreduce) before one is made, and rank 0 logs it once.
+Rows travel as an MPI contiguous datatype of ``width`` bytes, so counts stay small integers.
+
+Legend: M rows sent, N rows received, W bytes per row, P peers, T tokens, D hidden, B 128-value
+blocks of a row (FP8 scales).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from . import backend as _bk
+from .backend import Backend
+
+TRANSPORTS = ("auto", "host", "cuda-aware", "nccl")
+FP8_BLOCK = 128   # values per FP8 scale, as DeepSeek-V3's activation quantisation
+FP8_MAX = 448.0   # largest finite float8_e4m3fn
+
+
+class TransportError(RuntimeError):
+    """A transport asked for by name cannot run here (the message says why)."""
+
+
+# ---- row layout ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RowLayout:
+    """Named byte fields of one row: ``fields[name] = (offset, nbytes)``; offsets are 8-byte
+    aligned so that every field can be viewed as its dtype in place."""
+
+    fields: tuple[tuple[str, int, int], ...]
+    width: int
+
+    @classmethod
+    def of(cls, **nbytes: int) -> RowLayout:
+        out, off = [], 0
+        for name, n in nbytes.items():
+            out.append((name, off, int(n)))
+            off += -(-int(n) // 8) * 8
+        return cls(tuple(out), max(off, 8))
+
+    def span(self, name: str) -> tuple[int, int]:
+        for n, off, size in self.fields:
+            if n == name:
+                return off, off + size
+        raise KeyError(name)
+
+    def pack_into(self, xp, out, **values) -> object:
+        """Fill the named fields of uint8 rows ``out`` [M, width]. A value is an array [M, *] (any
+        dtype) or a pair (src [R, *], idx_M) whose rows src[idx] are gathered straight in."""
+        for name, v in values.items():
+            lo, hi = self.span(name)
+            if isinstance(v, tuple):
+                src, idx = v
+                _gather_rows(xp, out[:, lo:hi], _bytes(xp, src), idx)
+            else:
+                out[:, lo:hi] = _bytes(xp, v)
+        return out
+
+    def view(self, xp, words, name: str, dtype) -> object:
+        """Field ``name`` of uint8 rows [N, width] as dtype [N, nbytes / itemsize]. NumPy views it
+        in place (the last axis is contiguous); CuPy views need a contiguous copy."""
+        lo, hi = self.span(name)
+        part = words[:, lo:hi]
+        if xp is not np:
+            part = xp.ascontiguousarray(part)
+        return part.view(dtype)
+
+
+def _bytes(xp, a):
+    """[R, ...] array -> its uint8 [R, nbytes] view (contiguous first: CuPy views need it)."""
+    a = xp.ascontiguousarray(a)
+    return a.view(np.uint8).reshape(a.shape[0], int(np.prod(a.shape[1:])) * a.itemsize)
+
+
+def gather_rows(xp, src, idx, out=None):
+    """out[i] = src[idx[i]] for 2-D arrays whose rows are contiguous (src may be a strided view)."""
+    if out is None:
+        out = xp.empty((len(idx), src.shape[1]), dtype=src.dtype)
+    _gather_rows(xp, out, src, idx)
+    return out
+
+
+def _gather_rows(xp, out, src, idx) -> None:
+    if xp is np and src.shape[1] * src.itemsize >= 2048:
+        # src[idx] would allocate a temporary (fresh pages on every call: costly on a host where
+        # a memory pass costs as much as the transfer) and copy the bytes twice.
+        for i, t in enumerate(idx.tolist()):
+            out[i] = src[t]
+    else:
+        out[...] = src[idx]
+
+
+# ---- FP8 e4m3 payload ----------------------------------------------------------------------
+def fp8_quantize(xp, x_TD):
+    """x [T, D] -> (q_TD uint8 e4m3fn bits, scale_TB float32): one scale = amax / 448 per 128
+    values of a row. Integer arithmetic on float32 bits, so NumPy and CuPy (no fp8 dtype) agree."""
+    t, d = x_TD.shape
+    b = -(-d // FP8_BLOCK)
+    x = x_TD.astype(np.float32)
+    if b * FP8_BLOCK != d:
+        x = xp.concatenate([x, xp.zeros((t, b * FP8_BLOCK - d), dtype=np.float32)], axis=1)
+    x_TBV = x.reshape(t, b, FP8_BLOCK)
+    amax = xp.abs(x_TBV).max(axis=2) if t else xp.zeros((0, b), dtype=np.float32)
+    scale_TB = xp.where(amax > 0, amax / np.float32(FP8_MAX), np.float32(1)).astype(np.float32)
+    v = xp.clip(x_TBV / scale_TB[:, :, None], -FP8_MAX, FP8_MAX).reshape(t, b * FP8_BLOCK)[:, :d]
+    return _e4m3_bits(xp, xp.ascontiguousarray(v)), scale_TB
+
+
+def fp8_dequantize(xp, q_ND, scale_NB, dtype):
+    """Inverse of fp8_quantize: uint8 [N, D] bits and float32 [N, B] scales -> dtype [N, D]."""
+    n, d = q_ND.shape
+    b = scale_NB.shape[1]
+    table = xp.asarray(np.arange(256, dtype=np.uint8).view(_bk.float8_e4m3).astype(np.float32))
+    v = table[q_ND]  # uint8 codes index the 256-entry table directly
+    pad = b * FP8_BLOCK - d
+    if pad:
+        v = xp.concatenate([v, xp.zeros((n, pad), dtype=np.float32)], axis=1)
+    v = v.reshape(n, b, FP8_BLOCK) * scale_NB[:, :, None]
+    return v.reshape(n, b * FP8_BLOCK)[:, :d].astype(dtype)
+
+
+def _e4m3_bits(xp, v):
+    """float32 with |v| <= 448 -> float8_e4m3fn bits (round to nearest even), uint8."""
+    a = xp.abs(v)
+    u = a.view(np.uint32)
+    u = u + (np.uint32(0x7FFFF) + ((u >> np.uint32(20)) & np.uint32(1)))  # round at 3 mantissa bits
+    normal = ((((u >> np.uint32(23)) - np.uint32(120)) << np.uint32(3))
+              | ((u >> np.uint32(20)) & np.uint32(7)))
+    sub = xp.rint(a * np.float32(512.0)).astype(np.uint32)  # below 2^-6: multiples of 2^-9
+    bits = xp.where(a < np.float32(2.0 ** -6), sub, normal)
+    sign = xp.signbit(v).astype(np.uint32) << np.uint32(7)
+    return (bits | sign).astype(np.uint8)
+
+
+# ---- transports ------------------------------------------------------------------------------
+class MpiTransport:
+    """MPI on host buffers (``host``, pinned staging on GPU runs) or device buffers (``cuda-aware``)."""
+
+    supports_p2p = True
+
+    def __init__(self, comm: MPI.Comm, backend: Backend, device_buffers: bool):
+        self.comm, self.backend = comm, backend
+        self.device_buffers = device_buffers
+        self.name = "cuda-aware" if device_buffers else "host"
+        self._staging = backend.is_gpu and not device_buffers
+        self._pooled = not device_buffers  # host buffers: reused, so their pages are touched once
+        self._types: dict[int, MPI.Datatype] = {}
+        self._free: dict[int, list[np.ndarray]] = {}
+        self._owner: dict[int, tuple[int, np.ndarray]] = {}
+
+    def rowtype(self, width: int) -> MPI.Datatype:
+        t = self._types.get(width)
+        if t is None:
+            t = self._types[width] = MPI.BYTE.Create_contiguous(width).Commit()
+        return t
+
+    def scratch(self, rows: int, width: int):
+        """A backend uint8 [rows, width] array to build rows in; give it back with release()."""
+        if self._pooled and not self._staging:
+            return self._take(rows, width)
+        return self.backend.xp.empty((max(rows, 1), width), dtype=np.uint8)[:rows]  # never a NULL pointer
+
+    def to_wire(self, words):
+        """Backend uint8 [M, W] -> a buffer MPI may read now (pinned copy, or the array itself)."""
+        if self._staging:
+            host = self._take(*words.shape)
+            return _bk.copy_to_host(self.backend, words, host)
+        if self.device_buffers:
+            self.backend.synchronize()
+        return words
+
+    def empty(self, rows: int, width: int, keep: bool = False):
+        """A receive buffer of at least one row (zero-size buffers upset some MPI bindings).
+        keep: the caller hands views of it out (never pooled when it is the backend array)."""
+        rows = max(rows, 1)
+        if self._staging or (self._pooled and not keep):
+            return self._take(rows, width)
+        return self.backend.xp.empty((rows, width), dtype=np.uint8)
+
+    def from_wire(self, wire, rows: int):
+        """The first ``rows`` rows of a received buffer as a backend array."""
+        if not self._staging:
+            return wire[:rows]
+        dev = self.backend.xp.asarray(wire[:rows])
+        self.backend.synchronize()  # the host buffer goes back to the pool next
+        return dev
+
+    def release(self, *wires) -> None:
+        for w in wires:
+            cap_base = self._owner.pop(id(w), None)
+            if cap_base is not None:
+                self._free.setdefault(cap_base[0], []).append(cap_base[1])
+
+    def ialltoallv(self, send, send_counts_P, recv, recv_counts_P):
+        t = self.rowtype(send.shape[1])
+        sc, rc = _ints(send_counts_P), _ints(recv_counts_P)
+        return self.comm.Ialltoallv([send, (sc, _offsets(sc)), t], [recv, (rc, _offsets(rc)), t])
+
+    def isend(self, wire, start: int, rows: int, peer: int, tag: int) -> MPI.Request:
+        return self.comm.Isend([wire[start:start + rows], rows, self.rowtype(wire.shape[1])], peer, tag)
+
+    def irecv(self, wire, start: int, rows: int, peer: int, tag: int) -> MPI.Request:
+        return self.comm.Irecv([wire[start:start + rows], rows, self.rowtype(wire.shape[1])], peer, tag)
+
+    def close(self) -> None:
+        for t in self._types.values():
+            t.Free()
+        self._types.clear()
+        self._free.clear()
+        self._owner.clear()
+
+    def _take(self, rows: int, width: int) -> np.ndarray:
+        need = rows * width
+        cap = 1 << max(16, (need - 1).bit_length())  # power-of-two classes keep the pool small
+        pool = self._free.get(cap)
+        base = pool.pop() if pool else self.backend.empty_host((cap,), np.uint8)  # numpy: plain
+        view = base[:need].reshape(rows, width)
+        self._owner[id(view)] = (cap, base)
+        return view
+
+
+class _EventRequest:
+    """MPI-request look-alike over a CUDA event (NCCL work queued on the stream)."""
+
+    def __init__(self, event):
+        self._event = event
+
+    def Test(self) -> bool:
+        return self._event is None or bool(self._event.done)
+
+    def Wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+
+
+class NcclTransport:
+    """NCCL grouped send/recv on device buffers; no MPI point-to-point (``supports_p2p`` False)."""
+
+    name = "nccl"
+    supports_p2p = False
+    device_buffers = True
+
+    def __init__(self, comm: MPI.Comm, backend: Backend):
+        self.comm, self.backend = comm, backend
+        uid = _bk.nccl_unique_id() if comm.Get_rank() == 0 else np.zeros(128, dtype=np.int16)
+        comm.Bcast([uid, MPI.INT16_T], root=0)
+        self._nccl = _bk.nccl_communicator(comm.Get_size(), uid, comm.Get_rank())
+
+    def scratch(self, rows: int, width: int):
+        return self.backend.xp.empty((max(rows, 1), width), dtype=np.uint8)[:rows]
+
+    def to_wire(self, words):
+        return words  # NCCL runs on the same stream, after the kernels that wrote ``words``
+
+    def empty(self, rows: int, width: int, keep: bool = False):
+        return self.backend.xp.empty((max(rows, 1), width), dtype=np.uint8)
+
+    def from_wire(self, wire, rows: int):
+        return wire[:rows]
+
+    def release(self, *wires) -> None:
+        pass
+
+    def ialltoallv(self, send, send_counts_P, recv, recv_counts_P):
+        w = send.shape[1]
+        sc, rc = np.asarray(send_counts_P) * w, np.asarray(recv_counts_P) * w
+        _bk.nccl_alltoallv(self._nccl, send, _offsets(sc), sc, recv, _offsets(rc), rc)
+        return _EventRequest(_bk.record_event(self.backend))
+
+    def close(self) -> None:
+        self._nccl = None
+
+
+def make_transport(comm: MPI.Comm, backend: Backend, kind: str = "auto", need_p2p: bool = False,
+                   logger: logging.Logger | None = None):
+    """Pick a transport (collective on ``comm``): ``auto`` prefers cuda-aware MPI (if proven),
+    then NCCL (unless ``need_p2p``: the pipelined algorithm needs MPI point-to-point), then pinned
+    host staging. A transport asked for by name that cannot run raises TransportError."""
+    log = logger or logging.getLogger(__name__)
+    if kind not in TRANSPORTS:
+        raise TransportError(f"unknown transport {kind!r} (choose {', '.join(TRANSPORTS)})")
+    if not backend.is_gpu:
+        if kind in ("cuda-aware", "nccl"):
+            raise TransportError(f"transport {kind} needs the cupy backend (this run is on numpy)")
+        return _chosen(comm, log, MpiTransport(comm, backend, False), "CPU run: MPI on host arrays")
+    why_not = []
+    if kind in ("auto", "cuda-aware"):
+        err = _cuda_aware_problem(comm, backend)
+        if err is None:
+            return _chosen(comm, log, MpiTransport(comm, backend, True),
+                           "MPI is CUDA-aware and passed the device-buffer Ialltoallv self-test")
+        if kind == "cuda-aware":
+            raise TransportError(f"transport cuda-aware asked for, but {err}")
+        why_not.append(f"not cuda-aware: {err}")
+    if kind in ("auto", "nccl"):
+        if need_p2p:
+            if kind == "nccl":
+                raise TransportError("transport nccl cannot run the pipelined algorithm "
+                                     "(it needs MPI Isend/Irecv); use host or cuda-aware")
+            why_not.append("not nccl: the pipelined algorithm needs MPI point-to-point")
+        elif _all(comm, _bk.nccl_available()):
+            try:
+                t, err = NcclTransport(comm, backend), None
+            except Exception as e:  # noqa: BLE001 (e.g. two ranks on one GPU: NCCL refuses)
+                t, err = None, f"NCCL init failed: {type(e).__name__}: {e}"
+            if _all(comm, err is None):
+                return _chosen(comm, log, t, "; ".join(why_not + ["NCCL via CuPy"]))
+            if kind == "nccl":
+                raise TransportError(f"transport nccl asked for, but {err or 'NCCL init failed on another rank'}")
+            why_not.append(f"not nccl: {err or 'NCCL init failed on another rank'}")
+        elif kind == "nccl":
+            raise TransportError("transport nccl asked for, but CuPy has no NCCL on some rank")
+        else:
+            why_not.append("not nccl: CuPy has no NCCL on some rank")
+    return _chosen(comm, log, MpiTransport(comm, backend, False),
+                   "; ".join(why_not + ["MPI through pinned host buffers"]))
+
+
+def _chosen(comm, log, transport, reason: str):
+    if comm.Get_rank() == 0:
+        log.info("dispatch transport: %s (%s)", transport.name, reason)
+    return transport
+
+
+def _all(comm: MPI.Comm, ok: bool) -> bool:
+    flag = np.array([1 if ok else 0], dtype=np.int32)
+    comm.Allreduce(MPI.IN_PLACE, [flag, MPI.INT32_T], op=MPI.MIN)
+    return bool(flag[0])
+
+
+def mpi_cuda_support() -> int:
+    """1 if the MPI library says it is CUDA-aware, 0 if it says not, -1 if it cannot say."""
+    query = getattr(MPI, "Query_cuda_support", None)
+    if query is not None:
+        return int(bool(query()))
+    try:
+        lib = ctypes.CDLL(MPI.__file__)  # dlsym searches libmpi, which the extension links
+        return int(bool(lib.MPIX_Query_cuda_support()))
+    except (OSError, AttributeError):
+        return -1
+
+
+def _cuda_aware_problem(comm: MPI.Comm, backend: Backend) -> str | None:
+    """None when device buffers work in Ialltoallv on every rank, else the reason they do not."""
+    support = mpi_cuda_support()
+    if not _all(comm, support == 1):
+        return ("the MPI library cannot say it is (no MPIX_Query_cuda_support)" if support < 0
+                else "MPIX_Query_cuda_support() is 0 on some rank")
+    t = MpiTransport(comm, backend, True)
+    try:
+        p, r, w = comm.Get_size(), comm.Get_rank(), 16
+        sc = np.array([(r + q) % 3 + 1 for q in range(p)])
+        rc = np.array([(q + r) % 3 + 1 for q in range(p)])
+        send = np.repeat(np.array([(r * p + q) % 251 for q in range(p)], dtype=np.uint8), sc * w)
+        want = np.repeat(np.array([(q * p + r) % 251 for q in range(p)], dtype=np.uint8), rc * w)
+        xp = backend.xp
+        dsend = xp.asarray(send.reshape(-1, w))
+        drecv = xp.zeros((int(rc.sum()), w), dtype=np.uint8)
+        backend.synchronize()
+        t.ialltoallv(dsend, sc, drecv, rc).Wait()
+        reason = (None if np.array_equal(backend.to_numpy(drecv).reshape(-1), want)
+                  else "the device-buffer Ialltoallv self-test returned wrong bytes")
+    except Exception as e:  # noqa: BLE001 (a library that refuses device pointers may raise anything)
+        reason = f"the device-buffer self-test raised {type(e).__name__}: {e}"
+    finally:
+        t.close()
+    if _all(comm, reason is None):
+        return None
+    return reason or "the device-buffer self-test failed on another rank"
+
+
+def _ints(counts) -> list[int]:
+    return [int(c) for c in counts]
+
+
+def _offsets(counts) -> list[int] | np.ndarray:
+    if isinstance(counts, np.ndarray):
+        return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    out, acc = [], 0
+    for c in counts:
+        out.append(acc)
+        acc += c
+    return out

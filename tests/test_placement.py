@@ -1,0 +1,149 @@
+"""Expert placement rules (single process, no MPI). Legend: E experts, S slots, T tokens, K top-k."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hpc_moe.placement import ExpertPlacement, PlacementError
+
+
+def nodes(n_nodes: int, per_node: int) -> list[int]:
+    return [n for n in range(n_nodes) for _ in range(per_node)]
+
+
+def slot_counts(p: ExpertPlacement, layer=None) -> list[int]:
+    return [len(p.local_experts(r, layer)) for r in range(0, p.ep_size, p.expert_tp)]
+
+
+def test_one_expert_per_rank():
+    p = ExpertPlacement.build(16, 16, node_of_rank=nodes(2, 8), n_group=4)
+    assert not p.colocated and not p.replicated
+    assert sorted(e for r in range(16) for e in p.local_experts(r)) == list(range(16))
+    assert all(len(p.owners(e)) == 1 for e in range(16))
+    assert p.to_array().shape == (16, 1)
+    assert p.slot_ranks(5) == [5]
+
+
+def test_colocation_is_even():
+    p = ExpertPlacement.build(22, 8, node_of_rank=nodes(2, 4))
+    assert p.colocated and "colocated" in p.format()
+    assert sorted(slot_counts(p)) == [2, 2, 3, 3, 3, 3, 3, 3]
+    assert sorted(e for r in range(8) for e in p.local_experts(r)) == list(range(22))
+    table = p.local_index_table()
+    for r in range(8):
+        for i, e in enumerate(p.local_experts(r)):
+            assert table[r, e] == i
+
+
+def test_colocation_balances_loads():
+    loads = np.array([64, 32, 16, 8, 4, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], dtype=float)
+    p = ExpertPlacement.build(16, 4, loads=loads)
+    assert slot_counts(p) == [4, 4, 4, 4]
+    per_slot = [loads[p.local_experts(r)].sum() for r in range(4)]
+    contiguous = [loads[i:i + 4].sum() for i in range(0, 16, 4)]
+    assert max(per_slot) < max(contiguous)
+    assert max(per_slot) == 64 + 3  # the hottest expert shares its slot with three cold ones
+
+
+def test_replicas_go_to_hot_experts():
+    loads = np.array([100.0, 10.0, 1.0, 1.0])
+    p = ExpertPlacement.build(4, 10, loads=loads)
+    assert p.replicated and not p.colocated
+    assert slot_counts(p) == [1] * 10  # every rank holds exactly one expert
+    reps = [len(p.owners(e)) for e in range(4)]
+    assert sum(reps) == 10 and reps[0] == max(reps) and reps[0] >= 5 and min(reps) == 1
+    arr = p.to_array()
+    assert arr.shape == (4, max(reps)) and (arr[3] >= 0).sum() == 1 and arr[3, 1] == -1
+    # uniform loads: spares go round robin
+    q = ExpertPlacement.build(3, 8)
+    assert [len(q.owners(e)) for e in range(3)] == [3, 3, 2]
+
+
+def test_groups_stay_on_one_node():
+    # 4 simulated nodes of 4 ranks, 32 experts in 4 routing groups of 8: one group per node.
+    node_of_rank = nodes(4, 4)
+    p = ExpertPlacement.build(32, 16, node_of_rank=node_of_rank, n_group=4)
+    for g in range(4):
+        held_on = {node_of_rank[s] for e in range(8 * g, 8 * g + 8) for s in p.owners(e)}
+        assert len(held_on) == 1
+    # with loads, whole groups are packed by load (still one node each)
+    loads = np.ones(32)
+    loads[8:16] = 50.0
+    q = ExpertPlacement.build(32, 16, node_of_rank=node_of_rank, n_group=4, loads=loads)
+    for g in range(4):
+        assert len({node_of_rank[s] for e in range(8 * g, 8 * g + 8) for s in q.owners(e)}) == 1
+    # replicas stay on the node of their group: 8 experts, 4 groups, 16 ranks on 4 nodes
+    r = ExpertPlacement.build(8, 16, node_of_rank=node_of_rank, n_group=4)
+    for g in range(4):
+        assert len({node_of_rank[s] for e in (2 * g, 2 * g + 1) for s in r.owners(e)}) == 1
+
+
+def test_deepseek_shape_group_per_node():
+    # 256 experts, 8 groups, EP64 on 8 nodes of 8 GPUs: 4 experts per GPU, one group per node
+    p = ExpertPlacement.build(256, 64, node_of_rank=nodes(8, 8), n_group=8)
+    assert slot_counts(p) == [4] * 64
+    for g in range(8):
+        assert len({p.owners(e)[0] // 8 for e in range(32 * g, 32 * g + 32)}) == 1
+
+
+def test_expert_tp2():
+    p = ExpertPlacement.build(4, 8, expert_tp=2, node_of_rank=nodes(2, 4))
+    assert p.n_slots == 4 and not p.colocated
+    assert p.slot_ranks(1) == [2, 3]
+    assert p.local_experts(2) == p.local_experts(3)
+    slots = p.route(np.array([[0, 1, 2, 3]]), src_rank=0)
+    assert sorted(slots[0].tolist()) == [0, 1, 2, 3]
+    with pytest.raises(PlacementError):
+        ExpertPlacement.build(4, 6, expert_tp=4)
+
+
+def test_replica_choice_is_deterministic_local_first_and_spread():
+    node_of_rank = nodes(2, 4)
+    p = ExpertPlacement.build(2, 8, node_of_rank=node_of_rank)  # each expert: 4 replicas
+    topk = np.zeros((400, 1), dtype=np.int64)
+    a = p.route(topk, src_rank=1)
+    assert np.array_equal(a, p.route(topk, src_rank=1))
+    here = [s for s in p.owners(0) if node_of_rank[s] == 0]
+    if here:  # a replica on the source node wins
+        assert set(a.ravel().tolist()) <= set(here)
+        counts = np.bincount(a.ravel(), minlength=8)[here]
+        assert counts.max() - counts.min() <= 1  # spread by token index
+    far = p.route(topk, src_rank=5)
+    assert set(far.ravel().tolist()) <= set(p.owners(0))
+    vec = p.choose_replica(np.array([0, 0, 1]), 2, np.array([0, 1, 2]))
+    assert vec.shape == (3,)
+    assert p.route(np.zeros((0, 8), dtype=np.int64), 0).shape == (0, 8)
+
+
+def test_per_layer_maps_and_replacement():
+    p = ExpertPlacement.build(8, 4, layers=range(3, 6))
+    assert p.to_array().shape == (3, 8, 1)
+    loads = np.array([40, 1, 1, 1, 1, 1, 1, 30], dtype=float)
+    q = p.from_loads(loads, layer=4)
+    assert q.local_experts(0, layer=3) == p.local_experts(0, layer=3)
+    assert q.local_experts(0, layer=4) != p.local_experts(0, layer=4)
+    top = next(r for r in range(4) if 0 in q.local_experts(r, layer=4))
+    assert 7 not in q.local_experts(top, layer=4)  # the two hottest are split
+    all_layers = p.from_loads(np.tile(loads, (3, 1)))
+    assert all_layers.local_experts(0, layer=5) == q.local_experts(0, layer=4)
+    with pytest.raises(PlacementError, match="layer 9"):
+        p.local_experts(0, layer=9)
+    with pytest.raises(PlacementError, match="shared map"):
+        ExpertPlacement.build(8, 4).from_loads(loads, layer=3)
+
+
+def test_more_nodes_than_experts():
+    p = ExpertPlacement.build(2, 8, node_of_rank=nodes(4, 2), loads=[3.0, 1.0])
+    assert slot_counts(p) == [1] * 8
+    assert len(p.owners(0)) > len(p.owners(1)) >= 1
+
+
+def test_errors_and_format():
+    with pytest.raises(PlacementError, match="n_group"):
+        ExpertPlacement.build(10, 4, n_group=4)
+    with pytest.raises(PlacementError, match="node_of_rank"):
+        ExpertPlacement.build(8, 4, node_of_rank=[0, 0])
+    with pytest.raises(PlacementError, match="loads"):
+        ExpertPlacement.build(8, 4, loads=[1.0] * 7)
+    text = ExpertPlacement.build(4, 8, node_of_rank=nodes(2, 4)).format(hostnames=["h0"] * 4 + ["h1"] * 4)
+    assert "replicas" in text and "h1" in text
