@@ -8,7 +8,7 @@ EXTRAS ?= test,mpich
 # The live transformers comparison needs CPU torch. The pin takes the CPU wheel these machines carry
 # locally; set PARITY= to skip it (the committed golden files are still checked).
 PARITY ?= torch==2.13.0 "transformers>=4.57"
-NP     ?= 4
+NP     ?= 16
 MPIEXEC ?= $(VENV)/bin/mpiexec
 
 .PHONY: install run test test-unit test-mpi lint clean
@@ -21,8 +21,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]" $(PARITY)
 	touch $@
 
+# The embedded default: the tiny preset (16 experts) on NP ranks, one expert per rank at NP=16.
 run: install
-	$(PY) -m hpc_moe demo --np $(NP)
+	mkdir -p out
+	$(MPIEXEC) -n $(NP) $(PY) -m mpi4py -m hpc_moe run --config tiny --mode mixed --batch 32 \
+	    --seq-len uniform:8,64 --steps 20 --warmup 2 --micro-batches 2 --trace out/run.h5 --overwrite
+	$(PY) -m hpc_moe report out/run.h5 --out out/report
 
 test: test-unit test-mpi
 

@@ -83,14 +83,75 @@ def _add_checkpoint(sub):
     c.add_argument("dir")
 
 
+def _add_run(sub):
+    p = sub.add_parser("run", help="the main job: a throughput run that writes an HDF5 trace",
+                       description="Run a workload on the expert-parallel engine under mpiexec/srun "
+                       "(one rank per GPU), print a summary, and write the trace on rank 0.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", default="tiny", help="preset name or config.json (synthetic weights)")
+    src.add_argument("--checkpoint", help="HF checkpoint directory (each rank maps only its own experts)")
+    p.add_argument("--layers", type=_positive, default=None,
+                   help="run only the first N layers (for machines that cannot hold the model)")
+    p.add_argument("--seed", type=int, default=0, help="seeds weights, workload, tokens and synthetic routing")
+    w = p.add_argument_group("workload")
+    w.add_argument("--mode", default="prefill", choices=["prefill", "decode", "mixed"])
+    w.add_argument("--batch", default="8", help="sequences per step: N, uniform:LO,HI, normal:M,S, "
+                   "lognormal:MU,SIGMA or file:PATH")
+    w.add_argument("--seq-len", default="64", help="prompt length (prefill) or context length (decode); "
+                   "same forms as --batch")
+    w.add_argument("--prefill-fraction", type=float, default=0.25, help="share of prefills in a mixed step")
+    w.add_argument("--routing", default="model",
+                   help="model (the router), or synthetic: uniform, zipf[:S] or one (all to the same experts)")
+    s = p.add_argument_group("length and output")
+    s.add_argument("--steps", type=int, default=None, help="measured steps (default 20 unless --duration)")
+    s.add_argument("--duration", type=float, default=None, help="measure for this many seconds")
+    s.add_argument("--warmup", type=int, default=2, help="steps run first and not measured")
+    s.add_argument("--trace", default="hpc-moe-trace.h5", help="HDF5 trace to write, or 'none'")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing trace file")
+    s.add_argument("--events-every", type=int, default=10,
+                   help="record the per-rank timeline every N measured steps (0: never)")
+    s.add_argument("--profile", default="on", choices=["on", "off"],
+                   help="time every phase (on a GPU this synchronises the device at each phase)")
+    s.add_argument("--baseline", metavar="TRACE.h5", help="a smaller run of the same scaling series: "
+                   "print scaling efficiency against it")
+    b = p.add_argument_group("load balancing")
+    b.add_argument("--loads-from", metavar="TRACE.h5",
+                   help="place experts (replicas, colocation) by the loads an earlier run measured")
+    b.add_argument("--replan-every", type=int, default=0,
+                   help="re-place experts from the loads measured so far every N steps (outputs unchanged)")
+    b.add_argument("--bias-update-rate", type=float, default=0.0,
+                   help="aux-loss-free gating bias adjustment per step (changes the model's outputs)")
+    _add_backend_args(p)
+    _add_parallel_args(p)
+
+
+def _add_plan(sub):
+    p = sub.add_parser("plan", help="print the expert placement of a config on a number of ranks")
+    p.add_argument("--config", default="deepseek-v3", help="preset name or config.json")
+    p.add_argument("--ranks", type=_positive, required=True, help="world size")
+    p.add_argument("--ranks-per-node", type=_positive, default=8)
+    p.add_argument("--dp", type=_positive, default=1)
+    p.add_argument("--expert-tp", type=_positive, default=1)
+    p.add_argument("--loads-from", metavar="TRACE.h5", help="place by the loads of an earlier run")
+    p.add_argument("--layers", type=_positive, default=None, help="layers (with --loads-from)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hpc-moe", description="Large expert-parallel inference of DeepSeek-V3-class "
                      "MoE models over MPI: run it under mpiexec/srun with one rank per GPU.")
     parser.add_argument("--version", action="version", version=f"hpc-moe {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    _add_run(sub)
     _add_generate(sub)
     _add_checkpoint(sub)
+    _add_plan(sub)
+    from .bench import add_dispatch_args
+    from .report import add_report_args
+    bench = sub.add_parser("bench", help="micro-benchmarks (under mpiexec)")
+    bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    add_dispatch_args(bsub.add_parser("dispatch", help="dispatch/combine against the raw Ialltoallv floor"))
+    add_report_args(sub.add_parser("report", help="summary tables and PNG plots from traces"))
     return parser
 
 
@@ -102,6 +163,8 @@ def main(argv=None) -> int:
     from .workload import WorkloadError
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="hpc-moe: %(message)s", stream=sys.stderr)
+    # The extra dispatch channels of --micro-batches repeat channel 0's transport choice.
+    logging.getLogger("hpc_moe.channel").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     known = (ConfigError, CheckpointError, BackendError, UsageError, ParallelError, PlacementError,
              WorkloadError)
     try:
@@ -113,9 +176,24 @@ def main(argv=None) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.command == "run":
+        if args.steps is not None and args.steps < 1 or args.duration is not None and args.duration <= 0:
+            raise UsageError("--steps must be >= 1 and --duration > 0")
+        if args.steps is None and args.duration is None:
+            args.steps = 20
+        from .runner import run_job
+        return run_job(args)
     if args.command == "generate":
         from .pipeline import run_generate
         return run_generate(args)
+    if args.command == "bench":
+        from .bench import run_dispatch
+        return run_dispatch(args)
+    if args.command == "report":
+        from .report import run_report
+        return run_report(args)
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "checkpoint":
         return _checkpoint(args)
     raise AssertionError(args.command)
@@ -137,6 +215,29 @@ def _checkpoint(args) -> int:
         return 0
     Checkpoint.open(args.dir).validate()
     print(f"{args.dir}: ok")
+    return 0
+
+
+def _plan(args) -> int:
+    from .config import load_config
+    from .placement import ExpertPlacement
+    cfg = load_config(args.config)
+    if args.ranks % args.dp or (args.ranks // args.dp) % args.expert_tp:
+        raise UsageError(f"--ranks {args.ranks} must be divisible by --dp {args.dp} and the EP group by "
+                         f"--expert-tp {args.expert_tp}")
+    ep = args.ranks // args.dp
+    loads = None
+    if args.loads_from:
+        from .runner import _loads_from
+        loads = _loads_from(args.loads_from, args.layers or cfg.num_hidden_layers, cfg).mean(axis=0)
+    p = ExpertPlacement.build(cfg.n_routed_experts, ep, args.expert_tp,
+                              [r // args.ranks_per_node for r in range(ep)], cfg.n_group, loads=loads)
+    print(f"{cfg.n_routed_experts} experts, {ep} EP ranks in {p.n_slots} slots of {args.expert_tp}, "
+          f"{args.ranks_per_node} ranks per node, {args.dp} replicas")
+    if p.colocated:
+        print("note: more experts than slots: ranks hold several experts per layer "
+              "(breaks the one-expert-per-GPU principle)")
+    print(p.format())
     return 0
 
 

@@ -74,7 +74,7 @@ class ExpertParallelExperts:
         # happens at different times on different ranks; non-blocking collectives of one
         # communicator must start in the same order everywhere, those of different ones need not.
         self.dispatchers = [Dispatcher(ctx if i == 0 else dataclasses.replace(ctx, ep_comm=ctx.ep_comm.Dup()),
-                                       placement, backend, options, logger=log if i == 0 else None)
+                                       placement, backend, options, logger=log if i == 0 else log.getChild("channel"))
                             for i in range(channels)]
         self.experts: dict[int, list[ExpertWeights]] = {}
         self.set_placement(placement)

@@ -10,6 +10,8 @@ Shape legend: T tokens of a packed ragged batch, D hidden, V vocabulary, B seque
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .backend import Backend
 from .config import ModelConfig
 from .kvcache import Batch, KVCache
@@ -95,17 +97,31 @@ class Model:
         cache.write(layer, batch, latent)
         if batch.num_tokens == 0:
             return h_TD
-        if batch.is_decode:
-            slots = xp.asarray(batch.slots_B)
-            length = int((batch.start_B + 1).max())
-            out = attn.attend_absorbed(q_nope, q_rot, cache.data[layer][slots, :length], batch.start_B + 1)
+        # Sequences adding one token attend in the absorbed form over their latents (decode);
+        # the others expand their latents (prefill). A mixed batch does both.
+        one = batch.new_B == 1
+        if one.all():
+            out = self._attend_absorbed(attn, q_nope, q_rot, batch, cache, layer)
         else:
             off = batch.offsets
-            out = xp.concatenate([
-                attn.attend_plain(q_nope[off[b]:off[b + 1]], q_rot[off[b]:off[b + 1]],
-                                  cache.data[layer][slot, :start + n], int(start))
-                for b, (slot, start, n) in enumerate(zip(batch.slots_B, batch.start_B, batch.new_B))])
+            parts = [None] * len(batch.new_B)
+            for b in np.nonzero(~one)[0]:
+                parts[b] = attn.attend_plain(q_nope[off[b]:off[b + 1]], q_rot[off[b]:off[b + 1]],
+                                             cache.data[layer][batch.slots_B[b], :batch.start_B[b] + batch.new_B[b]],
+                                             int(batch.start_B[b]))
+            if one.any():
+                rows = off[:-1][one]
+                dec = Batch(batch.token_ids_T[rows], batch.slots_B[one], batch.start_B[one], batch.new_B[one])
+                absorbed = self._attend_absorbed(attn, q_nope[xp.asarray(rows)], q_rot[xp.asarray(rows)], dec, cache, layer)
+                for i, b in enumerate(np.nonzero(one)[0]):
+                    parts[b] = absorbed[i:i + 1]
+            out = xp.concatenate(parts)
         return h_TD + linear(out, attn.w.o_proj)
+
+    def _attend_absorbed(self, attn: MLA, q_nope, q_rot, batch: Batch, cache: KVCache, layer: int):
+        slots = self.backend.xp.asarray(batch.slots_B)
+        length = int((batch.start_B + 1).max())
+        return attn.attend_absorbed(q_nope, q_rot, cache.data[layer][slots, :length], batch.start_B + 1)
 
     def feed_forward(self, layer: int, h_TD):
         """h + (dense MLP | MoE)(norm(h)), [T, D]. MoE layers talk to other ranks in the engine:

@@ -70,20 +70,23 @@ def write_npz(path: str, **arrays) -> None:
     os.replace(tmp, path)
 
 
-def on_root(ctx, fn):
-    """fn() on rank 0, its result broadcast to every rank; an input error raised there is raised
-    on every rank (so none waits forever in a collective rank 0 never reaches)."""
+def on_root(ctx, fn, share: bool = True):
+    """fn() on rank 0; an input error raised there is raised on every rank, so that none waits
+    forever in a collective that rank 0 never reaches. share: broadcast the result (small Python
+    objects only) to every rank; otherwise the other ranks get None."""
     from .cli import UsageError
+    from .traceread import TraceError
     result, error = None, None
     if ctx.rank == 0:
         try:
             result = fn()
-        except (UsageError, ValueError) as e:
+        except (UsageError, ValueError, OSError, TraceError) as e:
             error = f"{e}"
-    result, error = ctx.world.bcast((result, error), root=0)  # small Python objects, not arrays
+    result_and_error = (result if share else None, error)
+    shared, error = ctx.world.bcast(result_and_error, root=0)
     if error is not None:
         raise UsageError(error)
-    return result
+    return shared if share else result
 
 
 def scatter_sequences(ctx, ids_BS, owner_B):

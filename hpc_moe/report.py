@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hpc_moe.trace import (
+from hpc_moe.traceread import (
     KINDS,
     Trace,
     TraceError,

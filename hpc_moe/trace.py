@@ -1,68 +1,54 @@
-"""The throughput trace: an HDF5 file written by rank 0 during ``hpc-moe run``, read back for analysis.
+"""Recording the throughput trace of ``hpc-moe run`` on rank 0: ``TraceWriter`` and ``MemoryTrace``.
 
-The schema is docs/trace-format.md (``SCHEMA_VERSION``). The writer uses HDF5 SWMR (single writer,
-multiple readers): every dataset exists before SWMR starts and each step is appended with resize +
-write + flush, so a reader can follow a running job and a job killed with SIGKILL leaves a file that
-is valid up to its last flushed step. ``/steps/step`` is appended last: its length is the number of
-committed steps.
+Both recorders take the same arguments and calls, check them with the same code (``_Recorder``)
+and return the same ``trace()``: the hpc_moe.traceread.Trace that ``read_trace`` gives for the file.
+TraceWriter writes the HDF5 file of docs/trace-format.md (``SCHEMA_VERSION``) with SWMR (single
+writer, multiple readers): every dataset exists before SWMR starts and each step is appended with
+resize + write + flush, so a reader can follow a running job and a job killed with SIGKILL leaves a
+file that is valid up to its last flushed step. ``/steps/step`` is appended last: its length is
+the number of committed steps. MemoryTrace keeps the rows in lists of NumPy arrays and makes no
+HDF5 call (``hpc-moe run --trace none``): the baseline the writer's overhead is measured against.
 
 Shape legend: S steps, L layers, M MoE layers, E routed experts, R ranks, P phases,
 K replicas per expert (placement), N timeline events.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import shlex
-import sys
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
+from hpc_moe.traceread import (
+    COMM_PHASES,
+    EVENT_DTYPE,
+    KINDS,
+    PHASES,
+    STATES,
+    STATUS_DTYPE,
+    UNITS,
+    Trace,
+    TraceError,
+    _one_line,
+    read_trace,
+    root_attributes,
+)
+
 if TYPE_CHECKING:
     from typing import Self  # Python >= 3.11; annotations are not evaluated at run time
 
-SCHEMA_NAME = "hpc_moe.trace"
-SCHEMA_VERSION = 1
-PHASES = ("attention", "dense_mlp", "gate", "dispatch", "expert", "combine", "shared", "wait")
-# "wait" is time blocked on an outstanding all-to-all: exposed communication, drawn with it.
-COMM_PHASES = ("dispatch", "combine", "wait")
-KINDS = ("prefill", "decode", "mixed")
-STATES = ("running", "completed", "failed")  # a killed writer leaves "running"
-EVENT_DTYPE = np.dtype([("step", "<i8"), ("rank", "<i4"), ("layer", "<i4"), ("phase", "<i2"),
-                        ("t_start_s", "<f8"), ("t_end_s", "<f8")])
-STATUS_DTYPE = np.dtype([("state", "i1"), ("steps_written", "<i8"), ("elapsed_s", "<f8"),
-                         ("end_time_unix", "<f8")])
-UNITS = {"wall_time_s": "s", "input_tokens": "tokens", "output_tokens": "tokens",
-         "num_sequences": "sequences", "input_tokens_per_s": "tokens/s",
-         "output_tokens_per_s": "tokens/s", "phase_time_s": "s", "expert_tokens": "tokens",
-         "bytes_sent": "B", "events": "s", "elapsed_s": "s", "end_time_unix": "s"}
 
+class _Recorder:
+    """What TraceWriter and MemoryTrace share: the layout, the meta attributes, the checks of every
+    call. A subclass defines ``closed``, ``close(*, failed)``, ``trace()`` and keeps what the checks
+    return: ``_store_step`` gets the row of each /steps dataset (dict in ``_specs`` order, "step"
+    last), ``_store_events`` an EVENT_DTYPE [N] array.
 
-class TraceError(Exception):
-    """A trace cannot be written or read; the message is one line naming the file."""
-
-
-# Keys the run must put in ``meta``; the writer adds provenance it can find itself (version, commit,
-# date, Slurm job id, host and device names from rank_map).
-REQUIRED_META = ("model_config", "run_config", "parallel_config", "mpi_library_version", "transport",
-                 "cuda_aware", "array_backend", "truncated")
-_OPTIONAL_META = ("command_line", "extra")
-_BULK = ("phase_time_s", "expert_tokens", "bytes_sent")
-_STEP_COLUMNS = ("kind", "wall_time_s", "input_tokens", "output_tokens", "num_sequences",
-                 "input_tokens_per_s", "output_tokens_per_s")
-
-
-class TraceWriter:
-    """Append-only SWMR writer of one trace file; rank 0 constructs one, the other ranks none.
-
-    path: the final file (written in place; a file cut short is valid up to its last flushed step).
-    meta: the ``REQUIRED_META`` keys (configs as dicts or dataclasses, mpi_library_version: str,
+    meta: the ``traceread.REQUIRED_META`` keys (configs as dicts or dataclasses, mpi_library_version: str,
       transport: str, cuda_aware: bool, array_backend: str, truncated: bool) plus optional
       command_line (str, default: this process's argv) and extra (a JSON-able dict).
     num_layers: L, model layers run (after --layers truncation).
@@ -71,38 +57,33 @@ class TraceWriter:
     rank_map: one mapping per rank (R = len) with "host" (str), "gpu" (int CUDA ordinal, -1 on CPU)
       and "device" (str name); node ids and node-local ranks are derived from the host names.
     phases: names of the P phase columns; comm_phases: the subset that is communication.
-    overwrite: replace an existing file instead of refusing.
     """
 
-    def __init__(self, path: str | os.PathLike, meta: Mapping[str, Any], *, num_layers: int,
-                 moe_layers: Sequence[int], placement: np.ndarray, rank_map: Sequence[Mapping],
-                 phases: Sequence[str] = PHASES, comm_phases: Sequence[str] = COMM_PHASES,
-                 overwrite: bool = False) -> None:
-        self.path = os.fspath(path)
-        self.phases = tuple(phases)
+    path: str
+
+    def __init__(self, meta: Mapping[str, Any], *, num_layers: int, moe_layers: Sequence[int],
+                 placement: np.ndarray, rank_map: Sequence[Mapping], phases: Sequence[str],
+                 comm_phases: Sequence[str]) -> None:
+        self.phases, self.comm_phases = tuple(phases), tuple(comm_phases)
         self.num_layers = int(num_layers)
-        ranks = _rank_columns(rank_map)
+        self._ranks = _rank_columns(rank_map)
         self.moe_layers = _check_moe_layers(moe_layers, self.num_layers)
         self.placement = _check_placement(placement, len(self.moe_layers), len(rank_map))
         self.num_ranks = len(rank_map)
         self.num_experts = self.placement.shape[1]
-        if set(comm_phases) - set(self.phases) or len(set(self.phases)) != len(self.phases):
-            raise TraceError(f"phases {self.phases} must be unique and contain comm_phases {tuple(comm_phases)}")
-        attrs = _root_attrs(meta, self, ranks, tuple(comm_phases))
+        if set(self.comm_phases) - set(self.phases) or len(set(self.phases)) != len(self.phases):
+            raise TraceError(f"phases {self.phases} must be unique and contain comm_phases {self.comm_phases}")
+        self._attrs = root_attributes(meta, self._ranks, phases=self.phases, comm_phases=self.comm_phases,
+                                      num_layers=self.num_layers, num_moe_layers=len(self.moe_layers),
+                                      num_experts=self.num_experts)
+        L, M, R, E, P = self.num_layers, len(self.moe_layers), self.num_ranks, self.num_experts, len(self.phases)
+        # dtype and row shape of each /steps dataset, in append order: bulk rows first, "step" last.
+        self._specs = {"phase_time_s": (np.float64, (L, R, P)), "expert_tokens": (np.int64, (M, E)),
+                       "bytes_sent": (np.int64, (R, R)), "kind": (np.int8, ()), "wall_time_s": (np.float64, ()),
+                       **dict.fromkeys(("input_tokens", "output_tokens", "num_sequences"), (np.int64, ())),
+                       **dict.fromkeys(("input_tokens_per_s", "output_tokens_per_s"), (np.float64, ())),
+                       "step": (np.int64, ())}
         self._last_step = -1
-        self._t0 = time.monotonic()
-        self._file = _create_file(self.path, overwrite)
-        try:
-            _write_static(self._file, attrs, ranks, self)
-            _create_row_datasets(self._file, self)
-            self._file.swmr_mode = True  # from here on: no new objects or attributes
-            # h5py name lookups cost ~0.1 ms each: resolve the appended datasets once.
-            self._rows = {name: _Rows(self._file[f"steps/{name}"]) for name in (*_STEP_COLUMNS, *_BULK, "step")}
-            self._rows["events"] = _Rows(self._file["events"])
-        except (OSError, ValueError, TypeError, KeyError) as e:  # what h5py raises
-            self._file.close()
-            os.unlink(self.path)
-            raise TraceError(f"cannot create trace {self.path}: {_one_line(e)}") from None
 
     def __enter__(self) -> Self:
         return self
@@ -110,14 +91,10 @@ class TraceWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(failed=exc_type is not None)
 
-    @property
-    def closed(self) -> bool:
-        return not self._file.id.valid
-
     def append_step(self, *, step: int, kind: str, wall_time_s: float, input_tokens: int,
                     output_tokens: int, num_sequences: int, phase_time_s: np.ndarray,
                     expert_tokens: np.ndarray, bytes_sent: np.ndarray) -> None:
-        """Append one step and flush it (readable from then on, also after a crash).
+        """Append one step (TraceWriter: and flush it, readable from then on, also after a crash).
 
         step: increasing step index; kind: "prefill" | "decode" | "mixed"; wall_time_s: > 0;
         phase_time_s: float [L, R, P] seconds; expert_tokens: int [M, E] routed tokens per expert
@@ -130,27 +107,20 @@ class TraceWriter:
             raise TraceError(f"kind {kind!r} is not one of {KINDS}")
         if not (np.isfinite(wall_time_s) and wall_time_s > 0):
             raise TraceError(f"wall_time_s must be a positive number, got {wall_time_s!r}")
-        L, M, R, E, P = self.num_layers, len(self.moe_layers), self.num_ranks, self.num_experts, len(self.phases)
-        bulk = {"phase_time_s": _as_checked(phase_time_s, "phase_time_s", (L, R, P), np.float64),
-                "expert_tokens": _as_checked(expert_tokens, "expert_tokens", (M, E), np.int64),
-                "bytes_sent": _as_checked(bytes_sent, "bytes_sent", (R, R), np.int64)}
-        counts = [_as_checked(v, n, (), np.int64) for v, n in
-                  ((input_tokens, "input_tokens"), (output_tokens, "output_tokens"),
-                   (num_sequences, "num_sequences"))]
+        values = {name: _as_checked(value, name, self._specs[name]) for name, value in
+                  (("phase_time_s", phase_time_s), ("expert_tokens", expert_tokens), ("bytes_sent", bytes_sent),
+                   ("input_tokens", input_tokens), ("output_tokens", output_tokens),
+                   ("num_sequences", num_sequences))}
         wall = float(wall_time_s)
-        columns = dict(zip(_STEP_COLUMNS, [KINDS.index(kind), wall, *counts,
-                                           counts[0] / wall, counts[1] / wall]))
-        try:
-            # Everything else first, /steps/step last: a reader trusts rows below len(/steps/step).
-            for name, value in [*bulk.items(), *columns.items(), ("step", int(step))]:
-                self._rows[name].append(np.asarray(value)[None])
-            self._file.flush()
-        except (OSError, ValueError) as e:  # e.g. the disk is full
-            raise TraceError(f"cannot append step {step} to trace {self.path}: {_one_line(e)}") from None
+        values.update(step=int(step), kind=KINDS.index(kind), wall_time_s=wall,
+                      input_tokens_per_s=values["input_tokens"] / wall,
+                      output_tokens_per_s=values["output_tokens"] / wall)
+        self._store_step({name: np.asarray(values[name], dtype) for name, (dtype, _) in self._specs.items()})
         self._last_step = int(step)
 
     def append_events(self, *, step: int, rank, layer, phase, t_start_s, t_end_s) -> None:
-        """Append timeline events of one step and flush; arguments broadcast to a common length N.
+        """Append timeline events of one step (TraceWriter: and flush); arguments broadcast to a
+        common length N.
 
         rank, layer, phase (index into ``phases``): int [N] or scalars; t_start_s, t_end_s:
         float [N] seconds since the rank's own start of the step.
@@ -169,11 +139,90 @@ class TraceWriter:
         times = np.stack([rows["t_start_s"], rows["t_end_s"]])
         if not np.all(np.isfinite(times)) or np.any(times[1] < times[0]):
             raise TraceError("events need finite times with t_end_s >= t_start_s")
+        self._store_events(rows)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise TraceError(f"trace {self.path} is closed")
+
+
+class MemoryTrace(_Recorder):
+    """A trace kept in memory: TraceWriter's arguments (no path, no overwrite), calls and checks.
+
+    For ``hpc-moe run --trace none``: rows go into lists of NumPy arrays and nothing touches HDF5.
+    ``trace()`` equals ``read_trace`` of a file written with the same calls, but for ``path``
+    ("<memory>") and ``meta["created"]``.
+    """
+
+    path = "<memory>"
+
+    def __init__(self, meta: Mapping[str, Any], *, num_layers: int, moe_layers: Sequence[int],
+                 placement: np.ndarray, rank_map: Sequence[Mapping], phases: Sequence[str] = PHASES,
+                 comm_phases: Sequence[str] = COMM_PHASES) -> None:
+        super().__init__(meta, num_layers=num_layers, moe_layers=moe_layers, placement=placement,
+                         rank_map=rank_map, phases=phases, comm_phases=comm_phases)
+        self._steps: dict[str, list[np.ndarray]] = {name: [] for name in self._specs}
+        self._events: list[np.ndarray] = []
+        self._state = "running"  # until close()
+
+    @property
+    def closed(self) -> bool:
+        return self._state != "running"
+
+    def close(self, *, failed: bool = False) -> None:
+        """Record the end state ("completed", or "failed" when ``failed``); idempotent."""
+        if not self.closed:
+            self._state = "failed" if failed else "completed"
+
+    def trace(self) -> Trace:
+        """The steps and events appended so far; state "running" until closed."""
+        steps = {name: np.stack(rows) if rows else np.empty((0, *shape), dtype)
+                 for (name, rows), (dtype, shape) in zip(self._steps.items(), self._specs.values())}
+        events = np.concatenate(self._events) if self._events else np.empty(0, EVENT_DTYPE)
+        layout = {"moe_layers": self.moe_layers.copy(), "placement": self.placement.copy(),
+                  **{f"rank_{name}": col.copy() for name, col in self._ranks.items()}}
+        return Trace.from_contents(self.path, self._attrs, steps, events, layout, self._state)
+
+    def _store_step(self, rows: dict[str, np.ndarray]) -> None:
+        for name, row in rows.items():
+            self._steps[name].append(row.copy())  # a row may be the caller's array, reused next step
+
+    def _store_events(self, rows: np.ndarray) -> None:
+        self._events.append(rows)
+
+
+class TraceWriter(_Recorder):
+    """Append-only SWMR writer of one trace file; rank 0 constructs one, the other ranks none.
+
+    path: the final file (written in place; a file cut short is valid up to its last flushed step).
+    overwrite: replace an existing file instead of refusing. meta and the layout arguments
+    (num_layers ... comm_phases) are documented on ``_Recorder``, shared with MemoryTrace.
+    """
+
+    def __init__(self, path: str | os.PathLike, meta: Mapping[str, Any], *, num_layers: int,
+                 moe_layers: Sequence[int], placement: np.ndarray, rank_map: Sequence[Mapping],
+                 phases: Sequence[str] = PHASES, comm_phases: Sequence[str] = COMM_PHASES,
+                 overwrite: bool = False) -> None:
+        self.path = os.fspath(path)
+        super().__init__(meta, num_layers=num_layers, moe_layers=moe_layers, placement=placement,
+                         rank_map=rank_map, phases=phases, comm_phases=comm_phases)
+        self._t0 = time.monotonic()
+        self._file = _create_file(self.path, overwrite)
         try:
-            self._rows["events"].append(rows)
-            self._file.flush()
-        except (OSError, ValueError) as e:
-            raise TraceError(f"cannot append events to trace {self.path}: {_one_line(e)}") from None
+            _write_static(self._file, self)
+            _create_row_datasets(self._file, self)
+            self._file.swmr_mode = True  # from here on: no new objects or attributes
+            # h5py name lookups cost ~0.1 ms each: resolve the appended datasets once.
+            self._rows = {name: _Rows(self._file[f"steps/{name}"]) for name in self._specs}
+            self._rows["events"] = _Rows(self._file["events"])
+        except (OSError, ValueError, TypeError, KeyError) as e:  # what h5py raises
+            self._file.close()
+            os.unlink(self.path)
+            raise TraceError(f"cannot create trace {self.path}: {_one_line(e)}") from None
+
+    @property
+    def closed(self) -> bool:
+        return not self._file.id.valid
 
     def flush(self) -> None:
         """Flush HDF5 buffers (appends already flush; this is for callers that want to be sure)."""
@@ -192,9 +241,25 @@ class TraceWriter:
         self._file["status"][()] = status
         self._file.close()
 
-    def _check_open(self) -> None:
-        if self.closed:
-            raise TraceError(f"trace {self.path} is closed")
+    def trace(self) -> Trace:
+        """read_trace of the file: all flushed steps (while open too: it reads with swmr=True)."""
+        return read_trace(self.path)
+
+    def _store_step(self, rows: dict[str, np.ndarray]) -> None:
+        try:
+            # In _specs order, /steps/step last: a reader trusts rows below len(/steps/step).
+            for name, row in rows.items():
+                self._rows[name].append(row[None])
+            self._file.flush()
+        except (OSError, ValueError) as e:  # e.g. the disk is full
+            raise TraceError(f"cannot append step {rows['step']} to trace {self.path}: {_one_line(e)}") from None
+
+    def _store_events(self, rows: np.ndarray) -> None:
+        try:
+            self._rows["events"].append(rows)
+            self._file.flush()
+        except (OSError, ValueError) as e:
+            raise TraceError(f"cannot append events to trace {self.path}: {_one_line(e)}") from None
 
 
 def _create_file(path: str, overwrite: bool) -> h5py.File:
@@ -206,17 +271,13 @@ def _create_file(path: str, overwrite: bool) -> h5py.File:
         raise TraceError(f"cannot create trace {path}: {_one_line(e)}") from None
 
 
-def _one_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def _write_static(f: h5py.File, attrs: dict, ranks: dict, w: TraceWriter) -> None:
-    for key, value in attrs.items():
+def _write_static(f: h5py.File, w: TraceWriter) -> None:
+    for key, value in w._attrs.items():
         f.attrs[key] = value
     layout = f.create_group("layout")
     layout.create_dataset("moe_layers", data=w.moe_layers)
     layout.create_dataset("placement", data=w.placement)
-    for name, col in ranks.items():
+    for name, col in w._ranks.items():
         text = col.dtype.kind == "U"  # h5py stores str as variable-length UTF-8 from objects
         layout.create_dataset(f"rank_{name}", data=col.astype(object) if text else col,
                               dtype=h5py.string_dtype() if text else col.dtype)
@@ -226,20 +287,15 @@ def _write_static(f: h5py.File, attrs: dict, ranks: dict, w: TraceWriter) -> Non
 
 
 def _create_row_datasets(f: h5py.File, w: TraceWriter) -> None:
-    L, M, R, E, P = w.num_layers, len(w.moe_layers), w.num_ranks, w.num_experts, len(w.phases)
     kind_dtype = h5py.enum_dtype({k: i for i, k in enumerate(KINDS)}, basetype="i1")
-    specs = {"step": (np.int64, ()), "kind": (kind_dtype, ()), "wall_time_s": (np.float64, ()),
-             "input_tokens": (np.int64, ()), "output_tokens": (np.int64, ()),
-             "num_sequences": (np.int64, ()), "input_tokens_per_s": (np.float64, ()),
-             "output_tokens_per_s": (np.float64, ()), "phase_time_s": (np.float64, (L, R, P)),
-             "expert_tokens": (np.int64, (M, E)), "bytes_sent": (np.int64, (R, R))}
     labels = {"phase_time_s": ("step", "layer", "rank", "phase"),
               "expert_tokens": ("step", "moe_layer", "expert"), "bytes_sent": ("step", "src", "dst")}
     steps = f.create_group("steps")
-    for name, (dtype, tail) in specs.items():
+    for name, (dtype, tail) in w._specs.items():
         # Bulk rows get one chunk per step (one write each); scalar columns share chunks.
         chunk = (1, *tail) if tail else (1024,)
-        ds = steps.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), dtype=dtype, chunks=chunk)
+        ds = steps.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), chunks=chunk,
+                                  dtype=kind_dtype if name == "kind" else dtype)
         ds.attrs["units"] = UNITS.get(name, "1")
         for axis, label in enumerate(labels.get(name, ("step",))):
             ds.dims[axis].label = label
@@ -266,7 +322,9 @@ class _Rows:
         self.id.flush()
 
 
-def _as_checked(value, name: str, shape: tuple, dtype) -> np.ndarray:
+def _as_checked(value, name: str, spec: tuple) -> np.ndarray:
+    """value as an array of spec = (dtype, shape), finite and >= 0 (ints must come as ints)."""
+    dtype, shape = spec
     a = np.asarray(value)
     if a.shape != shape:
         raise TraceError(f"{name} has shape {a.shape}, expected {shape}")
@@ -279,7 +337,7 @@ def _as_checked(value, name: str, shape: tuple, dtype) -> np.ndarray:
 
 
 def _check_moe_layers(moe_layers: Sequence[int], num_layers: int) -> np.ndarray:
-    ids = np.asarray(moe_layers, dtype=np.int64).reshape(-1)
+    ids = np.array(moe_layers, dtype=np.int64).reshape(-1)
     if num_layers < 1 or np.any(np.diff(ids) <= 0) or (ids.size and not 0 <= ids[0] <= ids[-1] < num_layers):
         raise TraceError(f"moe_layers must be ascending layer ids in [0, {num_layers}), got {ids.tolist()}")
     return ids
@@ -305,259 +363,3 @@ def _rank_columns(rank_map: Sequence[Mapping]) -> dict[str, np.ndarray]:
     node = np.array([hosts.index(h) for h in host], np.int32)
     local = np.array([int(np.sum(node[:r] == node[r])) for r in range(len(node))], np.int32)
     return {"host": np.array(host), "node": node, "local_rank": local, "gpu": gpu, "device": device}
-
-
-def _jsonable(value: Any, key: str) -> str:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    if isinstance(value, str):
-        value = json.loads(value)
-    if not isinstance(value, Mapping):
-        raise TraceError(f"meta[{key!r}] must be a dict, a dataclass or a JSON object string")
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def _root_attrs(meta: Mapping[str, Any], w: TraceWriter, ranks: dict, comm_phases: tuple) -> dict:
-    missing = [k for k in REQUIRED_META if k not in meta]
-    unknown = [k for k in meta if k not in REQUIRED_META + _OPTIONAL_META]
-    if missing or unknown:
-        raise TraceError(f"trace meta: missing keys {missing}, unknown keys {unknown} (put extras in meta['extra'])")
-    if not isinstance(meta["cuda_aware"], (bool, np.bool_)) or not isinstance(meta["truncated"], (bool, np.bool_)):
-        raise TraceError("trace meta: cuda_aware and truncated must be bools")
-    return {
-        "schema_name": SCHEMA_NAME, "schema_version": SCHEMA_VERSION,
-        "software_version": _software_version(), "git_commit": _git_commit(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-        "command_line": str(meta.get("command_line") or shlex.join(sys.argv)),
-        **{k: _jsonable(meta[k], k) for k in ("model_config", "run_config", "parallel_config")},
-        "mpi_library_version": str(meta["mpi_library_version"]).strip(),
-        "transport": str(meta["transport"]), "cuda_aware": bool(meta["cuda_aware"]),
-        "array_backend": str(meta["array_backend"]), "truncated": bool(meta["truncated"]),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
-        "hostnames": json.dumps(list(dict.fromkeys(ranks["host"].tolist()))),
-        "device_names": json.dumps(sorted(set(ranks["device"].tolist()))),
-        "units": json.dumps(UNITS, sort_keys=True),
-        "phases": json.dumps(list(w.phases)), "comm_phases": json.dumps(list(comm_phases)),
-        "num_layers": w.num_layers, "num_moe_layers": len(w.moe_layers), "num_ranks": w.num_ranks,
-        "num_nodes": int(ranks["node"].max()) + 1, "num_experts": w.num_experts,
-        "extra": _jsonable(meta.get("extra") or {}, "extra"),
-    }
-
-
-def _software_version() -> str:
-    try:
-        import hpc_moe
-        return str(hpc_moe.__version__)
-    except (ImportError, AttributeError):
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("hpc_moe")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def _git_commit() -> str:
-    """HEAD of the checkout this package runs from, read from .git files ("unknown" outside one).
-
-    No ``git`` subprocess: forking inside an MPI process upsets some interconnect stacks.
-    """
-    git = Path(__file__).resolve().parents[1] / ".git"
-    try:
-        if git.is_file():  # a worktree: ".git" names the real git dir
-            git = (git.parent / git.read_text().split("gitdir:", 1)[1].strip()).resolve()
-        head = (git / "HEAD").read_text().strip()
-        ref = head.removeprefix("ref:").strip()
-        if ref == head:  # detached HEAD
-            return head
-        common = (git / (git / "commondir").read_text().strip()).resolve() if (git / "commondir").is_file() else git
-        for root in (git, common):
-            if (root / ref).is_file():
-                return (root / ref).read_text().strip()
-        packed = (common / "packed-refs").read_text().splitlines() if (common / "packed-refs").is_file() else []
-        return next((line.split()[0] for line in packed if line.endswith(" " + ref)), "unknown")
-    except (OSError, IndexError):
-        return "unknown"
-
-
-# ---------------------------------------------------------------------------------------------- reader
-
-@dataclasses.dataclass(frozen=True)
-class Trace:
-    """One trace as read-only NumPy arrays (shape legend in the module docstring).
-
-    meta: root attributes, JSON ones decoded. Per step: step int64 [S], kind str [S],
-    wall_time_s float64 [S], input_tokens / output_tokens / num_sequences int64 [S],
-    phase_time_s float64 [S, L, R, P], expert_tokens int64 [S, M, E], bytes_sent int64 [S, R, R].
-    events: EVENT_DTYPE [N] (only events of the steps above). moe_layers int64 [M];
-    placement int32 [M or 1, E, K]; rank_host / rank_device str [R]; rank_node / rank_local_rank /
-    rank_gpu int32 [R]. state: "running" (still written, or killed), "completed" or "failed".
-    """
-
-    path: str
-    meta: dict
-    phases: tuple
-    comm_phases: tuple
-    step: np.ndarray
-    kind: np.ndarray
-    wall_time_s: np.ndarray
-    input_tokens: np.ndarray
-    output_tokens: np.ndarray
-    num_sequences: np.ndarray
-    phase_time_s: np.ndarray
-    expert_tokens: np.ndarray
-    bytes_sent: np.ndarray
-    events: np.ndarray
-    moe_layers: np.ndarray
-    placement: np.ndarray
-    rank_host: np.ndarray
-    rank_node: np.ndarray
-    rank_local_rank: np.ndarray
-    rank_gpu: np.ndarray
-    rank_device: np.ndarray
-    state: str
-
-    @property
-    def name(self) -> str:
-        return Path(self.path).stem
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.step)
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.meta["num_layers"])
-
-    @property
-    def num_ranks(self) -> int:
-        return len(self.rank_node)
-
-    @property
-    def num_nodes(self) -> int:
-        return int(self.rank_node.max()) + 1
-
-    @property
-    def num_gpus(self) -> int:
-        return int(np.sum(self.rank_gpu >= 0))
-
-    @property
-    def num_experts(self) -> int:
-        return self.expert_tokens.shape[2]
-
-    @property
-    def bytes_recv(self) -> np.ndarray:
-        """int64 [S, R, R]: bytes_recv[s, dst, src] = bytes_sent[s, src, dst]."""
-        return self.bytes_sent.transpose(0, 2, 1)
-
-    def phase_ids(self, names: Sequence[str]) -> list[int]:
-        return [self.phases.index(n) for n in names]
-
-    def subset(self, keep: np.ndarray | slice) -> Trace:
-        """The same trace restricted to some steps (bool mask [S] or slice), e.g. to drop warm-up."""
-        idx = np.arange(self.num_steps)[keep]
-        fields = {f: _frozen(getattr(self, f)[idx]) for f in _PER_STEP}
-        events = _frozen(self.events[np.isin(self.events["step"], self.step[idx])])
-        return dataclasses.replace(self, events=events, **fields)
-
-    def steps_table(self) -> dict[str, np.ndarray]:
-        """Per-step columns [S] (pandas.DataFrame(trace.steps_table()) gives one row per step)."""
-        tin, tout = throughput_per_step(self)
-        return {"step": self.step, "kind": self.kind, "wall_time_s": self.wall_time_s,
-                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                "num_sequences": self.num_sequences, "input_tokens_per_s": tin,
-                "output_tokens_per_s": tout}
-
-
-_PER_STEP = ("step", "kind", "wall_time_s", "input_tokens", "output_tokens", "num_sequences",
-             "phase_time_s", "expert_tokens", "bytes_sent")
-_JSON_ATTRS = ("model_config", "run_config", "parallel_config", "hostnames", "device_names", "units",
-               "phases", "comm_phases", "extra")
-
-
-def read_trace(path: str | os.PathLike) -> Trace:
-    """Read a trace: finished, still being written (SWMR) or left by a killed writer.
-
-    Rows are read up to the committed length of /steps/step; raises TraceError (one line) for a
-    missing, unreadable or foreign file.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise TraceError(f"trace {path}: no such file")
-    try:
-        # swmr=True also opens files whose SWMR writer died (a plain open refuses those).
-        with h5py.File(path, "r", swmr=True) as f:
-            return _read(f, path)
-    except TraceError:
-        raise
-    except (OSError, KeyError, IndexError, ValueError, TypeError) as e:
-        raise TraceError(f"cannot read trace {path}: {_one_line(e)}") from None
-
-
-def _read(f: h5py.File, path: str) -> Trace:
-    if f.attrs.get("schema_name") != SCHEMA_NAME:
-        raise TraceError(f"{path} is not an hpc_moe trace (schema_name {f.attrs.get('schema_name')!r})")
-    if int(f.attrs["schema_version"]) > SCHEMA_VERSION:
-        raise TraceError(f"{path} has schema version {f.attrs['schema_version']}; this hpc_moe reads <= {SCHEMA_VERSION}")
-    meta = {k: (json.loads(v) if k in _JSON_ATTRS else _scalar(v)) for k, v in f.attrs.items()}
-    steps = f["steps"]
-    n = min(steps[name].shape[0] for name in steps)  # /steps/step is the shortest unless corrupted
-    rows = {name: steps[name][:n] for name in _PER_STEP}
-    rows["kind"] = np.array(KINDS)[rows["kind"].astype(np.int64)] if n else np.array([], "<U7")
-    events = f["events"][:]
-    layout = f["layout"]
-    ranks = {k: layout[f"rank_{k}"][:] for k in ("host", "node", "local_rank", "gpu", "device")}
-    for k in ("host", "device"):
-        ranks[k] = ranks[k].astype(str)
-    arrays = {**rows, "events": events[np.isin(events["step"], rows["step"])],
-              "moe_layers": layout["moe_layers"][:], "placement": layout["placement"][:],
-              **{f"rank_{k}": v for k, v in ranks.items()}}
-    return Trace(path=path, meta=meta, phases=tuple(meta["phases"]), comm_phases=tuple(meta["comm_phases"]),
-                 state=STATES[int(f["status"][()]["state"])], **{k: _frozen(v) for k, v in arrays.items()})
-
-
-def _scalar(v):
-    return v.item() if isinstance(v, np.generic) else v
-
-
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a)
-    a.flags.writeable = False
-    return a
-
-
-# -------------------------------------------------------------------------------------------- analysis
-
-def phase_totals_per_layer(trace: Trace) -> np.ndarray:
-    """float64 [L, P]: seconds per layer and phase, summed over steps, mean over ranks."""
-    return trace.phase_time_s.sum(axis=0).mean(axis=1)
-
-
-def throughput_per_step(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
-    """(input tokens/s, output tokens/s), each float64 [S], over the whole job (all ranks)."""
-    return trace.input_tokens / trace.wall_time_s, trace.output_tokens / trace.wall_time_s
-
-
-def expert_load_imbalance(trace: Trace, *, per_step: bool = True) -> np.ndarray:
-    """max/mean of routed tokens over experts: float64 [S, M] per step, or [M] for all steps summed.
-
-    1.0 is perfect balance; the slowest expert bounds a layer, so per-step values are what costs time.
-    NaN where a layer routed no tokens.
-    """
-    counts = trace.expert_tokens if per_step else trace.expert_tokens.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return counts.max(axis=-1) / counts.mean(axis=-1)
-
-
-def achieved_bandwidth(trace: Trace, *, per_step: bool = False) -> np.ndarray:
-    """Bytes/s each rank sent to other ranks per second of dispatch + combine time.
-
-    float64 [R] over all steps, or [S, R] per step; self-sends (the diagonal) are local copies and
-    do not count. NaN where a rank spent no time in dispatch or combine.
-    """
-    sent = trace.bytes_sent.sum(axis=2) - np.diagonal(trace.bytes_sent, axis1=1, axis2=2)  # [S, R]
-    secs = trace.phase_time_s[..., trace.phase_ids(["dispatch", "combine"])].sum(axis=(1, 3))  # [S, R]
-    if not per_step:
-        sent, secs = sent.sum(axis=0), secs.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(secs > 0, sent / np.where(secs > 0, secs, 1), np.nan)

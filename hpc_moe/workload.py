@@ -9,6 +9,7 @@ every draw is rounded and clipped to at least 1.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,6 +103,10 @@ class Step:
         return len(self.prefill_lens) + len(self.decode_ctx)
 
     @property
+    def num_sequences(self) -> int:
+        return len(self.prefill_lens) + len(self.decode_ctx)
+
+    @property
     def kind(self) -> str:
         if len(self.decode_ctx) and len(self.prefill_lens):
             return "mixed"
@@ -129,22 +134,24 @@ class Workload:
         return cls(mode, Distribution.parse(batch, "batch size"), Distribution.parse(seq_len, "sequence length"),
                    prefill_fraction, seed)
 
-    def steps(self, n: int) -> list[Step]:
-        """The first n steps, the same for a given seed whatever the number of ranks."""
+    def stream(self):
+        """Steps without end, the same for a given seed whatever the number of ranks."""
         rng = np.random.default_rng(self.seed)
         bc, lc = [0], [0]
-        out = []
-        for _ in range(n):
+        while True:
             b = int(self.batch.draw(rng, 1, bc)[0])
             lens = self.seq_len.draw(rng, b, lc)
             if self.mode == "prefill":
-                out.append(Step(lens, np.zeros(0, np.int64)))
+                yield Step(lens, np.zeros(0, np.int64))
             elif self.mode == "decode":
-                out.append(Step(np.zeros(0, np.int64), lens))
+                yield Step(np.zeros(0, np.int64), lens)
             else:
                 n_pre = int(round(b * self.prefill_fraction))
-                out.append(Step(lens[:n_pre], lens[n_pre:]))
-        return out
+                yield Step(lens[:n_pre], lens[n_pre:])
+
+    def steps(self, n: int) -> list[Step]:
+        """The first n steps of :meth:`stream`."""
+        return list(itertools.islice(self.stream(), n))
 
     def describe(self) -> dict:
         return {"mode": self.mode, "batch": [self.batch.kind, list(self.batch.params)],

@@ -153,3 +153,20 @@ def test_synthetic_routing_distinct_experts_and_imbalance(kind):
     assert expected[0] <= imbalance <= expected[1]
     with pytest.raises(ValueError, match="routing must be"):
         SyntheticRouting.parse("zipf:-1")
+
+
+def test_mixed_batch_of_prefills_and_decodes(tiny):
+    """A continuous-batching step: one sequence prefills while two others decode."""
+    rng = np.random.default_rng(4)
+    a, b, c = (rng.integers(0, tiny.cfg.vocab_size, n) for n in (6, 4, 9))
+    # Reference: each sequence alone, the decoding ones one token after their prompt.
+    want_a = generate(tiny, [a], 0).prefill_logits[0]
+    want_b = generate(tiny, [b], 0).prefill_logits[0][-1]
+    want_c = generate(tiny, [c], 0).prefill_logits[0][-1]
+    cache = tiny.new_cache(3, 16)
+    tiny.forward(Batch.prefill([b[:-1], c[:-1]], slots=[1, 2]), cache)
+    mixed = Batch(np.concatenate([a, b[-1:], c[-1:]]), np.array([0, 1, 2]), np.array([0, 3, 8]),
+                  np.array([6, 1, 1]))
+    logits = tiny.forward(mixed, cache)
+    assert rel(logits[:6], want_a) <= 1e-5
+    assert rel(logits[6], want_b) <= 1e-5 and rel(logits[7], want_c) <= 1e-5

@@ -10,7 +10,15 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pytest
-from test_trace import Dims, open_writer, synthetic_step, write_synthetic
+from test_trace import (
+    Dims,
+    feed,
+    layout,
+    meta,
+    open_writer,
+    synthetic_step,
+    write_synthetic,
+)
 
 from hpc_moe import plots
 from hpc_moe.report import (
@@ -22,7 +30,8 @@ from hpc_moe.report import (
     summary_stats,
     summary_table,
 )
-from hpc_moe.trace import read_trace
+from hpc_moe.trace import MemoryTrace
+from hpc_moe.traceread import read_trace
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,6 +88,18 @@ def test_summary_table_text(synthetic):
         assert needle in text, needle
     layer_rows = [ln for ln in text.splitlines() if ln.split()[:2] in (["0", "dense"], ["3", "moe"])]
     assert len(layer_rows) == 2
+
+
+def test_summary_table_of_memory_trace(synthetic):
+    """``hpc-moe run --trace none`` prints its summary from a MemoryTrace: the same text as from
+    the file written with the same calls, but for the name/path line and the creation time."""
+    _, tr, steps = synthetic
+    with MemoryTrace(meta(), **layout(Dims())) as mem:
+        feed(mem, Dims(), steps)
+    got = summary_table(mem.trace()).splitlines()
+    want = summary_table(tr).replace(tr.meta["created"], mem.trace().meta["created"]).splitlines()
+    assert got[0] == "== <memory> (<memory>) ==" and got[1:] == want[1:]
+    assert "Throughput" in got[5] and "completed" in got[1]
 
 
 def test_scaling_efficiency(tmp_path):

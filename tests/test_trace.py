@@ -1,4 +1,5 @@
-"""Trace writer/reader: schema = docs/trace-format.md, crash safety (SIGKILL), live SWMR reading.
+"""Trace recorders and reader: schema = docs/trace-format.md, crash safety (SIGKILL), live SWMR
+reading, and MemoryTrace (``--trace none``) giving exactly what reading the written file gives.
 
 The synthetic data is self-consistent: expert token counts of every MoE layer sum to top_k x tokens
 processed in the step, dense layers spend no time in MoE phases, the step wall time covers the
@@ -7,6 +8,7 @@ function of (dims, step) so that a parent process can check rows written by a ch
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,12 +21,13 @@ import h5py
 import numpy as np
 import pytest
 
-from hpc_moe.trace import (
+from hpc_moe.trace import MemoryTrace, TraceWriter
+from hpc_moe.traceread import (
     EVENT_DTYPE,
     PHASES,
     SCHEMA_VERSION,
+    Trace,
     TraceError,
-    TraceWriter,
     achieved_bandwidth,
     expert_load_imbalance,
     phase_totals_per_layer,
@@ -71,9 +74,19 @@ def meta(**over) -> dict:
     return {**m, **over}
 
 
+def layout(d: Dims) -> dict:
+    """The layout keyword arguments of both recorders."""
+    return {"num_layers": d.num_layers, "moe_layers": d.moe_layers, "placement": placement(d),
+            "rank_map": rank_map(d), "phases": d.phases}
+
+
 def open_writer(path, d: Dims = Dims(), **kw) -> TraceWriter:
-    return TraceWriter(path, meta(), num_layers=d.num_layers, moe_layers=d.moe_layers,
-                       placement=placement(d), rank_map=rank_map(d), phases=d.phases, **kw)
+    return TraceWriter(path, meta(), **layout(d), **kw)
+
+
+def open_recorder(which: str, tmp_path, d: Dims = Dims()) -> TraceWriter | MemoryTrace:
+    """which: "file" (a TraceWriter of tmp_path/t.h5) or "memory"."""
+    return open_writer(tmp_path / "t.h5", d) if which == "file" else MemoryTrace(meta(), **layout(d))
 
 
 def synthetic_step(d: Dims, step: int) -> dict:
@@ -148,11 +161,32 @@ def write_synthetic(path, d: Dims = Dims(), num_steps: int = 6) -> list[dict]:
     """A complete trace of ``num_steps`` steps; returns the appended step dicts."""
     steps = [synthetic_step(d, s) for s in range(num_steps)]
     with open_writer(path, d) as w:
-        for s in steps:
-            w.append_step(**s)
-            if s["step"] in d.event_steps:
-                w.append_events(**synthetic_events(d, s))
+        feed(w, d, steps)
     return steps
+
+
+def feed(recorder: TraceWriter | MemoryTrace, d: Dims, steps: list[dict]) -> None:
+    """Append the steps made by synthetic_step, with events for those in d.event_steps."""
+    for s in steps:
+        recorder.append_step(**s)
+        if s["step"] in d.event_steps:
+            recorder.append_events(**synthetic_events(d, s))
+
+
+def assert_same_trace(got: Trace, want: Trace) -> None:
+    """Every field equal (arrays: dtype, shape, values, read-only), but path and meta["created"]."""
+    for f in dataclasses.fields(Trace):
+        a, b = getattr(got, f.name), getattr(want, f.name)
+        if f.name == "meta":
+            assert a.keys() == b.keys()
+            for key in a.keys() - {"created"}:
+                assert a[key] == b[key] and type(a[key]) is type(b[key]), key
+        elif isinstance(b, np.ndarray):
+            assert a.dtype == b.dtype and a.shape == b.shape, (f.name, a.dtype, b.dtype, a.shape, b.shape)
+            np.testing.assert_array_equal(a, b, err_msg=f.name)
+            assert not a.flags.writeable, f.name
+        elif f.name != "path":
+            assert a == b, f.name
 
 
 # --------------------------------------------------------------------------------------------- tests
@@ -182,6 +216,46 @@ def test_round_trip(tmp_path):
     assert tr.meta["software_version"] != "" and tr.meta["git_commit"]
     with pytest.raises(ValueError):
         tr.wall_time_s[0] = 1.0  # the arrays are read-only
+
+
+def test_memory_trace_equals_file(tmp_path):
+    """MemoryTrace.trace() == read_trace of a file written with the same calls: empty, while open
+    (both "running"), and after a close that records a failure."""
+    d = Dims()
+    steps = [synthetic_step(d, s) for s in range(6)]
+    w, mem = open_writer(tmp_path / "t.h5", d), MemoryTrace(meta(), **layout(d))
+    assert_same_trace(mem.trace(), w.trace())
+    assert mem.trace().num_steps == 0 and mem.trace().phase_time_s.shape == (0, 4, 4, len(PHASES))
+    for rec in (w, mem):
+        feed(rec, d, steps[:4])
+    live = mem.trace()
+    assert live.state == "running" and live.num_steps == 4 and live.path == "<memory>"
+    assert_same_trace(live, w.trace())  # the writer's trace() reads its open file with SWMR
+    for rec in (w, mem):
+        feed(rec, d, steps[4:])
+        rec.close(failed=True)
+        rec.close()  # idempotent: the state stays "failed"
+    got, want = mem.trace(), read_trace(tmp_path / "t.h5")
+    assert got.state == "failed" and got.num_steps == 6 and set(np.unique(got.events["step"])) == {2, 5}
+    assert_same_trace(got, want)
+    assert_same_trace(w.trace(), want)
+    np.testing.assert_allclose(expert_load_imbalance(got), expert_load_imbalance(want))
+
+
+def test_memory_trace_copies_rows_and_makes_no_hdf5_call(tmp_path, monkeypatch):
+    def no_hdf5(*args, **kwargs):
+        raise AssertionError("MemoryTrace opened an HDF5 file")
+
+    monkeypatch.setattr(h5py, "File", no_hdf5)
+    monkeypatch.chdir(tmp_path)
+    d = Dims()
+    s = synthetic_step(d, 0)
+    kept = s["phase_time_s"].copy()
+    with MemoryTrace(meta(), **layout(d)) as mem:
+        mem.append_step(**s)
+        s["phase_time_s"][:] = -1.0  # a caller that reuses its buffer for the next step
+    np.testing.assert_array_equal(mem.trace().phase_time_s[0], kept)
+    assert mem.trace().state == "completed" and not list(tmp_path.iterdir())
 
 
 def test_analysis_helpers(tmp_path):
@@ -277,14 +351,20 @@ def test_writer_rejects_bad_input(tmp_path, bad, match):
     d = Dims()
     kw = {"path": tmp_path / "t.h5", "meta": meta(), "num_layers": 4, "moe_layers": d.moe_layers,
           "placement": placement(d), "rank_map": rank_map(d), **bad}
+    path, m = kw.pop("path"), kw.pop("meta")
     with pytest.raises(TraceError, match=match) as e:
-        TraceWriter(kw.pop("path"), kw.pop("meta"), **kw)
+        TraceWriter(path, m, **kw)
     assert "\n" not in str(e.value)
+    if "path" not in bad:  # the same checks, the same message
+        with pytest.raises(TraceError) as e_mem:
+            MemoryTrace(m, **kw)
+        assert str(e_mem.value) == str(e.value)
 
 
-def test_append_rejects_bad_rows(tmp_path):
+@pytest.mark.parametrize("which", ["file", "memory"])
+def test_append_rejects_bad_rows(tmp_path, which):
     d = Dims()
-    with open_writer(tmp_path / "t.h5", d) as w:
+    with open_recorder(which, tmp_path, d) as w:
         s = synthetic_step(d, 0)
         for bad, match in [({"phase_time_s": s["phase_time_s"][:2]}, "shape"),
                            ({"expert_tokens": s["expert_tokens"] * 0.5}, "integers"),
@@ -298,7 +378,7 @@ def test_append_rejects_bad_rows(tmp_path):
             w.append_events(step=0, rank=0, layer=0, phase=len(PHASES), t_start_s=0.0, t_end_s=1.0)
     with pytest.raises(TraceError, match="closed"):
         w.append_step(**synthetic_step(d, 1))
-    assert read_trace(tmp_path / "t.h5").num_steps == 1
+    assert w.trace().num_steps == 1
 
 
 def test_reader_errors(tmp_path):

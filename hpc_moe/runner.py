@@ -1,0 +1,258 @@
+"""The main job, ``hpc-moe run``: throughput of a workload on the expert-parallel engine.
+
+Rank 0 draws every step's requests, assigns sequences to ranks (data-parallel attention), and
+after each step gathers the ranks' phase timings, expert loads and traffic, appends them to the
+trace and shows progress. Every rank runs every step and every MoE exchange, with or without
+sequences of its own. Decode steps attend over a latent cache of the drawn context length filled
+with synthetic latents: attention costs the same whatever the cached values are.
+
+Shape legend: R world ranks, P EP ranks, L layers, M MoE layers, E experts, F phases.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from .backend import get_backend
+from .comm import ParallelContext
+from .dispatch import DispatchOptions
+from .engine import EngineOptions, build_model
+from .engine import forward as engine_forward
+from .kvcache import Batch, KVCache
+from .pipeline import on_root, open_weights
+from .progress import Progress
+from .router import SyntheticRouting
+from .timing import COMM_PHASES, PHASES, Profiler
+from .workload import Step, Workload, assign
+
+log = logging.getLogger("hpc_moe")
+
+
+def run_job(args) -> int:
+    ctx = ParallelContext.create(dp=args.dp, expert_tp=args.expert_tp)
+    if ctx.rank != 0:
+        log.setLevel(logging.WARNING)  # the other ranks speak only of trouble
+    cfg, weights = open_weights(args)
+    layers = args.layers or cfg.num_hidden_layers
+    if not 1 <= layers <= cfg.num_hidden_layers:
+        raise ValueError(f"--layers must be in [1, {cfg.num_hidden_layers}] (got {layers})")
+    workload = Workload.create(args.mode, args.batch, args.seq_len, args.prefill_fraction, args.seed)
+    synthetic = SyntheticRouting.parse(args.routing, seed=args.seed * 1_000_003 + ctx.rank)
+    loads = on_root(ctx, lambda: _loads_from(args.loads_from, layers, cfg)) if args.loads_from else None
+    backend = get_backend(args.backend, args.dtype, ctx.local_rank)
+    prof = Profiler(layers, backend.synchronize, enabled=args.profile == "on")
+    options = EngineOptions(args.micro_batches, args.bias_update_rate,
+                            DispatchOptions(args.algorithm, args.transport, args.payload))
+    model, executor = build_model(cfg, weights, backend, ctx, options=options, num_layers=layers,
+                                  loads=loads, synthetic_routing=synthetic, profiler=prof)
+    rank_map = ctx.world.gather({"host": ctx.hostnames[ctx.rank], "gpu": backend.device_id,
+                                 "device": backend.device}, root=0)
+    recorder = on_root(ctx, lambda: _open_recorder(args, cfg, layers, ctx, backend, executor,
+                                                   workload, rank_map), share=False)
+    if ctx.rank == 0:
+        _announce(cfg, layers, ctx, executor, workload, args)
+    try:
+        steps = _loop(args, ctx, model, executor, workload, backend, prof, recorder)
+    except BaseException:
+        if recorder is not None:
+            recorder.close(failed=True)
+        raise
+    executor.close()
+    if ctx.rank == 0:
+        recorder.close()
+        _finish(args, recorder, steps)
+    return 0
+
+
+# ---- the step loop -----------------------------------------------------------------------------
+def _loop(args, ctx: ParallelContext, model, executor, workload: Workload, backend, prof: Profiler,
+          recorder) -> int:
+    """Warm-up steps, then measured steps until --steps or --duration; returns measured steps."""
+    draw = workload.stream()
+    cache = None
+    rng = np.random.default_rng([args.seed, ctx.rank])
+    cumulative = np.zeros_like(executor.expert_tokens_ME)
+    progress = Progress(args.steps, args.duration) if ctx.rank == 0 else None
+    measured, started, index, recording = 0, time.perf_counter(), 0, 0.0
+    tracing = args.trace not in (None, "none")
+    while not args.steps or measured < args.steps:
+        warm = index < args.warmup
+        if index == args.warmup:
+            started = time.perf_counter()
+        over = ctx.rank == 0 and not warm and bool(args.duration) and time.perf_counter() - started >= args.duration
+        if ctx.world.bcast(over, root=0):
+            break
+        step, owner = _broadcast_step(ctx, next(draw) if ctx.rank == 0 else None)
+        batch, cache = _local_batch(model, cache, step, owner, ctx.rank, rng)
+        prof.start_step()
+        executor.start_step()
+        ctx.world.Barrier()
+        t0 = time.perf_counter()
+        engine_forward(model, executor, batch, cache, args.micro_batches)
+        backend.synchronize()
+        ctx.world.Barrier()
+        wall = time.perf_counter() - t0
+        counts, times, sent = _gather_step(ctx, executor, prof)
+        cumulative += counts
+        if args.bias_update_rate:
+            executor.update_biases(model, counts, args.bias_update_rate)
+        index += 1
+        if args.replan_every and index % args.replan_every == 0:
+            executor.set_placement(executor.placement.from_loads(cumulative))
+            log.info("after step %d: experts re-placed from the loads measured so far", index - 1)
+        if warm:
+            continue
+        t_rec = time.perf_counter()
+        # The timeline only goes to a trace file (--trace none keeps just the summary's numbers).
+        sample = tracing and bool(args.events_every) and measured % args.events_every == 0
+        events = _gather_events(ctx, prof) if sample else None
+        if ctx.rank == 0:
+            recorder.append_step(step=measured, kind=step.kind, wall_time_s=wall,
+                                 input_tokens=step.input_tokens, output_tokens=step.output_tokens,
+                                 num_sequences=step.num_sequences, phase_time_s=times,
+                                 expert_tokens=counts, bytes_sent=sent)
+            if events is not None and len(events):
+                recorder.append_events(step=measured, rank=events[:, 0], layer=events[:, 1],
+                                       phase=events[:, 2], t_start_s=events[:, 3], t_end_s=events[:, 4])
+            recording += time.perf_counter() - t_rec
+            progress.update(step, wall)
+        measured += 1
+    if progress is not None:
+        progress.close()
+        loop = time.perf_counter() - started
+        log.info("%d steps in %.2f s; recording them took %.3f s (%.2f%%)", measured, loop, recording,
+                 100 * recording / max(loop, 1e-9))
+    return measured
+
+
+def _broadcast_step(ctx: ParallelContext, step: Step | None) -> tuple[Step, np.ndarray]:
+    """Rank 0's step and its sequence -> rank assignment, on every rank (one small Bcast)."""
+    if ctx.rank == 0:
+        lens = np.concatenate([step.prefill_lens, step.decode_ctx])
+        owner = assign(lens + np.concatenate([np.zeros(len(step.prefill_lens), np.int64),
+                                              np.ones(len(step.decode_ctx), np.int64)]), ctx.size)
+        # Decode sequences weigh their context: attention over it dominates their cost.
+        msg = np.concatenate([[len(step.prefill_lens), len(step.decode_ctx)], lens, owner]).astype(np.int64)
+        n = np.array([len(msg)], np.int64)
+    else:
+        n = np.zeros(1, np.int64)
+    ctx.world.Bcast([n, MPI.INT64_T], root=0)
+    if ctx.rank != 0:
+        msg = np.empty(int(n[0]), np.int64)
+    ctx.world.Bcast([msg, MPI.INT64_T], root=0)
+    a, b = int(msg[0]), int(msg[1])
+    return Step(msg[2:2 + a], msg[2 + a:2 + a + b]), msg[2 + a + b:]
+
+
+def _local_batch(model, cache: KVCache | None, step: Step, owner: np.ndarray, rank: int, rng):
+    """This rank's sequences of the step as one ragged batch, and a cache that holds them.
+
+    Prefills start at position 0; decodes add one token after a context of the drawn length.
+    """
+    a = len(step.prefill_lens)
+    mine = np.nonzero(owner == rank)[0]
+    pre, dec = mine[mine < a], mine[mine >= a] - a
+    new = np.concatenate([step.prefill_lens[pre], np.ones(len(dec), np.int64)])
+    start = np.concatenate([np.zeros(len(pre), np.int64), step.decode_ctx[dec]])
+    need_len = int((start + new).max(initial=1))
+    if cache is None or cache.data[0].shape[0] < len(new) or cache.max_len < need_len:
+        slots = max(len(new), cache.data[0].shape[0] if cache else 1)
+        cache = model.new_cache(slots, max(need_len, cache.max_len if cache else 1))
+        for d in cache.data:  # synthetic context for decodes (prefills overwrite their slots)
+            d[...] = model.backend.asarray(rng.standard_normal(d.shape, dtype=np.float32))
+    tokens = rng.integers(0, model.cfg.vocab_size, int(new.sum()))
+    return Batch(tokens, np.arange(len(new), dtype=np.int64), start, new), cache
+
+
+def _gather_step(ctx: ParallelContext, executor, prof: Profiler):
+    """-> (expert tokens int64 [M, E] on every rank, phase times float64 [L, R, F] and bytes sent
+    int64 [R, R] on rank 0). Collective."""
+    counts, _ = executor.reduce_step(ctx.ep_comm)
+    if ctx.dp_size > 1:  # every model replica routes its own tokens
+        ctx.dp_comm.Allreduce(MPI.IN_PLACE, [counts, MPI.INT64_T])
+    times = np.empty((ctx.size,) + prof.times_LP.shape) if ctx.rank == 0 else None
+    ctx.world.Gather([np.ascontiguousarray(prof.times_LP), MPI.DOUBLE], [times, MPI.DOUBLE], root=0)
+    row = np.zeros(ctx.size, np.int64)  # this rank's EP peers sit at world ranks first + p
+    first = ctx.dp_rank * ctx.ep_size
+    row[first:first + ctx.ep_size] = executor.bytes_sent_P
+    sent = np.empty((ctx.size, ctx.size), np.int64) if ctx.rank == 0 else None
+    ctx.world.Gather([row, MPI.INT64_T], [sent, MPI.INT64_T], root=0)
+    return counts, (times.transpose(1, 0, 2) if ctx.rank == 0 else None), sent
+
+
+def _gather_events(ctx: ParallelContext, prof: Profiler):
+    """Every rank's timeline of this step -> float64 [N, 5] (rank, layer, phase, start, end) on rank 0."""
+    ev = prof.events_array()
+    mine = np.concatenate([np.full((len(ev), 1), ctx.rank, np.float64), ev], axis=1)
+    sizes = np.array(ctx.world.gather(mine.size, root=0) or [], np.int64)
+    out = np.empty(int(sizes.sum()), np.float64) if ctx.rank == 0 else None
+    ctx.world.Gatherv([mine.reshape(-1), MPI.DOUBLE], [out, (sizes, None), MPI.DOUBLE] if ctx.rank == 0 else None,
+                      root=0)
+    return out.reshape(-1, 5) if ctx.rank == 0 else None
+
+
+# ---- rank 0: trace, announcement, summary ------------------------------------------------------
+def _loads_from(path: str, layers: int, cfg) -> np.ndarray:
+    """Mean tokens per expert per MoE layer [M, E] measured by an earlier run's trace."""
+    from .traceread import read_trace
+    t = read_trace(path)
+    want = [i for i in range(layers) if cfg.is_moe_layer(i)]
+    if t.num_steps == 0 or list(t.moe_layers) != want or t.num_experts != cfg.n_routed_experts:
+        raise ValueError(f"--loads-from {path}: needs steps of the same MoE layers {want} and "
+                         f"{cfg.n_routed_experts} experts")
+    return t.expert_tokens.mean(axis=0)
+
+
+def _placement_ranks(placement) -> np.ndarray:
+    """The placement as EP ranks [M, E, K * expert_tp] (every rank of each replica's slot), -1 padded."""
+    slots = placement.to_array()
+    slots = slots[None] if slots.ndim == 2 else slots
+    tp = placement.expert_tp
+    ranks = np.repeat(slots * tp, tp, axis=-1) + np.tile(np.arange(tp), slots.shape[-1])
+    return np.where(np.repeat(slots, tp, axis=-1) >= 0, ranks, -1).astype(np.int32)
+
+
+def _open_recorder(args, cfg, layers, ctx, backend, executor, workload, rank_map):
+    from .trace import MemoryTrace, TraceWriter
+    from .transport import mpi_cuda_support
+    run_config = {k: v for k, v in vars(args).items() if k not in ("func",)}
+    run_config["workload"] = workload.describe()
+    meta = {"model_config": cfg.to_dict(), "run_config": run_config, "parallel_config": ctx.describe(),
+            "mpi_library_version": MPI.Get_library_version(), "transport": executor.dispatcher.transport.name,
+            "cuda_aware": mpi_cuda_support() == 1, "array_backend": f"{backend.name} ({backend.dtype})",
+            "truncated": layers < cfg.num_hidden_layers}
+    layout = dict(num_layers=layers, moe_layers=executor.moe_layers, placement=_placement_ranks(executor.placement),
+                  rank_map=rank_map, phases=PHASES, comm_phases=COMM_PHASES)
+    if args.trace in (None, "none"):
+        return MemoryTrace(meta, **layout)
+    return TraceWriter(args.trace, meta, overwrite=args.overwrite, **layout)
+
+
+def _announce(cfg, layers, ctx, executor, workload, args) -> None:
+    p = executor.placement
+    log.info("%s: %d of %d layers%s, %d experts, top-%d; %d ranks on %d nodes (EP %d x DP %d, expert TP %d)",
+             args.checkpoint or args.config, layers, cfg.num_hidden_layers,
+             " (truncated with --layers)" if layers < cfg.num_hidden_layers else "", cfg.n_routed_experts,
+             cfg.num_experts_per_tok, ctx.size, ctx.num_nodes, ctx.ep_size, ctx.dp_size, ctx.expert_tp)
+    if p.colocated:
+        log.warning("%d experts on %d expert slots: ranks hold several experts per layer, which breaks "
+                    "the one-expert-per-GPU principle", cfg.n_routed_experts, p.n_slots)
+    elif p.replicated:
+        log.info("%d expert slots for %d experts: %d replicas of the hottest experts",
+                 p.n_slots, cfg.n_routed_experts, p.n_slots - cfg.n_routed_experts)
+    log.info("workload %s; routing %s; %d warm-up steps, then %s", workload.describe(), args.routing,
+             args.warmup, f"{args.steps} steps" if args.steps else f"{args.duration} s")
+
+
+def _finish(args, recorder, steps: int) -> None:
+    from .report import scaling_table, summary_table
+    trace = recorder.trace()
+    print(summary_table(trace), flush=True)
+    if args.baseline:
+        from .traceread import read_trace
+        print("\n" + scaling_table([read_trace(args.baseline), trace]), flush=True)
+    if args.trace not in (None, "none"):
+        log.info("trace: %s (%d steps)", args.trace, steps)

@@ -1,0 +1,332 @@
+"""The throughput trace as data: schema constants, root attributes, ``Trace``, ``read_trace``, analysis.
+
+hpc_moe.trace records a trace (``TraceWriter`` into an HDF5 file, ``MemoryTrace`` in memory); this
+module defines what both record and reads the files back. The schema is docs/trace-format.md
+(``SCHEMA_VERSION``). The constants and ``root_attributes`` (the run's meta -> root attributes,
+which ``Trace.meta`` decodes again) live here so that the recorders import them from the reader
+side: reading a trace never imports the writer.
+
+Shape legend: S steps, L layers, M MoE layers, E routed experts, R ranks, P phases,
+K replicas per expert (placement), N timeline events.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+SCHEMA_NAME = "hpc_moe.trace"
+SCHEMA_VERSION = 1
+PHASES = ("attention", "dense_mlp", "gate", "dispatch", "expert", "combine", "shared", "wait")
+# "wait" is time blocked on an outstanding all-to-all: exposed communication, drawn with it.
+COMM_PHASES = ("dispatch", "combine", "wait")
+KINDS = ("prefill", "decode", "mixed")
+STATES = ("running", "completed", "failed")  # a killed writer leaves "running"
+EVENT_DTYPE = np.dtype([("step", "<i8"), ("rank", "<i4"), ("layer", "<i4"), ("phase", "<i2"),
+                        ("t_start_s", "<f8"), ("t_end_s", "<f8")])
+STATUS_DTYPE = np.dtype([("state", "i1"), ("steps_written", "<i8"), ("elapsed_s", "<f8"),
+                         ("end_time_unix", "<f8")])
+UNITS = {"wall_time_s": "s", "input_tokens": "tokens", "output_tokens": "tokens",
+         "num_sequences": "sequences", "input_tokens_per_s": "tokens/s",
+         "output_tokens_per_s": "tokens/s", "phase_time_s": "s", "expert_tokens": "tokens",
+         "bytes_sent": "B", "events": "s", "elapsed_s": "s", "end_time_unix": "s"}
+RANK_COLUMNS = ("host", "node", "local_rank", "gpu", "device")  # /layout/rank_<name>
+
+
+class TraceError(Exception):
+    """A trace cannot be written or read; the message is one line naming the file."""
+
+
+# ------------------------------------------------------------------------------------- root attributes
+# Built here for both recorders (hpc_moe.trace) and decoded here into Trace.meta: the attribute
+# table of docs/trace-format.md in one place. Keys the run must put in ``meta``; root_attributes
+# adds the provenance it can find itself (version, commit, date, command line, Slurm job id).
+REQUIRED_META = ("model_config", "run_config", "parallel_config", "mpi_library_version", "transport",
+                 "cuda_aware", "array_backend", "truncated")
+_OPTIONAL_META = ("command_line", "extra")
+_JSON_ATTRS = ("model_config", "run_config", "parallel_config", "hostnames", "device_names", "units",
+               "phases", "comm_phases", "extra")
+
+
+def root_attributes(meta: Mapping[str, Any], ranks: Mapping[str, np.ndarray], *, phases: Sequence[str],
+                    comm_phases: Sequence[str], num_layers: int, num_moe_layers: int, num_experts: int) -> dict:
+    """The root attributes of a trace, JSON ones as strings (``Trace.meta`` decodes them).
+
+    meta: the REQUIRED_META keys plus optional command_line and extra (hpc_moe.trace documents
+    their types); ranks: the /layout/rank_<name> columns [R] (host, node and device are used).
+    """
+    missing = [k for k in REQUIRED_META if k not in meta]
+    unknown = [k for k in meta if k not in REQUIRED_META + _OPTIONAL_META]
+    if missing or unknown:
+        raise TraceError(f"trace meta: missing keys {missing}, unknown keys {unknown} (put extras in meta['extra'])")
+    if not isinstance(meta["cuda_aware"], (bool, np.bool_)) or not isinstance(meta["truncated"], (bool, np.bool_)):
+        raise TraceError("trace meta: cuda_aware and truncated must be bools")
+    return {
+        "schema_name": SCHEMA_NAME, "schema_version": SCHEMA_VERSION,
+        "software_version": _software_version(), "git_commit": _git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+        "command_line": str(meta.get("command_line") or shlex.join(sys.argv)),
+        **{k: _jsonable(meta[k], k) for k in ("model_config", "run_config", "parallel_config")},
+        "mpi_library_version": str(meta["mpi_library_version"]).strip(),
+        "transport": str(meta["transport"]), "cuda_aware": bool(meta["cuda_aware"]),
+        "array_backend": str(meta["array_backend"]), "truncated": bool(meta["truncated"]),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+        "hostnames": json.dumps(list(dict.fromkeys(ranks["host"].tolist()))),
+        "device_names": json.dumps(sorted(set(ranks["device"].tolist()))),
+        "units": json.dumps(UNITS, sort_keys=True),
+        "phases": json.dumps(list(phases)), "comm_phases": json.dumps(list(comm_phases)),
+        "num_layers": int(num_layers), "num_moe_layers": int(num_moe_layers), "num_ranks": len(ranks["node"]),
+        "num_nodes": int(ranks["node"].max()) + 1, "num_experts": int(num_experts),
+        "extra": _jsonable(meta.get("extra") or {}, "extra"),
+    }
+
+
+def _jsonable(value: Any, key: str) -> str:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, Mapping):
+        raise TraceError(f"meta[{key!r}] must be a dict, a dataclass or a JSON object string")
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _software_version() -> str:
+    try:
+        import hpc_moe
+        return str(hpc_moe.__version__)
+    except (ImportError, AttributeError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("hpc_moe")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _git_commit() -> str:
+    """HEAD of the checkout this package runs from, read from .git files ("unknown" outside one).
+
+    No ``git`` subprocess: forking inside an MPI process upsets some interconnect stacks.
+    """
+    git = Path(__file__).resolve().parents[1] / ".git"
+    try:
+        if git.is_file():  # a worktree: ".git" names the real git dir
+            git = (git.parent / git.read_text().split("gitdir:", 1)[1].strip()).resolve()
+        head = (git / "HEAD").read_text().strip()
+        ref = head.removeprefix("ref:").strip()
+        if ref == head:  # detached HEAD
+            return head
+        common = (git / (git / "commondir").read_text().strip()).resolve() if (git / "commondir").is_file() else git
+        for root in (git, common):
+            if (root / ref).is_file():
+                return (root / ref).read_text().strip()
+        packed = (common / "packed-refs").read_text().splitlines() if (common / "packed-refs").is_file() else []
+        return next((line.split()[0] for line in packed if line.endswith(" " + ref)), "unknown")
+    except (OSError, IndexError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+@dataclasses.dataclass(frozen=True)
+class Trace:
+    """One trace as read-only NumPy arrays (shape legend in the module docstring).
+
+    meta: root attributes, JSON ones decoded. Per step: step int64 [S], kind str [S],
+    wall_time_s float64 [S], input_tokens / output_tokens / num_sequences int64 [S],
+    phase_time_s float64 [S, L, R, P], expert_tokens int64 [S, M, E], bytes_sent int64 [S, R, R].
+    events: EVENT_DTYPE [N] (only events of the steps above). moe_layers int64 [M];
+    placement int32 [M or 1, E, K]; rank_host / rank_device str [R]; rank_node / rank_local_rank /
+    rank_gpu int32 [R]. state: "running" (still written, or killed), "completed" or "failed".
+    path: the file, or "<memory>" for a hpc_moe.trace.MemoryTrace.
+    """
+
+    path: str
+    meta: dict
+    phases: tuple
+    comm_phases: tuple
+    step: np.ndarray
+    kind: np.ndarray
+    wall_time_s: np.ndarray
+    input_tokens: np.ndarray
+    output_tokens: np.ndarray
+    num_sequences: np.ndarray
+    phase_time_s: np.ndarray
+    expert_tokens: np.ndarray
+    bytes_sent: np.ndarray
+    events: np.ndarray
+    moe_layers: np.ndarray
+    placement: np.ndarray
+    rank_host: np.ndarray
+    rank_node: np.ndarray
+    rank_local_rank: np.ndarray
+    rank_gpu: np.ndarray
+    rank_device: np.ndarray
+    state: str
+
+    @classmethod
+    def from_contents(cls, path: str, attrs: Mapping, steps: Mapping[str, np.ndarray], events: np.ndarray,
+                      layout: Mapping[str, np.ndarray], state: str) -> Trace:
+        """The Trace of a trace file's contents, whether read from HDF5 or held in memory.
+
+        attrs: root attributes as stored (JSON ones as strings); steps: the committed rows of the
+        ``/steps/*`` datasets, kind as int enum codes; events: all of ``/events``; layout: the
+        ``/layout/*`` datasets by name (rank_host / rank_device as any string array).
+        """
+        meta = {k: (json.loads(v) if k in _JSON_ATTRS else _scalar(v)) for k, v in attrs.items()}
+        rows = {name: steps[name] for name in _PER_STEP}
+        rows["kind"] = np.array(KINDS)[rows["kind"].astype(np.int64)] if len(rows["step"]) else np.array([], "<U7")
+        arrays = {**rows, "events": events[np.isin(events["step"], rows["step"])],
+                  **{k: layout[k] for k in ("moe_layers", "placement")},
+                  **{f"rank_{k}": layout[f"rank_{k}"] for k in RANK_COLUMNS}}
+        for k in ("rank_host", "rank_device"):
+            arrays[k] = arrays[k].astype(str)
+        return cls(path=path, meta=meta, phases=tuple(meta["phases"]), comm_phases=tuple(meta["comm_phases"]),
+                   state=state, **{k: _frozen(v) for k, v in arrays.items()})
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.step)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.meta["num_layers"])
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.rank_node)
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.rank_node.max()) + 1
+
+    @property
+    def num_gpus(self) -> int:
+        return int(np.sum(self.rank_gpu >= 0))
+
+    @property
+    def num_experts(self) -> int:
+        return self.expert_tokens.shape[2]
+
+    @property
+    def bytes_recv(self) -> np.ndarray:
+        """int64 [S, R, R]: bytes_recv[s, dst, src] = bytes_sent[s, src, dst]."""
+        return self.bytes_sent.transpose(0, 2, 1)
+
+    def phase_ids(self, names: Sequence[str]) -> list[int]:
+        return [self.phases.index(n) for n in names]
+
+    def subset(self, keep: np.ndarray | slice) -> Trace:
+        """The same trace restricted to some steps (bool mask [S] or slice), e.g. to drop warm-up."""
+        idx = np.arange(self.num_steps)[keep]
+        fields = {f: _frozen(getattr(self, f)[idx]) for f in _PER_STEP}
+        events = _frozen(self.events[np.isin(self.events["step"], self.step[idx])])
+        return dataclasses.replace(self, events=events, **fields)
+
+    def steps_table(self) -> dict[str, np.ndarray]:
+        """Per-step columns [S] (pandas.DataFrame(trace.steps_table()) gives one row per step)."""
+        tin, tout = throughput_per_step(self)
+        return {"step": self.step, "kind": self.kind, "wall_time_s": self.wall_time_s,
+                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "num_sequences": self.num_sequences, "input_tokens_per_s": tin,
+                "output_tokens_per_s": tout}
+
+
+_PER_STEP = ("step", "kind", "wall_time_s", "input_tokens", "output_tokens", "num_sequences",
+             "phase_time_s", "expert_tokens", "bytes_sent")
+
+
+def read_trace(path: str | os.PathLike) -> Trace:
+    """Read a trace: finished, still being written (SWMR) or left by a killed writer.
+
+    Rows are read up to the committed length of /steps/step; raises TraceError (one line) for a
+    missing, unreadable or foreign file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise TraceError(f"trace {path}: no such file")
+    try:
+        # swmr=True also opens files whose SWMR writer died (a plain open refuses those).
+        with h5py.File(path, "r", swmr=True) as f:
+            return _read(f, path)
+    except TraceError:
+        raise
+    except (OSError, KeyError, IndexError, ValueError, TypeError) as e:
+        raise TraceError(f"cannot read trace {path}: {_one_line(e)}") from None
+
+
+def _read(f: h5py.File, path: str) -> Trace:
+    if f.attrs.get("schema_name") != SCHEMA_NAME:
+        raise TraceError(f"{path} is not an hpc_moe trace (schema_name {f.attrs.get('schema_name')!r})")
+    if int(f.attrs["schema_version"]) > SCHEMA_VERSION:
+        raise TraceError(f"{path} has schema version {f.attrs['schema_version']}; this hpc_moe reads <= {SCHEMA_VERSION}")
+    steps = f["steps"]
+    n = min(steps[name].shape[0] for name in steps)  # /steps/step is the shortest unless corrupted
+    layout = {name: ds[:] for name, ds in f["layout"].items()}
+    return Trace.from_contents(path, dict(f.attrs), {name: steps[name][:n] for name in _PER_STEP},
+                               f["events"][:], layout, STATES[int(f["status"][()]["state"])])
+
+
+def _one_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _scalar(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)
+    a.flags.writeable = False
+    return a
+
+
+# -------------------------------------------------------------------------------------------- analysis
+
+def phase_totals_per_layer(trace: Trace) -> np.ndarray:
+    """float64 [L, P]: seconds per layer and phase, summed over steps, mean over ranks."""
+    return trace.phase_time_s.sum(axis=0).mean(axis=1)
+
+
+def throughput_per_step(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
+    """(input tokens/s, output tokens/s), each float64 [S], over the whole job (all ranks)."""
+    return trace.input_tokens / trace.wall_time_s, trace.output_tokens / trace.wall_time_s
+
+
+def expert_load_imbalance(trace: Trace, *, per_step: bool = True) -> np.ndarray:
+    """max/mean of routed tokens over experts: float64 [S, M] per step, or [M] for all steps summed.
+
+    1.0 is perfect balance; the slowest expert bounds a layer, so per-step values are what costs time.
+    NaN where a layer routed no tokens.
+    """
+    counts = trace.expert_tokens if per_step else trace.expert_tokens.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return counts.max(axis=-1) / counts.mean(axis=-1)
+
+
+def achieved_bandwidth(trace: Trace, *, per_step: bool = False) -> np.ndarray:
+    """Bytes/s each rank sent to other ranks per second of dispatch + combine time.
+
+    float64 [R] over all steps, or [S, R] per step; self-sends (the diagonal) are local copies and
+    do not count. NaN where a rank spent no time in dispatch or combine.
+    """
+    sent = trace.bytes_sent.sum(axis=2) - np.diagonal(trace.bytes_sent, axis1=1, axis2=2)  # [S, R]
+    secs = trace.phase_time_s[..., trace.phase_ids(["dispatch", "combine"])].sum(axis=(1, 3))  # [S, R]
+    if not per_step:
+        sent, secs = sent.sum(axis=0), secs.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(secs > 0, sent / np.where(secs > 0, secs, 1), np.nan)
