@@ -16,13 +16,14 @@ import json
 import math
 import os
 import re
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
 from .backend import bfloat16, float8_e4m3
 from .config import ConfigError, ModelConfig
-from .safetensors_io import (ST_DTYPES, CheckpointError, TensorInfo, _atomic, _write_file, read_header)
+from .safetensors_io import ST_DTYPES, CheckpointError, TensorInfo, _atomic, _write_file, read_header
 
 CONFIG_NAME = "config.json"
 SINGLE_NAME = "model.safetensors"

@@ -201,8 +201,8 @@ def _dispatch(args) -> int:
 
 def _checkpoint(args) -> int:
     from .checkpoint import Checkpoint, save_checkpoint
-    from .synthetic import SyntheticWeights
     from .config import load_config
+    from .synthetic import SyntheticWeights
     if args.action == "make":
         cfg = load_config(args.config)
         if args.fp8 and cfg.quantization_config is None:

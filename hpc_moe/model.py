@@ -16,8 +16,8 @@ from .backend import Backend
 from .config import ModelConfig
 from .kvcache import Batch, KVCache
 from .layers import MLA, MLAWeights, Rope, linear, rms_norm
-from .router import SyntheticRouting
 from .moe import ExpertExecutor, ExpertWeights, LocalExperts, MoEBlock
+from .router import SyntheticRouting
 from .timing import NullProfiler, Profiler
 
 

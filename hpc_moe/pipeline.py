@@ -4,15 +4,14 @@ Shape legend: B sequences, S prompt length, N new tokens, V vocabulary.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
-
-import logging
-
 from mpi4py import MPI
 
 from .backend import get_backend
+from .cli import UsageError
 from .comm import ParallelContext
 from .config import load_config
 from .dispatch import DispatchOptions
@@ -26,7 +25,6 @@ log = logging.getLogger("hpc_moe")
 
 def load_input_ids(path: str) -> np.ndarray:
     """An .npy of integer token ids [batch, prompt_len] -> int64 array; clear errors otherwise."""
-    from .cli import UsageError
     try:
         ids = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -53,7 +51,6 @@ def open_weights(args):
 
 
 def check_ids(ids: np.ndarray, cfg, max_new_tokens: int) -> None:
-    from .cli import UsageError
     if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
         raise UsageError(f"token ids must be in [0, {cfg.vocab_size}) (found {ids.min()}..{ids.max()})")
     if max_new_tokens < 0:
@@ -74,7 +71,6 @@ def on_root(ctx, fn, share: bool = True):
     """fn() on rank 0; an input error raised there is raised on every rank, so that none waits
     forever in a collective that rank 0 never reaches. share: broadcast the result (small Python
     objects only) to every rank; otherwise the other ranks get None."""
-    from .cli import UsageError
     from .traceread import TraceError
     result, error = None, None
     if ctx.rank == 0:
@@ -132,7 +128,10 @@ def run_generate(args) -> int:
     backend = get_backend(args.backend, args.dtype, ctx.local_rank)
     options = EngineOptions(micro_batches=args.micro_batches,
                             dispatch=DispatchOptions(args.algorithm, args.transport, args.payload))
-    model, executor = build_model(cfg, weights, backend, ctx, options=options)
+    try:
+        model, executor = build_model(cfg, weights, backend, ctx, options=options)
+    except ValueError as e:  # the same on every rank: e.g. an expert that --expert-tp cannot split
+        raise UsageError(str(e)) from None
     if ctx.rank == 0 and executor.placement.colocated:
         log.warning("%d experts on %d expert slots: ranks hold several experts per layer, which "
                     "breaks the one-expert-per-GPU principle", cfg.n_routed_experts, executor.placement.n_slots)

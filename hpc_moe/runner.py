@@ -17,6 +17,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .backend import get_backend
+from .cli import UsageError
 from .comm import ParallelContext
 from .dispatch import DispatchOptions
 from .engine import EngineOptions, build_model
@@ -35,19 +36,22 @@ def run_job(args) -> int:
     ctx = ParallelContext.create(dp=args.dp, expert_tp=args.expert_tp)
     if ctx.rank != 0:
         log.setLevel(logging.WARNING)  # the other ranks speak only of trouble
-    cfg, weights = open_weights(args)
-    layers = args.layers or cfg.num_hidden_layers
-    if not 1 <= layers <= cfg.num_hidden_layers:
-        raise ValueError(f"--layers must be in [1, {cfg.num_hidden_layers}] (got {layers})")
-    workload = Workload.create(args.mode, args.batch, args.seq_len, args.prefill_fraction, args.seed)
-    synthetic = SyntheticRouting.parse(args.routing, seed=args.seed * 1_000_003 + ctx.rank)
-    loads = on_root(ctx, lambda: _loads_from(args.loads_from, layers, cfg)) if args.loads_from else None
-    backend = get_backend(args.backend, args.dtype, ctx.local_rank)
-    prof = Profiler(layers, backend.synchronize, enabled=args.profile == "on")
-    options = EngineOptions(args.micro_batches, args.bias_update_rate,
-                            DispatchOptions(args.algorithm, args.transport, args.payload))
-    model, executor = build_model(cfg, weights, backend, ctx, options=options, num_layers=layers,
-                                  loads=loads, synthetic_routing=synthetic, profiler=prof)
+    try:  # every rank checks the same inputs: bad ones end the job with one line everywhere
+        cfg, weights = open_weights(args)
+        layers = args.layers or cfg.num_hidden_layers
+        if not 1 <= layers <= cfg.num_hidden_layers:
+            raise ValueError(f"--layers must be in [1, {cfg.num_hidden_layers}] (got {layers})")
+        workload = Workload.create(args.mode, args.batch, args.seq_len, args.prefill_fraction, args.seed)
+        synthetic = SyntheticRouting.parse(args.routing, seed=args.seed * 1_000_003 + ctx.rank)
+        options = EngineOptions(args.micro_batches, args.bias_update_rate,
+                                DispatchOptions(args.algorithm, args.transport, args.payload))
+        loads = on_root(ctx, lambda: _loads_from(args.loads_from, layers, cfg)) if args.loads_from else None
+        backend = get_backend(args.backend, args.dtype, ctx.local_rank)
+        prof = Profiler(layers, backend.synchronize, enabled=args.profile == "on")
+        model, executor = build_model(cfg, weights, backend, ctx, options=options, num_layers=layers,
+                                      loads=loads, synthetic_routing=synthetic, profiler=prof)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     rank_map = ctx.world.gather({"host": ctx.hostnames[ctx.rank], "gpu": backend.device_id,
                                  "device": backend.device}, root=0)
     recorder = on_root(ctx, lambda: _open_recorder(args, cfg, layers, ctx, backend, executor,

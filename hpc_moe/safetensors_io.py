@@ -11,9 +11,10 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np

@@ -13,11 +13,20 @@ import numpy as np
 import pytest
 
 from hpc_moe.backend import bfloat16, float8_e4m3
-from hpc_moe.checkpoint import (INDEX_NAME, SINGLE_NAME, Checkpoint, CheckpointError, dequantize_fp8,
-                                is_quantized_name, quantize_fp8, read_header, save_checkpoint,
-                                tensor_shapes)
-from hpc_moe.safetensors_io import write_safetensors
+from hpc_moe.checkpoint import (
+    INDEX_NAME,
+    SINGLE_NAME,
+    Checkpoint,
+    CheckpointError,
+    dequantize_fp8,
+    is_quantized_name,
+    quantize_fp8,
+    read_header,
+    save_checkpoint,
+    tensor_shapes,
+)
 from hpc_moe.config import load_config
+from hpc_moe.safetensors_io import write_safetensors
 from hpc_moe.synthetic import SyntheticWeights
 
 EXPERT = "model.layers.1.mlp.experts.7.up_proj.weight"

@@ -1,0 +1,104 @@
+"""The command line as users meet it: one-line errors, a killed run's trace, a failing rank."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpc_moe.traceread import read_trace
+
+REPO = Path(__file__).resolve().parents[1]
+MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
+
+
+def hpc_moe(*args, ranks=0, timeout=120):
+    cmd = [sys.executable, "-m", "hpc_moe", *args]
+    if ranks:
+        cmd = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "hpc_moe", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["frobnicate"], "invalid choice"),
+    (["run", "--batch", "uniform:5"], "batch size: expected N, uniform:LO,HI"),
+    (["run", "--seq-len", "0"], "sequence length must be >= 1"),
+    (["run", "--layers", "99"], "--layers must be in [1, 3]"),
+    (["run", "--routing", "zipf:-2"], "routing must be"),
+    (["run", "--steps", "0"], "--steps must be >= 1"),
+    (["run", "--config", "nope"], "no config file or preset named 'nope'"),
+    (["run", "--micro-batches", "0"], "expected a positive integer"),
+    (["run", "--dp", "3"], "not divisible by dp=3"),
+    (["generate", "--config", "tiny", "--input-ids", "missing.npy", "--output", "o.npz"], "input ids file not found"),
+    (["report", "missing.h5"], "missing.h5"),
+    (["plan", "--ranks", "6", "--expert-tp", "4"], "must be divisible"),
+    (["checkpoint", "check", "/nonexistent"], "not found"),
+])
+def test_bad_input_gives_one_line_and_exit_2(args, message):
+    r = hpc_moe(*args)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_existing_trace_is_not_overwritten(tmp_path):
+    trace = tmp_path / "t.h5"
+    assert hpc_moe("run", "--steps", "1", "--warmup", "0", "--trace", str(trace)).returncode == 0
+    before = trace.read_bytes()
+    r = hpc_moe("run", "--steps", "1", "--warmup", "0", "--trace", str(trace), ranks=2)
+    assert r.returncode == 2 and "refusing to overwrite" in r.stderr
+    assert trace.read_bytes() == before
+
+
+def test_run_killed_with_sigkill_leaves_a_readable_trace(tmp_path):
+    trace = tmp_path / "killed.h5"
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_moe", "run", "--steps",
+           "100000", "--warmup", "0", "--trace", str(trace)]
+    job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                if trace.exists() and read_trace(trace).num_steps >= 3:
+                    break
+            except Exception:  # the file may be between creation and its first flush
+                pass
+        else:
+            pytest.fail("the run wrote no steps in 90 s")
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    t = read_trace(trace)
+    assert t.state == "running" and t.num_steps >= 3
+    assert (t.wall_time_s > 0).all()
+    out = tmp_path / "report"
+    r = hpc_moe("report", str(trace), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "still running, or killed" in r.stdout
+    assert len(list(out.glob("*.png"))) >= 4
+
+
+def test_a_failing_rank_aborts_the_job(tmp_path):
+    """A checkpoint missing one expert: only the rank that owns it fails, and the job ends."""
+    from hpc_moe.checkpoint import Checkpoint, save_checkpoint
+    from hpc_moe.config import load_config
+    from hpc_moe.synthetic import SyntheticWeights
+    cfg = load_config("tiny")
+    w = SyntheticWeights(cfg, 0)
+    keep = {n: w.get(n) for n in w.keys() if n != "model.layers.2.mlp.experts.15.up_proj.weight"}
+    save_checkpoint(str(tmp_path / "ck"), cfg, keep)
+    with pytest.raises(ValueError):
+        Checkpoint.open(str(tmp_path / "ck")).validate()
+    np.save(tmp_path / "ids.npy", np.zeros((2, 3), np.int64))
+    t = time.monotonic()
+    r = hpc_moe("generate", "--checkpoint", str(tmp_path / "ck"), "--input-ids", str(tmp_path / "ids.npy"),
+                "--output", str(tmp_path / "o.npz"), ranks=4, timeout=60)
+    assert r.returncode != 0 and time.monotonic() - t < 60
+    assert "experts.15.up_proj.weight" in r.stderr
+    assert not (tmp_path / "o.npz").exists()
