@@ -14,6 +14,7 @@ import numpy as np
 
 PHASES = ("attention", "dense_mlp", "gate", "dispatch", "expert", "combine", "shared", "wait")
 PHASE_ID = {p: i for i, p in enumerate(PHASES)}
+# "wait" is time blocked on an outstanding all-to-all: exposed communication, drawn with it.
 COMM_PHASES = ("dispatch", "combine", "wait")
 
 

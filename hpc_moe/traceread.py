@@ -24,11 +24,10 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .timing import COMM_PHASES, PHASES  # noqa: F401 (part of the format: re-exported)
+
 SCHEMA_NAME = "hpc_moe.trace"
 SCHEMA_VERSION = 1
-PHASES = ("attention", "dense_mlp", "gate", "dispatch", "expert", "combine", "shared", "wait")
-# "wait" is time blocked on an outstanding all-to-all: exposed communication, drawn with it.
-COMM_PHASES = ("dispatch", "combine", "wait")
 KINDS = ("prefill", "decode", "mixed")
 STATES = ("running", "completed", "failed")  # a killed writer leaves "running"
 EVENT_DTYPE = np.dtype([("step", "<i8"), ("rank", "<i4"), ("layer", "<i4"), ("phase", "<i2"),

@@ -1,4 +1,4 @@
-"""MPI tests: a test that fails on one rank aborts the job.
+"""MPI tests: only rank 0 reports, and a test that fails on one rank aborts the job.
 
 Otherwise the other ranks would wait forever in the next collective of the failing test (a hang
 until the CI time limit instead of a red line). The failing rank prints its report first.
@@ -19,3 +19,11 @@ def pytest_runtest_makereport(item, call):
                          f"{report.longreprtext}\n")
         sys.stderr.flush()
         world.Abort(1)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    if MPI.COMM_WORLD.Get_rank() != 0:  # R copies of the same progress dots help nobody
+        reporter = config.pluginmanager.getplugin("terminalreporter")
+        if reporter is not None:
+            config.pluginmanager.unregister(reporter)
