@@ -140,7 +140,7 @@ class ExpertParallelExperts:
             y = d.exchange(x_TD, routing.topk_idx_TK, routing.topk_weight_TK, expert_fn, layer)
             # The pipelined exchange interleaves both directions: what is not expert work is
             # communication, booked as dispatch.
-            prof.times_LP[layer, 3] += max(0.0, time.perf_counter() - t - t_expert[0])
+            prof.add_seconds(layer, "dispatch", max(0.0, time.perf_counter() - t - t_expert[0]))
             self._account(d.last_stats)
             return y
         with prof.phase(layer, "dispatch"):

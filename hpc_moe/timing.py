@@ -56,6 +56,11 @@ class Profiler:
         self.times_LP[layer, p] += t_end - t_start
         self.events.append((layer, p, t_start - self.t0, t_end - self.t0))
 
+    def add_seconds(self, layer: int, name: str, seconds: float) -> None:
+        """Book time that is not one interval (no timeline event)."""
+        if self.enabled:
+            self.times_LP[layer, PHASE_ID[name]] += seconds
+
     def events_array(self) -> np.ndarray:
         """float64 [n, 4]: layer, phase id, t_start, t_end."""
         return np.asarray(self.events, dtype=np.float64).reshape(-1, 4)

@@ -5,5 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NP=${1:-4}
+# Ranks share the cores: one BLAS thread each, or idle BLAS threads spin against the other ranks.
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 .venv/bin/mpiexec -n "$NP" .venv/bin/python -m mpi4py -m hpc_moe run --config tiny --steps 20 \
     --warmup 2 --trace "out/local-n$NP.h5" --overwrite

@@ -13,13 +13,15 @@ from hpc_moe.traceread import read_trace
 
 REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
+# Ranks share this machine's cores: one BLAS thread each (as the Makefile runs them).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
 def hpc_moe(*args, ranks=0, timeout=120):
     cmd = [sys.executable, "-m", "hpc_moe", *args]
     if ranks:
         cmd = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "hpc_moe", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=ENV)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -58,7 +60,7 @@ def test_run_killed_with_sigkill_leaves_a_readable_trace(tmp_path):
     trace = tmp_path / "killed.h5"
     cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_moe", "run", "--steps",
            "100000", "--warmup", "0", "--trace", str(trace)]
-    job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    job = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
     try:
         deadline = time.monotonic() + 90
