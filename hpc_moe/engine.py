@@ -77,6 +77,7 @@ class ExpertParallelExperts:
                                        placement, backend, options, logger=log if i == 0 else log.getChild("channel"))
                             for i in range(channels)]
         self.experts: dict[int, list[ExpertWeights]] = {}
+        self.expert_ids: dict[int, list[int]] = {}
         self.set_placement(placement)
         self.start_step()
 
@@ -101,10 +102,13 @@ class ExpertParallelExperts:
         tp, tp_rank = self.ctx.expert_tp, self.ctx.ep_rank % self.ctx.expert_tp
         for d in self.dispatchers:
             d.placement = placement
+        held = {(layer, e): w for layer, ws in self.experts.items()
+                for e, w in zip(self.expert_ids[layer], ws)}  # experts that stay are not reloaded
+        self.expert_ids = {layer: placement.local_experts(self.ctx.ep_rank, layer) for layer in self.moe_layers}
         self.experts = {
-            layer: [load_expert(self.weights, self.backend, layer, e, tp_rank, tp)
-                    for e in placement.local_experts(self.ctx.ep_rank, layer)]
-            for layer in self.moe_layers}
+            layer: [held.get((layer, e)) or load_expert(self.weights, self.backend, layer, e, tp_rank, tp)
+                    for e in ids]
+            for layer, ids in self.expert_ids.items()}
 
     def start_step(self) -> None:
         self.expert_tokens_ME = np.zeros((len(self.moe_layers), self.cfg.n_routed_experts), np.int64)
