@@ -23,7 +23,7 @@ import numpy as np
 
 from .backend import bfloat16, float8_e4m3
 from .config import ConfigError, ModelConfig
-from .safetensors_io import ST_DTYPES, CheckpointError, TensorInfo, _atomic, _write_file, read_header
+from .safetensors_io import ST_DTYPES, CheckpointError, TensorInfo, atomic_file, read_header, write_tensors_file
 
 CONFIG_NAME = "config.json"
 SINGLE_NAME = "model.safetensors"
@@ -375,15 +375,15 @@ def save_checkpoint(directory: str, cfg: ModelConfig, source: Any, *, shards: in
         fn = SINGLE_NAME if shards == 1 else f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         path = os.path.join(directory, fn)
         file_specs = {k: v for n in group for k, v in specs[n].items()}
-        _write_file(path, file_specs, chunks(group))
+        write_tensors_file(path, file_specs, chunks(group))
         weight_map.update({k: fn for k in file_specs})
         paths.append(path)
     if shards > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        with _atomic(index_path, "w") as f:
+        with atomic_file(index_path, "w") as f:
             f.write(json.dumps(index, indent=2) + "\n")
         paths.append(index_path)
-    with _atomic(config_path, "w") as f:
+    with atomic_file(config_path, "w") as f:
         f.write(json.dumps(out_cfg.to_dict(), indent=2) + "\n")  # what cfg.save writes, atomically
     paths.append(config_path)
     return paths

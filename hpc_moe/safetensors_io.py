@@ -92,10 +92,10 @@ def read_header(path: str) -> dict[str, TensorInfo]:
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
     """Write NumPy arrays (any dtype in :data:`ST_DTYPES`) as one .safetensors file, atomically."""
     arrays = {n: np.asarray(a) for n, a in tensors.items()}
-    _write_file(path, {n: (_ST_NAMES[a.dtype], a.shape) for n, a in arrays.items()}, arrays.items())
+    write_tensors_file(path, {n: (_ST_NAMES[a.dtype], a.shape) for n, a in arrays.items()}, arrays.items())
 
 
-def _write_file(path: str, specs: Mapping[str, tuple[str, tuple[int, ...]]],
+def write_tensors_file(path: str, specs: Mapping[str, tuple[str, tuple[int, ...]]],
                 chunks: Iterable[tuple[str, np.ndarray]]) -> int:
     """Header from ``specs`` (name -> (dtype name, shape)), then the arrays ``chunks`` yields, each
     written at its own offset, so they may come in any order. Returns the data size in bytes.
@@ -114,7 +114,7 @@ def _write_file(path: str, specs: Mapping[str, tuple[str, tuple[int, ...]]],
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
     base, written = 8 + len(raw), set()
-    with _atomic(path, "wb") as f:
+    with atomic_file(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         f.truncate(base + pos)
         for n, a in chunks:
@@ -131,7 +131,7 @@ def _write_file(path: str, specs: Mapping[str, tuple[str, tuple[int, ...]]],
 
 
 @contextlib.contextmanager
-def _atomic(path: str, mode: str) -> Iterator[Any]:
+def atomic_file(path: str, mode: str) -> Iterator[Any]:
     """A file that appears at ``path`` complete (written, fsynced, renamed) or not at all."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
