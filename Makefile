@@ -27,7 +27,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 run: install
 	mkdir -p out
 	$(MPIEXEC) -n $(NP) $(PY) -m mpi4py -m hpc_moe run --config tiny --mode mixed --batch 32 \
-	    --seq-len uniform:8,64 --steps 20 --warmup 2 --micro-batches 2 --trace out/run.h5 --overwrite
+	    --seq-len uniform:8,64 --steps 20 --warmup 2 --overlap on --trace out/run.h5 --overwrite
 	$(PY) -m hpc_moe report out/run.h5 --out out/report
 
 test: test-unit test-mpi

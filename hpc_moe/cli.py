@@ -49,8 +49,10 @@ def _add_parallel_args(p):
     g.add_argument("--transport", default="auto", choices=["auto", "host", "cuda-aware", "nccl"])
     g.add_argument("--payload", default="native", choices=["native", "fp8"],
                    help="dispatch payload: the compute dtype, or FP8 e4m3 with a scale per 128 values")
-    g.add_argument("--micro-batches", type=_positive, default=1,
-                   help="split each step's sequences; > 1 overlaps communication with compute")
+    g.add_argument("--overlap", default="off", choices=["on", "off"],
+                   help="on: split each step's sequences into micro-batches and overlap one's all-to-all "
+                   "with another's compute; off: one batch per step (the baseline of the comparison)")
+    g.add_argument("--micro-batches", type=_positive, default=2, help="micro-batches per step with --overlap on")
 
 
 def _positive(text: str) -> int:
@@ -163,7 +165,7 @@ def main(argv=None) -> int:
     from .workload import WorkloadError
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="hpc-moe: %(message)s", stream=sys.stderr)
-    # The extra dispatch channels of --micro-batches repeat channel 0's transport choice.
+    # The extra dispatch channels of --overlap on repeat channel 0's transport choice.
     logging.getLogger("hpc_moe.channel").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     known = (ConfigError, CheckpointError, BackendError, UsageError, ParallelError, PlacementError,
              WorkloadError)
@@ -176,6 +178,8 @@ def main(argv=None) -> int:
 
 
 def _dispatch(args) -> int:
+    if hasattr(args, "overlap") and args.overlap == "off":
+        args.micro_batches = 1
     if args.command == "run":
         if args.steps is not None and args.steps < 1 or args.duration is not None and args.duration <= 0:
             raise UsageError("--steps must be >= 1 and --duration > 0")

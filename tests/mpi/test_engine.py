@@ -155,7 +155,7 @@ def test_cli_generate_writes_once_and_matches(tmp_path_factory):
         np.save(f"{root}/ids.npy", np.random.default_rng(0).integers(0, cfg.vocab_size, (5, 6)))
     WORLD.Barrier()
     assert main(["generate", "--checkpoint", f"{root}/ckpt", "--input-ids", f"{root}/ids.npy",
-                 "--max-new-tokens", "3", "--output", f"{root}/out.npz", "--micro-batches", "2"]) == 0
+                 "--max-new-tokens", "3", "--output", f"{root}/out.npz", "--overlap", "on", "--micro-batches", "3"]) == 0
     WORLD.Barrier()
     if WORLD.Get_rank() == 0:
         out = np.load(f"{root}/out.npz")

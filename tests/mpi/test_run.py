@@ -2,6 +2,9 @@
 
 Run: mpiexec -n R python -m mpi4py -m pytest --with-mpi tests/mpi/test_run.py (R = 1..16).
 """
+import sys
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -11,6 +14,9 @@ from hpc_moe.cli import main
 from hpc_moe.config import load_config
 from hpc_moe.traceread import read_trace
 from hpc_moe.workload import Workload
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_trace import _doc_tables  # noqa: E402  (the schema tables of docs/trace-format.md)
 
 pytestmark = pytest.mark.mpi
 WORLD = MPI.COMM_WORLD
@@ -29,7 +35,7 @@ def run(*args):
 def test_run_trace_schema_and_token_accounting(tmp_path_factory, mode):
     d = shared_dir(tmp_path_factory, mode)
     run("--mode", mode, "--batch", "uniform:3,9", "--seq-len", "uniform:2,12", "--steps", "4",
-        "--micro-batches", "2", "--trace", f"{d}/t.h5", "--events-every", "2")
+        "--overlap", "on", "--trace", f"{d}/t.h5", "--events-every", "2")
     if WORLD.Get_rank():
         return
     cfg = load_config("tiny")
@@ -53,9 +59,11 @@ def test_run_trace_schema_and_token_accounting(tmp_path_factory, mode):
     assert (t.bytes_sent >= 0).all()
     if size > 1:
         assert t.bytes_sent.sum() > 0
+    doc_datasets, doc_attrs = _doc_tables()
+    found = set()
     with h5py.File(f"{d}/t.h5", "r", swmr=True) as f:
-        for key in ("git_commit", "command_line", "model_config", "mpi_library_version", "transport"):
-            assert key in f.attrs
+        f.visititems(lambda name, obj: found.add("/" + name) if isinstance(obj, h5py.Dataset) else None)
+        assert found == set(doc_datasets) and set(f.attrs) == set(doc_attrs)
         assert f["layout/placement"].shape[1] == cfg.n_routed_experts
 
 
