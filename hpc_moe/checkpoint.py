@@ -23,13 +23,13 @@ import numpy as np
 
 from .backend import bfloat16, float8_e4m3
 from .config import ConfigError, ModelConfig
+from .fp8 import FP8_MAX
 from .safetensors_io import ST_DTYPES, CheckpointError, TensorInfo, atomic_file, read_header, write_tensors_file
 
 CONFIG_NAME = "config.json"
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 _FP8_NAMES = frozenset({"F8_E4M3", "F8_E5M2"})
 _QUANTIZED = re.compile(
