@@ -113,10 +113,6 @@ class ParallelContext:
             node_of_ep_rank=node_of_rank[first:first + ep_size],
             simulated_ranks_per_node=ranks_per_node)
 
-    @property
-    def is_root(self) -> bool:
-        return self.rank == 0
-
     def describe(self) -> dict:
         """A JSON-able summary for the trace and the run log."""
         ranks_per_node = np.bincount(np.asarray(self.node_of_rank), minlength=self.num_nodes)

@@ -86,9 +86,6 @@ class KVCache:
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.data = [backend.xp.zeros((slots, max_len, width), dtype=backend.dtype) for _ in range(layers)]
 
-    def nbytes_per_token(self) -> int:
-        return sum(d.shape[2] * d.itemsize for d in self.data)
-
     def write(self, layer: int, batch: Batch, latent_T):
         """Store the batch's new latents [T, C + Dr] at their positions."""
         end = batch.start_B + batch.new_B

@@ -124,9 +124,6 @@ class ExpertPlacement:
         """The expert_tp EP ranks of ``slot``."""
         return list(range(slot * self.expert_tp, (slot + 1) * self.expert_tp))
 
-    def slot_of_rank(self, rank: int) -> int:
-        return rank // self.expert_tp
-
     def local_experts(self, rank: int, layer: int | None = None) -> list[int]:
         """Global ids of the experts EP rank ``rank`` runs (its local expert i is list[i])."""
         return list(self.slot_experts[self._index(layer)][rank // self.expert_tp])
@@ -163,9 +160,6 @@ class ExpertPlacement:
                 out[i, :, :t[0].shape[1]] = t[0]
             return out
         return self._tables[self._index(layer)][0].astype(np.int32)
-
-    def max_replicas(self, layer: int | None = None) -> int:
-        return int(self._tables[self._index(layer)][1].max())
 
     def format(self, layer: int | None = None, hostnames=None) -> str:
         """A table: per slot its node, ranks and experts (replicas marked), then a summary."""
