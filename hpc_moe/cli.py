@@ -185,6 +185,8 @@ def _dispatch(args) -> int:
             raise UsageError("--steps must be >= 1 and --duration > 0")
         if args.steps is None and args.duration is None:
             args.steps = 20
+        if args.trace == "none":
+            args.trace = None
         from .runner import run_job
         return run_job(args)
     if args.command == "generate":

@@ -156,14 +156,12 @@ class ExpertParallelExperts:
         self._account(handle.stats)
         return y
 
-    def reduce_step(self, comm: MPI.Comm) -> tuple[np.ndarray, np.ndarray]:
-        """All-reduced expert token counts int64 [M, E] and every rank's bytes sent [P, P] (on
-        every rank of ``comm``, the EP group). Collective."""
+    def global_expert_tokens(self, comm: MPI.Comm) -> np.ndarray:
+        """This step's tokens per expert summed over ``comm`` (the EP group): int64 [M, E] on
+        every rank. Collective."""
         counts = np.zeros_like(self.expert_tokens_ME)
         comm.Allreduce([self.expert_tokens_ME, MPI.INT64_T], [counts, MPI.INT64_T])
-        sent = np.zeros((comm.Get_size(), len(self.bytes_sent_P)), np.int64)
-        comm.Allgather([self.bytes_sent_P, MPI.INT64_T], [sent, MPI.INT64_T])
-        return counts, sent
+        return counts
 
     def update_biases(self, model: Model, counts_ME: np.ndarray, rate: float) -> None:
         """The aux-loss-free rule on every MoE layer from this step's global counts."""
@@ -255,6 +253,9 @@ def build_model(cfg: ModelConfig, weights, backend: Backend, ctx: ParallelContex
     placement = ExpertPlacement.build(cfg.n_routed_experts, ctx.ep_size, ctx.expert_tp,
                                       ctx.node_of_ep_rank, cfg.n_group, loads=loads,
                                       layers=moe_layers or None)
+    if placement.colocated and ctx.rank == 0:
+        log.warning("%d experts on %d expert slots: ranks hold several experts per layer, which breaks "
+                    "the one-expert-per-GPU principle", cfg.n_routed_experts, placement.n_slots)
     executor = ExpertParallelExperts(cfg, weights, backend, ctx, placement, options.dispatch, moe_layers,
                                      channels=options.micro_batches)
     model = Model(cfg, weights, backend, experts=executor, num_layers=n,

@@ -4,7 +4,6 @@ Shape legend: B sequences, S prompt length, N new tokens, V vocabulary.
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
@@ -19,8 +18,6 @@ from .engine import EngineOptions, build_model
 from .engine import forward as engine_forward
 from .generate import generate
 from .workload import assign
-
-log = logging.getLogger("hpc_moe")
 
 
 def load_input_ids(path: str) -> np.ndarray:
@@ -85,10 +82,9 @@ def on_root(ctx, fn, share: bool = True):
     return shared if share else result
 
 
-def scatter_sequences(ctx, ids_BS, owner_B):
+def scatter_sequences(ctx, ids_BS, owner_B, S: int):
     """Rank 0's prompts [B, S] -> this rank's prompts [b, S] (rows whose owner is this rank, in
-    order). ids_BS and owner_B are read on rank 0 only; shape known everywhere via ``owner_B``."""
-    S = ids_BS.shape[1]
+    order). ids_BS is read on rank 0 only (None elsewhere); owner_B and S on every rank."""
     counts = np.bincount(owner_B, minlength=ctx.size) * S
     order = np.argsort(owner_B, kind="stable")
     send = np.ascontiguousarray(ids_BS[order]) if ctx.rank == 0 else None
@@ -97,7 +93,7 @@ def scatter_sequences(ctx, ids_BS, owner_B):
     return mine.reshape(-1, S)
 
 
-def gather_rows(ctx, local, owner_B, dtype, mpi_type):
+def gather_sequences(ctx, local, owner_B, dtype, mpi_type):
     """Every rank's rows [b_r, ...] -> rank 0's [B, ...] in the original sequence order."""
     row = int(np.prod(local.shape[1:]))
     counts = np.bincount(owner_B, minlength=ctx.size) * row
@@ -120,11 +116,12 @@ def run_generate(args) -> int:
     def read():
         ids = load_input_ids(args.input_ids)
         check_ids(ids, cfg, args.max_new_tokens)
-        return ids.shape, assign(np.full(ids.shape[0], ids.shape[1]), ctx.size)
+        return ids
 
-    shape, owner = on_root(ctx, read)
-    ids = load_input_ids(args.input_ids) if ctx.rank == 0 else np.zeros(shape, np.int64)
-    mine = scatter_sequences(ctx, ids, owner)
+    ids = on_root(ctx, read, share=False)
+    shape = ctx.world.bcast(ids.shape if ctx.rank == 0 else None, root=0)
+    owner = assign(np.full(shape[0], shape[1]), ctx.size)  # the same on every rank
+    mine = scatter_sequences(ctx, ids, owner, shape[1])
     backend = get_backend(args.backend, args.dtype, ctx.local_rank)
     options = EngineOptions(micro_batches=args.micro_batches,
                             dispatch=DispatchOptions(args.algorithm, args.transport, args.payload))
@@ -132,14 +129,11 @@ def run_generate(args) -> int:
         model, executor = build_model(cfg, weights, backend, ctx, options=options)
     except ValueError as e:  # the same on every rank: e.g. an expert that --expert-tp cannot split
         raise UsageError(str(e)) from None
-    if ctx.rank == 0 and executor.placement.colocated:
-        log.warning("%d experts on %d expert slots: ranks hold several experts per layer, which "
-                    "breaks the one-expert-per-GPU principle", cfg.n_routed_experts, executor.placement.n_slots)
     gen = generate(model, list(mine), args.max_new_tokens,
                    forward=lambda b, c: engine_forward(model, executor, b, c, args.micro_batches))
     local_logits = np.stack(gen.prefill_logits) if len(mine) else np.zeros((0, shape[1], cfg.vocab_size), np.float32)
-    logits = gather_rows(ctx, local_logits, owner, np.float32, MPI.FLOAT)
-    tokens = gather_rows(ctx, gen.tokens, owner, np.int64, MPI.INT64_T)
+    logits = gather_sequences(ctx, local_logits, owner, np.float32, MPI.FLOAT)
+    tokens = gather_sequences(ctx, gen.tokens, owner, np.int64, MPI.INT64_T)
     if ctx.rank == 0:
         write_npz(args.output, prefill_logits=logits, tokens=tokens)
     executor.close()

@@ -81,7 +81,6 @@ def _loop(args, ctx: ParallelContext, model, executor, workload: Workload, backe
     cumulative = np.zeros_like(executor.expert_tokens_ME)
     progress = Progress(args.steps, args.duration) if ctx.rank == 0 else None
     measured, started, index, recording = 0, time.perf_counter(), 0, 0.0
-    tracing = args.trace not in (None, "none")
     while not args.steps or measured < args.steps:
         warm = index < args.warmup
         if index == args.warmup:
@@ -111,7 +110,7 @@ def _loop(args, ctx: ParallelContext, model, executor, workload: Workload, backe
             continue
         t_rec = time.perf_counter()
         # The timeline only goes to a trace file (--trace none keeps just the summary's numbers).
-        sample = tracing and bool(args.events_every) and measured % args.events_every == 0
+        sample = args.trace is not None and bool(args.events_every) and measured % args.events_every == 0
         events = _gather_events(ctx, prof) if sample else None
         if ctx.rank == 0:
             recorder.append_step(step=measured, kind=step.kind, wall_time_s=wall,
@@ -136,9 +135,9 @@ def _broadcast_step(ctx: ParallelContext, step: Step | None) -> tuple[Step, np.n
     """Rank 0's step and its sequence -> rank assignment, on every rank (one small Bcast)."""
     if ctx.rank == 0:
         lens = np.concatenate([step.prefill_lens, step.decode_ctx])
+        # A prefill weighs its prompt, a decode its context: attention over it dominates its cost.
         owner = assign(lens + np.concatenate([np.zeros(len(step.prefill_lens), np.int64),
                                               np.ones(len(step.decode_ctx), np.int64)]), ctx.size)
-        # Decode sequences weigh their context: attention over it dominates their cost.
         msg = np.concatenate([[len(step.prefill_lens), len(step.decode_ctx)], lens, owner]).astype(np.int64)
         n = np.array([len(msg)], np.int64)
     else:
@@ -174,7 +173,7 @@ def _local_batch(model, cache: KVCache | None, step: Step, owner: np.ndarray, ra
 def _gather_step(ctx: ParallelContext, executor, prof: Profiler):
     """-> (expert tokens int64 [M, E] on every rank, phase times float64 [L, R, F] and bytes sent
     int64 [R, R] on rank 0). Collective."""
-    counts, _ = executor.reduce_step(ctx.ep_comm)
+    counts = executor.global_expert_tokens(ctx.ep_comm)
     if ctx.dp_size > 1:  # every model replica routes its own tokens
         ctx.dp_comm.Allreduce(MPI.IN_PLACE, [counts, MPI.INT64_T])
     times = np.empty((ctx.size,) + prof.times_LP.shape) if ctx.rank == 0 else None
@@ -222,7 +221,7 @@ def _placement_ranks(placement) -> np.ndarray:
 def _open_recorder(args, cfg, layers, ctx, backend, executor, workload, rank_map):
     from .trace import MemoryTrace, TraceWriter
     from .transport import mpi_cuda_support
-    run_config = {k: v for k, v in vars(args).items() if k not in ("func",)}
+    run_config = dict(vars(args))
     run_config["workload"] = workload.describe()
     meta = {"model_config": cfg.to_dict(), "run_config": run_config, "parallel_config": ctx.describe(),
             "mpi_library_version": MPI.Get_library_version(), "transport": executor.dispatcher.transport.name,
@@ -230,21 +229,18 @@ def _open_recorder(args, cfg, layers, ctx, backend, executor, workload, rank_map
             "truncated": layers < cfg.num_hidden_layers}
     layout = dict(num_layers=layers, moe_layers=executor.moe_layers, placement=_placement_ranks(executor.placement),
                   rank_map=rank_map, phases=PHASES, comm_phases=COMM_PHASES)
-    if args.trace in (None, "none"):
+    if args.trace is None:
         return MemoryTrace(meta, **layout)
     return TraceWriter(args.trace, meta, overwrite=args.overwrite, **layout)
 
 
 def _announce(cfg, layers, ctx, executor, workload, args) -> None:
-    p = executor.placement
     log.info("%s: %d of %d layers%s, %d experts, top-%d; %d ranks on %d nodes (EP %d x DP %d, expert TP %d)",
              args.checkpoint or args.config, layers, cfg.num_hidden_layers,
              " (truncated with --layers)" if layers < cfg.num_hidden_layers else "", cfg.n_routed_experts,
              cfg.num_experts_per_tok, ctx.size, ctx.num_nodes, ctx.ep_size, ctx.dp_size, ctx.expert_tp)
-    if p.colocated:
-        log.warning("%d experts on %d expert slots: ranks hold several experts per layer, which breaks "
-                    "the one-expert-per-GPU principle", cfg.n_routed_experts, p.n_slots)
-    elif p.replicated:
+    if executor.placement.replicated:
+        p = executor.placement
         log.info("%d expert slots for %d experts: %d replicas of the hottest experts",
                  p.n_slots, cfg.n_routed_experts, p.n_slots - cfg.n_routed_experts)
     log.info("workload %s; routing %s; %d warm-up steps, then %s", workload.describe(), args.routing,
@@ -258,5 +254,5 @@ def _finish(args, recorder, steps: int) -> None:
     if args.baseline:
         from .traceread import read_trace
         print("\n" + scaling_table([read_trace(args.baseline), trace]), flush=True)
-    if args.trace not in (None, "none"):
+    if args.trace is not None:
         log.info("trace: %s (%d steps)", args.trace, steps)

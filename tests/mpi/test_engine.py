@@ -106,7 +106,7 @@ def test_all_tokens_to_one_expert_group():
     want = generate(ref, prompts, 3)
     for g, r in zip(got.prefill_logits, want.prefill_logits):
         assert np.abs(g - r).max() <= 1e-5 * np.abs(r).max()
-    counts, _ = executor.reduce_step(ctx.ep_comm)
+    counts = executor.global_expert_tokens(ctx.ep_comm)
     assert (counts[:, cfg.num_experts_per_tok:] == 0).all()  # nobody else got a token
     executor.close()
 
@@ -118,11 +118,15 @@ def test_step_accounting_adds_up():
     prompts = my_prompts(ctx.rank, cfg.vocab_size)
     executor.start_step()
     generate(model, prompts, 1, forward=lambda b, c: engine_forward(model, executor, b, c))
-    counts, sent = executor.reduce_step(ctx.ep_comm)
+    counts = executor.global_expert_tokens(ctx.ep_comm)
+    sent = np.zeros((ctx.ep_size, ctx.ep_size), np.int64)
+    ctx.ep_comm.Allgather([executor.bytes_sent_P, MPI.INT64_T], [sent, MPI.INT64_T])
     tokens = WORLD.allreduce(sum(len(p) for p in prompts))
     assert counts.shape == (cfg.num_moe_layers, cfg.n_routed_experts)
     assert (counts.sum(axis=1) == tokens * cfg.num_experts_per_tok).all()
     assert sent.shape == (ctx.ep_size, ctx.ep_size) and (sent >= 0).all()
+    if ctx.ep_size > 1:  # ranks with prompts sent rows to other ranks' experts
+        assert (sent.sum() - np.trace(sent)) > 0
     executor.close()
 
 
@@ -136,7 +140,7 @@ def test_replacement_from_loads_keeps_outputs():
     prompts = my_prompts(ctx.rank, cfg.vocab_size)
     fwd = lambda b, c: engine_forward(model, executor, b, c)  # noqa: E731
     before = generate(model, prompts, 3, forward=fwd)
-    counts, _ = executor.reduce_step(ctx.ep_comm)
+    counts = executor.global_expert_tokens(ctx.ep_comm)
     executor.set_placement(executor.placement.from_loads(counts))
     after = generate(model, prompts, 3, forward=fwd)
     for a, b in zip(before.prefill_logits, after.prefill_logits):
