@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 from .backend import Backend
 from .config import ModelConfig
 from .layers import array_module, swiglu
@@ -42,12 +44,13 @@ def apply_experts(experts: dict, x_ND, expert_N):
     """
     xp = array_module(x_ND)
     out = xp.empty_like(x_ND)
-    if x_ND.shape[0] == 0:
-        return out
-    ids = expert_N.get() if xp.__name__ == "cupy" else expert_N
-    for e in sorted(set(int(i) for i in ids)):
-        rows = xp.nonzero(expert_N == e)[0]
-        out[rows] = experts[e](x_ND[rows])
+    # The ids may live on the host even when x is on the device (the engine's pair lists do).
+    ids = expert_N.get() if array_module(expert_N) is not np else np.asarray(expert_N)
+    order = np.argsort(ids, kind="stable")  # one sort, then each expert's rows are contiguous
+    experts_U, starts_U = np.unique(ids[order], return_index=True)
+    for e, a, b in zip(experts_U, starts_U, np.append(starts_U[1:], len(ids))):
+        rows = xp.asarray(order[a:b])
+        out[rows] = experts[int(e)](x_ND[rows])
     return out
 
 
