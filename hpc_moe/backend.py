@@ -13,6 +13,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from hpc_moe.errors import InputError
+
 try:  # CuPy is an optional extra; a machine without a usable GPU falls back to NumPy.
     import cupy as _cupy
 except Exception:  # ImportError, or a CUDA library that fails to load
@@ -24,7 +26,7 @@ float8_e4m3 = np.dtype(ml_dtypes.float8_e4m3fn)
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": bfloat16, "float64": np.dtype(np.float64)}
 
 
-class BackendError(RuntimeError):
+class BackendError(InputError):
     pass
 
 

@@ -6,16 +6,10 @@ rank aborts the whole job (MPI_Abort) instead of leaving the other ranks waiting
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from . import __version__
-from .backend import BackendError
-from .config import ConfigError
-
-
-class UsageError(Exception):
-    """Bad input found after argument parsing (a file that is not what it should be, ...)."""
+from hpc_moe import __version__
+from hpc_moe.errors import InputError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -148,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_checkpoint(sub)
     _add_plan(sub)
-    from .bench import add_dispatch_args
-    from .report import add_report_args
+    from hpc_moe.apps.bench import add_dispatch_args
+    from hpc_moe.trace.report import add_report_args
     bench = sub.add_parser("bench", help="micro-benchmarks (under mpiexec)")
     bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     add_dispatch_args(bsub.add_parser("dispatch", help="dispatch/combine against the raw Ialltoallv floor"))
@@ -159,19 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .comm import ParallelError
-    from .placement import PlacementError
-    from .workload import WorkloadError
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="hpc-moe: %(message)s", stream=sys.stderr)
-    # The extra dispatch channels of --overlap on repeat channel 0's transport choice.
-    logging.getLogger("hpc_moe.channel").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    known = (ConfigError, CheckpointError, BackendError, UsageError, ParallelError, PlacementError,
-             WorkloadError)
     try:
         return _dispatch(args)
-    except known as e:
+    except InputError as e:
         return _fail(f"error: {e}", 2)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
@@ -187,16 +171,16 @@ def _dispatch(args) -> int:
             args.steps = 20
         if args.trace == "none":
             args.trace = None
-        from .runner import run_job
+        from hpc_moe.apps.run import run_job
         return run_job(args)
     if args.command == "generate":
-        from .pipeline import run_generate
+        from hpc_moe.apps.generate import run_generate
         return run_generate(args)
     if args.command == "bench":
-        from .bench import run_dispatch
+        from hpc_moe.apps.bench import run_dispatch
         return run_dispatch(args)
     if args.command == "report":
-        from .report import run_report
+        from hpc_moe.trace.report import run_report
         return run_report(args)
     if args.command == "plan":
         return _plan(args)
@@ -206,9 +190,9 @@ def _dispatch(args) -> int:
 
 
 def _checkpoint(args) -> int:
-    from .checkpoint import Checkpoint, save_checkpoint
-    from .config import load_config
-    from .synthetic import SyntheticWeights
+    from hpc_moe.config import load_config
+    from hpc_moe.weights.checkpoint import Checkpoint, save_checkpoint
+    from hpc_moe.weights.synthetic import SyntheticWeights
     if args.action == "make":
         cfg = load_config(args.config)
         if args.fp8 and cfg.quantization_config is None:
@@ -225,8 +209,8 @@ def _checkpoint(args) -> int:
 
 
 def _plan(args) -> int:
-    from .config import load_config
-    from .placement import ExpertPlacement
+    from hpc_moe.config import load_config
+    from hpc_moe.ep.placement import ExpertPlacement
     cfg = load_config(args.config)
     if args.ranks % args.dp or (args.ranks // args.dp) % args.expert_tp:
         raise UsageError(f"--ranks {args.ranks} must be divisible by --dp {args.dp} and the EP group by "
@@ -234,7 +218,7 @@ def _plan(args) -> int:
     ep = args.ranks // args.dp
     loads = None
     if args.loads_from:
-        from .runner import _loads_from
+        from hpc_moe.apps.run import _loads_from
         loads = _loads_from(args.loads_from, args.layers or cfg.num_hidden_layers, cfg).mean(axis=0)
     p = ExpertPlacement.build(cfg.n_routed_experts, ep, args.expert_tp,
                               [r // args.ranks_per_node for r in range(ep)], cfg.n_group, loads=loads)

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
+from hpc_moe.errors import InputError
+
 RANKS_PER_NODE_ENV = "HPC_MOE_RANKS_PER_NODE"
 _NAME_BYTES = 256  # a fixed width so that host names travel with an uppercase Allgather
 
 
-class ParallelError(ValueError):
+class ParallelError(InputError):
     """The parallel layout asked for does not fit the world (the message says which rule)."""
 
 

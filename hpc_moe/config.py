@@ -13,10 +13,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from hpc_moe.errors import InputError
+
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "configs")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config value breaks a rule; the message names the field."""
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import float8_e4m3
+from hpc_moe.backend import float8_e4m3
 
 FP8_BLOCK = 128   # values per FP8 scale, as DeepSeek-V3's activation quantisation
 FP8_MAX = 448.0   # largest finite float8_e4m3fn

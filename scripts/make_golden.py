@@ -36,9 +36,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from hpc_moe.checkpoint import save_checkpoint
 from hpc_moe.config import ModelConfig
-from hpc_moe.synthetic import SyntheticWeights
+from hpc_moe.weights.checkpoint import save_checkpoint
+from hpc_moe.weights.synthetic import SyntheticWeights
 
 GOLDEN_DIR = os.path.join(ROOT, "data", "golden")
 REFERENCE_NAME = "reference.npz"

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from hpc_moe.backend import bfloat16, float8_e4m3
-from hpc_moe.checkpoint import (
+from hpc_moe.config import load_config
+from hpc_moe.errors import InputError
+from hpc_moe.weights.checkpoint import (
     INDEX_NAME,
     SINGLE_NAME,
     Checkpoint,
@@ -25,9 +27,8 @@ from hpc_moe.checkpoint import (
     save_checkpoint,
     tensor_shapes,
 )
-from hpc_moe.config import load_config
-from hpc_moe.safetensors_io import write_safetensors
-from hpc_moe.synthetic import SyntheticWeights
+from hpc_moe.weights.safetensors_io import write_safetensors
+from hpc_moe.weights.synthetic import SyntheticWeights
 
 EXPERT = "model.layers.1.mlp.experts.7.up_proj.weight"
 FP8_CFG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
@@ -44,11 +45,11 @@ def tiny_weights(tiny):
 
 
 def raises(match_parts, fn, *args, **kw):
-    """fn(*args) must raise CheckpointError (a ValueError) on one line naming every part."""
+    """fn(*args) must raise CheckpointError (an InputError) on one line naming every part."""
     with pytest.raises(CheckpointError) as ei:
         fn(*args, **kw)
     msg = str(ei.value)
-    assert isinstance(ei.value, ValueError) and "\n" not in msg
+    assert isinstance(ei.value, InputError) and "\n" not in msg
     for part in match_parts:
         assert str(part) in msg, (part, msg)
     return msg

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpc_moe.traceread import read_trace
+from hpc_moe.errors import InputError
+from hpc_moe.trace.reader import read_trace
 
 REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
@@ -88,14 +89,14 @@ def test_run_killed_with_sigkill_leaves_a_readable_trace(tmp_path):
 
 def test_a_failing_rank_aborts_the_job(tmp_path):
     """A checkpoint missing one expert: only the rank that owns it fails, and the job ends."""
-    from hpc_moe.checkpoint import Checkpoint, save_checkpoint
     from hpc_moe.config import load_config
-    from hpc_moe.synthetic import SyntheticWeights
+    from hpc_moe.weights.checkpoint import Checkpoint, save_checkpoint
+    from hpc_moe.weights.synthetic import SyntheticWeights
     cfg = load_config("tiny")
     w = SyntheticWeights(cfg, 0)
     keep = {n: w.get(n) for n in w.keys() if n != "model.layers.2.mlp.experts.15.up_proj.weight"}
     save_checkpoint(str(tmp_path / "ck"), cfg, keep)
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError):
         Checkpoint.open(str(tmp_path / "ck")).validate()
     np.save(tmp_path / "ids.npy", np.zeros((2, 3), np.int64))
     t = time.monotonic()

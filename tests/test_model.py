@@ -6,11 +6,11 @@ import pytest
 
 from hpc_moe.backend import get_backend
 from hpc_moe.config import ConfigError, ModelConfig, load_config
-from hpc_moe.generate import generate
-from hpc_moe.kvcache import Batch
-from hpc_moe.model import Model
-from hpc_moe.router import route, update_bias
-from hpc_moe.synthetic import SyntheticWeights
+from hpc_moe.model.generate import generate
+from hpc_moe.model.kvcache import Batch
+from hpc_moe.model.router import route, update_bias
+from hpc_moe.model.transformer import Model
+from hpc_moe.weights.synthetic import SyntheticWeights
 
 
 def rel(a, b):
@@ -139,7 +139,7 @@ def test_presets_load_and_round_trip(tmp_path):
 
 @pytest.mark.parametrize("kind", ["uniform", "zipf:1.5", "one"])
 def test_synthetic_routing_distinct_experts_and_imbalance(kind):
-    from hpc_moe.router import SyntheticRouting, expert_counts
+    from hpc_moe.model.router import SyntheticRouting, expert_counts
     cfg = load_config("small")
     r = SyntheticRouting.parse(kind, seed=3)(np.zeros((4000, 4), np.float32), cfg, layer=1, call=1)
     idx = r.topk_idx_TK

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 
 from hpc_moe.backend import get_backend
-from hpc_moe.checkpoint import Checkpoint
-from hpc_moe.generate import generate
-from hpc_moe.model import Model
-from hpc_moe.moe import LocalExperts
+from hpc_moe.model.generate import generate
+from hpc_moe.model.moe import LocalExperts
+from hpc_moe.model.transformer import Model
+from hpc_moe.weights.checkpoint import Checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("make_golden", os.path.join(ROOT, "scripts", "make_golden.py"))

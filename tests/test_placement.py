@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hpc_moe.placement import ExpertPlacement, PlacementError
+from hpc_moe.ep.placement import ExpertPlacement, PlacementError
 
 
 def nodes(n_nodes: int, per_node: int) -> list[int]:

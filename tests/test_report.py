@@ -20,8 +20,9 @@ from test_trace import (
     write_synthetic,
 )
 
-from hpc_moe import plots
-from hpc_moe.report import (
+import hpc_moe.trace.plots as plots
+from hpc_moe.trace.reader import read_trace
+from hpc_moe.trace.report import (
     add_report_args,
     make_report,
     run_report,
@@ -30,8 +31,7 @@ from hpc_moe.report import (
     summary_stats,
     summary_table,
 )
-from hpc_moe.trace import MemoryTrace
-from hpc_moe.traceread import read_trace
+from hpc_moe.trace.writer import MemoryTrace
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -220,5 +220,5 @@ def test_report_on_killed_and_empty_traces(tmp_path, capsys):
 
 
 def test_import_does_not_load_matplotlib():
-    code = "import sys, hpc_moe.report, hpc_moe.trace; assert 'matplotlib' not in sys.modules"
+    code = "import sys, hpc_moe.trace.report, hpc_moe.trace.writer; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

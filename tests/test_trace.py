@@ -21,8 +21,7 @@ import h5py
 import numpy as np
 import pytest
 
-from hpc_moe.trace import MemoryTrace, TraceWriter
-from hpc_moe.traceread import (
+from hpc_moe.trace.reader import (
     EVENT_DTYPE,
     PHASES,
     SCHEMA_VERSION,
@@ -34,6 +33,7 @@ from hpc_moe.traceread import (
     read_trace,
     throughput_per_step,
 )
+from hpc_moe.trace.writer import MemoryTrace, TraceWriter
 
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN_BYTES = 7168 * 2  # one bf16 token row, as the run would send it

@@ -16,10 +16,10 @@ from mpi4py import MPI
 from hpc_moe import backend as bk
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext, ParallelError
-from hpc_moe.dispatch import Dispatcher, DispatchOptions
+from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions
+from hpc_moe.ep.placement import ExpertPlacement
+from hpc_moe.ep.transport import TransportError, make_transport
 from hpc_moe.fp8 import _e4m3_bits, fp8_dequantize, fp8_quantize
-from hpc_moe.placement import ExpertPlacement
-from hpc_moe.transport import TransportError, make_transport
 
 pytestmark = pytest.mark.mpi
 D = 32

@@ -11,12 +11,12 @@ from mpi4py import MPI
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.config import load_config
-from hpc_moe.dispatch import DispatchOptions
-from hpc_moe.engine import EngineOptions, build_model
-from hpc_moe.engine import forward as engine_forward
-from hpc_moe.generate import generate
-from hpc_moe.model import Model
-from hpc_moe.synthetic import SyntheticWeights
+from hpc_moe.ep.dispatch import DispatchOptions
+from hpc_moe.ep.engine import EngineOptions, build_model
+from hpc_moe.ep.engine import forward as engine_forward
+from hpc_moe.model.generate import generate
+from hpc_moe.model.transformer import Model
+from hpc_moe.weights.synthetic import SyntheticWeights
 
 pytestmark = pytest.mark.mpi
 WORLD = MPI.COMM_WORLD
@@ -93,7 +93,7 @@ def test_expert_tensor_parallel_and_data_parallel():
 
 
 def test_all_tokens_to_one_expert_group():
-    from hpc_moe.router import SyntheticRouting
+    from hpc_moe.model.router import SyntheticRouting
     cfg = tiny_with_experts(max(2, WORLD.Get_size()))
     ctx = ParallelContext.create(WORLD)
     be = get_backend("numpy")
@@ -150,8 +150,8 @@ def test_replacement_from_loads_keeps_outputs():
 
 
 def test_cli_generate_writes_once_and_matches(tmp_path_factory):
-    from hpc_moe.checkpoint import save_checkpoint
     from hpc_moe.cli import main
+    from hpc_moe.weights.checkpoint import save_checkpoint
     cfg = tiny_with_experts(max(2, WORLD.Get_size()))
     root = WORLD.bcast(str(tmp_path_factory.mktemp("gen")) if WORLD.Get_rank() == 0 else None)
     if WORLD.Get_rank() == 0:

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from hpc_moe.apps.workload import Workload
 from hpc_moe.cli import main
 from hpc_moe.config import load_config
-from hpc_moe.traceread import read_trace
-from hpc_moe.workload import Workload
+from hpc_moe.trace.reader import read_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_trace import _doc_tables  # noqa: E402  (the schema tables of docs/trace-format.md)

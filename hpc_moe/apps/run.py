@@ -16,18 +16,18 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from .backend import get_backend
-from .cli import UsageError
-from .comm import ParallelContext
-from .dispatch import DispatchOptions
-from .engine import EngineOptions, build_model
-from .engine import forward as engine_forward
-from .kvcache import Batch, KVCache
-from .pipeline import on_root, open_weights
-from .progress import Progress
-from .router import SyntheticRouting
-from .timing import COMM_PHASES, PHASES, Profiler
-from .workload import Step, Workload, assign
+from hpc_moe.apps.generate import on_root, open_weights
+from hpc_moe.apps.progress import Progress
+from hpc_moe.apps.workload import Step, Workload, assign
+from hpc_moe.backend import get_backend
+from hpc_moe.comm import ParallelContext
+from hpc_moe.ep.dispatch import DispatchOptions
+from hpc_moe.ep.engine import EngineOptions, build_model
+from hpc_moe.ep.engine import forward as engine_forward
+from hpc_moe.errors import UsageError
+from hpc_moe.model.kvcache import Batch, KVCache
+from hpc_moe.model.router import SyntheticRouting
+from hpc_moe.timing import COMM_PHASES, PHASES, Profiler
 
 log = logging.getLogger("hpc_moe")
 
@@ -200,7 +200,7 @@ def _gather_events(ctx: ParallelContext, prof: Profiler):
 # ---- rank 0: trace, announcement, summary ------------------------------------------------------
 def _loads_from(path: str, layers: int, cfg) -> np.ndarray:
     """Mean tokens per expert per MoE layer [M, E] measured by an earlier run's trace."""
-    from .traceread import read_trace
+    from hpc_moe.trace.reader import read_trace
     t = read_trace(path)
     want = [i for i in range(layers) if cfg.is_moe_layer(i)]
     if t.num_steps == 0 or list(t.moe_layers) != want or t.num_experts != cfg.n_routed_experts:
@@ -219,8 +219,8 @@ def _placement_ranks(placement) -> np.ndarray:
 
 
 def _open_recorder(args, cfg, layers, ctx, backend, executor, workload, rank_map):
-    from .trace import MemoryTrace, TraceWriter
-    from .transport import mpi_cuda_support
+    from hpc_moe.ep.transport import mpi_cuda_support
+    from hpc_moe.trace.writer import MemoryTrace, TraceWriter
     run_config = dict(vars(args))
     run_config["workload"] = workload.describe()
     meta = {"model_config": cfg.to_dict(), "run_config": run_config, "parallel_config": ctx.describe(),
@@ -248,11 +248,11 @@ def _announce(cfg, layers, ctx, executor, workload, args) -> None:
 
 
 def _finish(args, recorder, steps: int) -> None:
-    from .report import scaling_table, summary_table
+    from hpc_moe.trace.report import scaling_table, summary_table
     trace = recorder.trace()
     print(summary_table(trace), flush=True)
     if args.baseline:
-        from .traceread import read_trace
+        from hpc_moe.trace.reader import read_trace
         print("\n" + scaling_table([read_trace(args.baseline), trace]), flush=True)
     if args.trace is not None:
         log.info("trace: %s (%d steps)", args.trace, steps)

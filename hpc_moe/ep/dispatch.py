@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from .backend import Backend
-from .comm import ParallelContext
-from .fp8 import fp8_dequantize, fp8_quantize
-from .placement import ExpertPlacement
-from .transport import TRANSPORTS, RowLayout, gather_rows, make_transport
+from hpc_moe.backend import Backend
+from hpc_moe.comm import ParallelContext
+from hpc_moe.ep.placement import ExpertPlacement
+from hpc_moe.ep.transport import TRANSPORTS, RowLayout, gather_rows, make_transport
+from hpc_moe.fp8 import fp8_dequantize, fp8_quantize
 
 ALGORITHMS = ("alltoallv", "pipelined")
 PAYLOADS = ("native", "fp8")
@@ -160,7 +160,7 @@ class Dispatcher:
                  layer: int | None = None):
         """dispatch -> expert_fn(x_QD, local_expert_Q) -> combine; -> y_TD [T, D]."""
         if self.options.algorithm == "pipelined":
-            from .pipelined import exchange_pipelined  # a cycle at import time otherwise
+            from hpc_moe.ep.pipelined import exchange_pipelined  # a cycle at import time otherwise
             return exchange_pipelined(self, x_TD, topk_idx_TK, topk_weight_TK, expert_fn, layer)
         recv_x, pairs, handle = self.dispatch(x_TD, topk_idx_TK, topk_weight_TK, layer)
         out = expert_fn(pairs.gather(recv_x, self.backend), pairs.local_expert_Q)

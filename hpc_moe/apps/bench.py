@@ -16,7 +16,7 @@ Definitions (every time is the max over ranks of one iteration; median and p99 o
   test() after every matmul (t_ovl): overlap = max(0, 100 (1 - (t_ovl - t_cpu) / t_pure)), the mean
   over ranks (target >= 70 % when compute >= communication).
 
-Run: mpiexec -n 8 python -m mpi4py -m hpc_moe.bench dispatch --tokens 512 --hidden 7168 ...
+Run: mpiexec -n 8 python -m mpi4py -m hpc_moe bench dispatch --tokens 512 --hidden 7168 ...
 """
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from .backend import get_backend
-from .comm import ParallelContext
-from .dispatch import ALGORITHMS, PAYLOADS, Dispatcher, DispatchOptions
-from .placement import ExpertPlacement
-from .transport import TRANSPORTS
+from hpc_moe.backend import get_backend
+from hpc_moe.comm import ParallelContext
+from hpc_moe.ep.dispatch import ALGORITHMS, PAYLOADS, Dispatcher, DispatchOptions
+from hpc_moe.ep.placement import ExpertPlacement
+from hpc_moe.ep.transport import TRANSPORTS
 
 
 def add_dispatch_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -274,7 +274,7 @@ def _table(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hpc_moe.bench")
+    parser = argparse.ArgumentParser(prog="python -m hpc_moe bench")
     sub = parser.add_subparsers(dest="what", required=True)
     add_dispatch_args(sub.add_parser("dispatch", help="dispatch/combine against the raw Ialltoallv floor"))
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """Summary tables and PNG plots of throughput traces: ``hpc-moe report TRACE.h5 [MORE.h5 ...]``.
 
 ``summary_stats`` computes the numbers, ``summary_table`` / ``scaling_table`` format them, and
-``make_report`` writes the figures of hpc_moe.plots. Throughput is tokens over the summed step wall
+``make_report`` writes the figures of hpc_moe.trace.plots. Throughput is tokens over the summed step wall
 time of the whole job; "per rank" divides it by the ranks, "per GPU" by the ranks that drive a
 GPU, "per node" by the distinct hosts.
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hpc_moe.traceread import (
+from hpc_moe.trace.reader import (
     KINDS,
     Trace,
     TraceError,
@@ -191,7 +191,7 @@ def _unique_stems(traces: Sequence[Trace]) -> list[str]:
 
 def write_plots(traces: Sequence[Trace], out_dir: str | os.PathLike, *, step: int | None = None) -> list[str]:
     """Save the figures of each trace (and the scaling figure when rank counts differ) as PNGs."""
-    from hpc_moe import plots
+    import hpc_moe.trace.plots as plots
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -261,14 +261,3 @@ def run_report(args: argparse.Namespace) -> int:
         print(f"hpc-moe report: error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m hpc_moe.report`` until the lead wires ``hpc-moe report``."""
-    parser = argparse.ArgumentParser(prog="hpc-moe report", description=__doc__.splitlines()[0])
-    add_report_args(parser)
-    return run_report(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

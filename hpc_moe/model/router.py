@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ModelConfig
-from .layers import array_module
+from hpc_moe.config import ModelConfig
+from hpc_moe.model.layers import array_module
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import Backend
-from .config import ModelConfig
-from .layers import array_module
+from hpc_moe.backend import Backend
+from hpc_moe.config import ModelConfig
+from hpc_moe.model.layers import array_module
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from .dispatch import Dispatcher, DispatchHandle
-from .transport import gather_rows
+from hpc_moe.ep.dispatch import Dispatcher, DispatchHandle
+from hpc_moe.ep.transport import gather_rows
 
 
 def exchange_pipelined(d: Dispatcher, x_TD, topk_idx_TK, topk_weight_TK, expert_fn, layer):

@@ -26,13 +26,14 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from . import backend as _bk
-from .backend import Backend
+from hpc_moe import backend as _bk
+from hpc_moe.backend import Backend
+from hpc_moe.errors import InputError
 
 TRANSPORTS = ("auto", "host", "cuda-aware", "nccl")
 
 
-class TransportError(RuntimeError):
+class TransportError(InputError):
     """A transport asked for by name cannot run here (the message says why)."""
 
 

@@ -1,7 +1,7 @@
 """Recording the throughput trace of ``hpc-moe run`` on rank 0: ``TraceWriter`` and ``MemoryTrace``.
 
 Both recorders take the same arguments and calls, check them with the same code (``_Recorder``)
-and return the same ``trace()``: the hpc_moe.traceread.Trace that ``read_trace`` gives for the file.
+and return the same ``trace()``: the hpc_moe.trace.reader.Trace that ``read_trace`` gives for the file.
 TraceWriter writes the HDF5 file of docs/trace-format.md (``SCHEMA_VERSION``) with SWMR (single
 writer, multiple readers): every dataset exists before SWMR starts and each step is appended with
 resize + write + flush, so a reader can follow a running job and a job killed with SIGKILL leaves a
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from hpc_moe.traceread import (
+from hpc_moe.trace.reader import (
     COMM_PHASES,
     EVENT_DTYPE,
     KINDS,

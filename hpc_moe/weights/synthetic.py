@@ -24,8 +24,8 @@ import zlib
 
 import numpy as np
 
-from .checkpoint import CheckpointError, tensor_shapes
-from .config import ModelConfig
+from hpc_moe.config import ModelConfig
+from hpc_moe.weights.checkpoint import CheckpointError, tensor_shapes
 
 
 class SyntheticWeights:

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hpc_moe.errors import InputError
+
 MODES = ("prefill", "decode", "mixed")
 
 
-class WorkloadError(ValueError):
+class WorkloadError(InputError):
     pass
 
 

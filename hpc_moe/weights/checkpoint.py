@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from .backend import bfloat16, float8_e4m3
-from .config import ConfigError, ModelConfig
-from .fp8 import FP8_MAX
-from .safetensors_io import ST_DTYPES, CheckpointError, TensorInfo, atomic_file, read_header, write_tensors_file
+from hpc_moe.backend import bfloat16, float8_e4m3
+from hpc_moe.config import ConfigError, ModelConfig
+from hpc_moe.fp8 import FP8_MAX
+from hpc_moe.weights.safetensors_io import ST_DTYPES, CheckpointError, TensorInfo, atomic_file, read_header, write_tensors_file
 
 CONFIG_NAME = "config.json"
 SINGLE_NAME = "model.safetensors"

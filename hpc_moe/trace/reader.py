@@ -1,6 +1,6 @@
 """The throughput trace as data: schema constants, root attributes, ``Trace``, ``read_trace``, analysis.
 
-hpc_moe.trace records a trace (``TraceWriter`` into an HDF5 file, ``MemoryTrace`` in memory); this
+hpc_moe.trace.writer records a trace (``TraceWriter`` into an HDF5 file, ``MemoryTrace`` in memory); this
 module defines what both record and reads the files back. The schema is docs/trace-format.md
 (``SCHEMA_VERSION``). The constants and ``root_attributes`` (the run's meta -> root attributes,
 which ``Trace.meta`` decodes again) live here so that the recorders import them from the reader
@@ -24,7 +24,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .timing import COMM_PHASES, PHASES  # noqa: F401 (part of the format: re-exported)
+from hpc_moe.errors import InputError
+from hpc_moe.timing import COMM_PHASES, PHASES  # noqa: F401 (part of the format: re-exported)
 
 SCHEMA_NAME = "hpc_moe.trace"
 SCHEMA_VERSION = 1
@@ -41,12 +42,12 @@ UNITS = {"wall_time_s": "s", "input_tokens": "tokens", "output_tokens": "tokens"
 RANK_COLUMNS = ("host", "node", "local_rank", "gpu", "device")  # /layout/rank_<name>
 
 
-class TraceError(Exception):
+class TraceError(InputError):
     """A trace cannot be written or read; the message is one line naming the file."""
 
 
 # ------------------------------------------------------------------------------------- root attributes
-# Built here for both recorders (hpc_moe.trace) and decoded here into Trace.meta: the attribute
+# Built here for both recorders (hpc_moe.trace.writer) and decoded here into Trace.meta: the attribute
 # table of docs/trace-format.md in one place. Keys the run must put in ``meta``; root_attributes
 # adds the provenance it can find itself (version, commit, date, command line, Slurm job id).
 REQUIRED_META = ("model_config", "run_config", "parallel_config", "mpi_library_version", "transport",
@@ -60,7 +61,7 @@ def root_attributes(meta: Mapping[str, Any], ranks: Mapping[str, np.ndarray], *,
                     comm_phases: Sequence[str], num_layers: int, num_moe_layers: int, num_experts: int) -> dict:
     """The root attributes of a trace, JSON ones as strings (``Trace.meta`` decodes them).
 
-    meta: the REQUIRED_META keys plus optional command_line and extra (hpc_moe.trace documents
+    meta: the REQUIRED_META keys plus optional command_line and extra (hpc_moe.trace.writer documents
     their types); ranks: the /layout/rank_<name> columns [R] (host, node and device are used).
     """
     missing = [k for k in REQUIRED_META if k not in meta]

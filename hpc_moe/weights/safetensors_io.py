@@ -19,7 +19,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from .backend import bfloat16, float8_e4m3
+from hpc_moe.backend import bfloat16, float8_e4m3
+from hpc_moe.errors import InputError
 
 # safetensors dtype names <-> NumPy dtypes (a read-only table, not state).
 ST_DTYPES: Mapping[str, np.dtype] = MappingProxyType({
@@ -31,7 +32,7 @@ ST_DTYPES: Mapping[str, np.dtype] = MappingProxyType({
 })
 _ST_NAMES = MappingProxyType({dt: name for name, dt in ST_DTYPES.items()})
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint is unreadable or does not match its config; the message names tensor and file."""
 
 

@@ -9,15 +9,15 @@ import os
 import numpy as np
 from mpi4py import MPI
 
-from .backend import get_backend
-from .cli import UsageError
-from .comm import ParallelContext
-from .config import load_config
-from .dispatch import DispatchOptions
-from .engine import EngineOptions, build_model
-from .engine import forward as engine_forward
-from .generate import generate
-from .workload import assign
+from hpc_moe.apps.workload import assign
+from hpc_moe.backend import get_backend
+from hpc_moe.comm import ParallelContext
+from hpc_moe.config import load_config
+from hpc_moe.ep.dispatch import DispatchOptions
+from hpc_moe.ep.engine import EngineOptions, build_model
+from hpc_moe.ep.engine import forward as engine_forward
+from hpc_moe.errors import UsageError
+from hpc_moe.model.generate import generate
 
 
 def load_input_ids(path: str) -> np.ndarray:
@@ -39,10 +39,10 @@ def load_input_ids(path: str) -> np.ndarray:
 def open_weights(args):
     """(config, weight source) from --checkpoint or --config/--seed."""
     if getattr(args, "checkpoint", None):
-        from .checkpoint import Checkpoint
+        from hpc_moe.weights.checkpoint import Checkpoint
         ckpt = Checkpoint.open(args.checkpoint)
         return ckpt.config, ckpt
-    from .synthetic import SyntheticWeights
+    from hpc_moe.weights.synthetic import SyntheticWeights
     cfg = load_config(args.config)
     return cfg, SyntheticWeights(cfg, args.seed)
 
@@ -68,7 +68,7 @@ def on_root(ctx, fn, share: bool = True):
     """fn() on rank 0; an input error raised there is raised on every rank, so that none waits
     forever in a collective that rank 0 never reaches. share: broadcast the result (small Python
     objects only) to every rank; otherwise the other ranks get None."""
-    from .traceread import TraceError
+    from hpc_moe.trace.reader import TraceError
     result, error = None, None
     if ctx.rank == 0:
         try:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kvcache import Batch
-from .model import Model
+from hpc_moe.model.kvcache import Batch
+from hpc_moe.model.transformer import Model
 
 
 @dataclass(frozen=True)

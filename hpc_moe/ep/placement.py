@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hpc_moe.errors import InputError
 
-class PlacementError(ValueError):
+
+class PlacementError(InputError):
     """The placement asked for is impossible (the message says why)."""
 
 

@@ -13,11 +13,11 @@ from typing import Protocol
 
 import numpy as np
 
-from .backend import Backend
-from .config import ModelConfig
-from .layers import array_module, swiglu
-from .router import Routing, SyntheticRouting, route
-from .timing import Profiler
+from hpc_moe.backend import Backend
+from hpc_moe.config import ModelConfig
+from hpc_moe.model.layers import array_module, swiglu
+from hpc_moe.model.router import Routing, SyntheticRouting, route
+from hpc_moe.timing import Profiler
 
 
 @dataclass(frozen=True)

@@ -18,17 +18,17 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from .backend import Backend
-from .comm import ParallelContext
-from .config import ModelConfig
-from .dispatch import Dispatcher, DispatchOptions
-from .kvcache import Batch, KVCache
-from .layers import rms_norm
-from .model import Model
-from .moe import ExpertWeights, MoEBlock, apply_experts
-from .placement import ExpertPlacement
-from .router import Routing, SyntheticRouting, update_bias
-from .timing import NullProfiler, Profiler
+from hpc_moe.backend import Backend
+from hpc_moe.comm import ParallelContext
+from hpc_moe.config import ModelConfig
+from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions
+from hpc_moe.ep.placement import ExpertPlacement
+from hpc_moe.model.kvcache import Batch, KVCache
+from hpc_moe.model.layers import rms_norm
+from hpc_moe.model.moe import ExpertWeights, MoEBlock, apply_experts
+from hpc_moe.model.router import Routing, SyntheticRouting, update_bias
+from hpc_moe.model.transformer import Model
+from hpc_moe.timing import NullProfiler, Profiler
 
 log = logging.getLogger("hpc_moe")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ModelConfig, yarn_get_mscale
+from hpc_moe.config import ModelConfig, yarn_get_mscale
 
 
 def array_module(a):

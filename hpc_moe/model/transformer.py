@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import Backend
-from .config import ModelConfig
-from .kvcache import Batch, KVCache
-from .layers import MLA, MLAWeights, Rope, linear, rms_norm
-from .moe import ExpertExecutor, ExpertWeights, LocalExperts, MoEBlock
-from .router import SyntheticRouting
-from .timing import NullProfiler, Profiler
+from hpc_moe.backend import Backend
+from hpc_moe.config import ModelConfig
+from hpc_moe.model.kvcache import Batch, KVCache
+from hpc_moe.model.layers import MLA, MLAWeights, Rope, linear, rms_norm
+from hpc_moe.model.moe import ExpertExecutor, ExpertWeights, LocalExperts, MoEBlock
+from hpc_moe.model.router import SyntheticRouting
+from hpc_moe.timing import NullProfiler, Profiler
 
 
 def load_mla(cfg: ModelConfig, weights, backend: Backend, layer: int) -> MLAWeights:
