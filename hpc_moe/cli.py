@@ -47,6 +47,9 @@ def _add_parallel_args(p):
                    help="on: split each step's sequences into micro-batches and overlap one's all-to-all "
                    "with another's compute; off: one batch per step (the baseline of the comparison)")
     g.add_argument("--micro-batches", type=_positive, default=2, help="micro-batches per step with --overlap on")
+    g.add_argument("--deterministic", action="store_true",
+                   help="logits bitwise identical at any rank count, placement, DP and micro-batching (the combine "
+                   "returns one row per (token, expert) and the source sums them in k order; more combine bytes)")
 
 
 def _positive(text: str) -> int:

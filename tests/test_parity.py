@@ -40,17 +40,17 @@ RTOL = 1e-4
 # ---- helpers shared with test_parity_gpu.py ----------------------------------------------------
 class RoutingRecorder:
     """An expert executor that runs LocalExperts and keeps, per MoE layer, the experts its first
-    call (the prefill pass) routed each token to: int64 [T, K] on the host."""
+    post (the prefill pass) routed each token to: int64 [T, K] on the host."""
 
     def __init__(self, cfg, weights, backend):
         self.inner = LocalExperts(cfg, weights, backend, range(cfg.num_hidden_layers))
         self.backend = backend
         self.first_topk: dict[int, np.ndarray] = {}
 
-    def __call__(self, layer, x_TD, routing, *args, **kwargs):
+    def post(self, layer, x_TD, routing, **kwargs):
         if layer not in self.first_topk:
             self.first_topk[layer] = self.backend.to_numpy(routing.topk_idx_TK).astype(np.int64)
-        return self.inner(layer, x_TD, routing, *args, **kwargs)
+        return self.inner.post(layer, x_TD, routing, **kwargs)
 
 
 def run_ours(directory: str, input_ids: np.ndarray, new_tokens: int, backend=None):

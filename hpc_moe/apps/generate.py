@@ -14,8 +14,7 @@ from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.config import load_config
 from hpc_moe.ep.dispatch import DispatchOptions
-from hpc_moe.ep.engine import EngineOptions, build_model
-from hpc_moe.ep.engine import forward as engine_forward
+from hpc_moe.ep.engine import Engine, EngineOptions
 from hpc_moe.errors import UsageError
 from hpc_moe.model.generate import generate
 
@@ -124,17 +123,13 @@ def run_generate(args) -> int:
     mine = scatter_sequences(ctx, ids, owner, shape[1])
     backend = get_backend(args.backend, args.dtype, ctx.local_rank)
     options = EngineOptions(micro_batches=args.micro_batches,
-                            dispatch=DispatchOptions(args.algorithm, args.transport, args.payload))
-    try:
-        model, executor = build_model(cfg, weights, backend, ctx, options=options)
-    except ValueError as e:  # the same on every rank: e.g. an expert that --expert-tp cannot split
-        raise UsageError(str(e)) from None
-    gen = generate(model, list(mine), args.max_new_tokens,
-                   forward=lambda b, c: engine_forward(model, executor, b, c, args.micro_batches))
+                            dispatch=DispatchOptions(args.algorithm, args.transport, args.payload, args.deterministic))
+    engine = Engine(cfg, weights, backend, ctx, options=options)
+    gen = generate(engine.model, list(mine), args.max_new_tokens, forward=engine.forward)
     local_logits = np.stack(gen.prefill_logits) if len(mine) else np.zeros((0, shape[1], cfg.vocab_size), np.float32)
     logits = gather_sequences(ctx, local_logits, owner, np.float32, MPI.FLOAT)
     tokens = gather_sequences(ctx, gen.tokens, owner, np.int64, MPI.INT64_T)
     if ctx.rank == 0:
         write_npz(args.output, prefill_logits=logits, tokens=tokens)
-    executor.close()
+    engine.close()
     return 0

@@ -22,8 +22,7 @@ from hpc_moe.apps.workload import Step, Workload, assign
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.ep.dispatch import DispatchOptions
-from hpc_moe.ep.engine import EngineOptions, build_model
-from hpc_moe.ep.engine import forward as engine_forward
+from hpc_moe.ep.engine import Engine, EngineOptions
 from hpc_moe.errors import UsageError
 from hpc_moe.model.kvcache import Batch, KVCache
 from hpc_moe.model.router import SyntheticRouting
@@ -43,28 +42,28 @@ def run_job(args) -> int:
             raise ValueError(f"--layers must be in [1, {cfg.num_hidden_layers}] (got {layers})")
         workload = Workload.create(args.mode, args.batch, args.seq_len, args.prefill_fraction, args.seed)
         synthetic = SyntheticRouting.parse(args.routing, seed=args.seed * 1_000_003 + ctx.rank)
-        options = EngineOptions(args.micro_batches, args.bias_update_rate,
-                                DispatchOptions(args.algorithm, args.transport, args.payload))
+        options = EngineOptions(args.micro_batches, DispatchOptions(args.algorithm, args.transport, args.payload,
+                                                                    args.deterministic))
         loads = on_root(ctx, lambda: _loads_from(args.loads_from, layers, cfg)) if args.loads_from else None
         backend = get_backend(args.backend, args.dtype, ctx.local_rank)
         prof = Profiler(layers, backend.synchronize, enabled=args.profile == "on")
-        model, executor = build_model(cfg, weights, backend, ctx, options=options, num_layers=layers,
-                                      loads=loads, synthetic_routing=synthetic, profiler=prof)
+        engine = Engine(cfg, weights, backend, ctx, options=options, num_layers=layers,
+                        loads=loads, synthetic_routing=synthetic, profiler=prof)
     except ValueError as e:
         raise UsageError(str(e)) from None
     rank_map = ctx.world.gather({"host": ctx.hostnames[ctx.rank], "gpu": backend.device_id,
                                  "device": backend.device}, root=0)
-    recorder = on_root(ctx, lambda: _open_recorder(args, cfg, layers, ctx, backend, executor,
+    recorder = on_root(ctx, lambda: _open_recorder(args, cfg, layers, ctx, backend, engine,
                                                    workload, rank_map), share=False)
     if ctx.rank == 0:
-        _announce(cfg, layers, ctx, executor, workload, args)
+        _announce(cfg, layers, ctx, engine, workload, args)
     try:
-        steps = _loop(args, ctx, model, executor, workload, backend, prof, recorder)
+        steps = _loop(args, ctx, engine, workload, backend, prof, recorder)
     except BaseException:
         if recorder is not None:
             recorder.close(failed=True)
         raise
-    executor.close()
+    engine.close()
     if ctx.rank == 0:
         recorder.close()
         _finish(args, recorder, steps)
@@ -72,13 +71,13 @@ def run_job(args) -> int:
 
 
 # ---- the step loop -----------------------------------------------------------------------------
-def _loop(args, ctx: ParallelContext, model, executor, workload: Workload, backend, prof: Profiler,
+def _loop(args, ctx: ParallelContext, engine: Engine, workload: Workload, backend, prof: Profiler,
           recorder) -> int:
     """Warm-up steps, then measured steps until --steps or --duration; returns measured steps."""
     draw = workload.stream()
     cache = None
     rng = np.random.default_rng([args.seed, ctx.rank])
-    cumulative = np.zeros_like(executor.expert_tokens_ME)
+    cumulative = np.zeros((len(engine.moe_layers), engine.cfg.n_routed_experts), np.int64)
     progress = Progress(args.steps, args.duration) if ctx.rank == 0 else None
     measured, started, index, recording = 0, time.perf_counter(), 0, 0.0
     while not args.steps or measured < args.steps:
@@ -89,22 +88,21 @@ def _loop(args, ctx: ParallelContext, model, executor, workload: Workload, backe
         if ctx.world.bcast(over, root=0):
             break
         step, owner = _broadcast_step(ctx, next(draw) if ctx.rank == 0 else None)
-        batch, cache = _local_batch(model, cache, step, owner, ctx.rank, rng)
-        prof.start_step()
-        executor.start_step()
+        batch, cache = _local_batch(engine.model, cache, step, owner, ctx.rank, rng)
+        engine.start_step()
         ctx.world.Barrier()
         t0 = time.perf_counter()
-        engine_forward(model, executor, batch, cache, args.micro_batches)
+        engine.forward(batch, cache)
         backend.synchronize()
         ctx.world.Barrier()
         wall = time.perf_counter() - t0
-        counts, times, sent = _gather_step(ctx, executor, prof)
+        counts, times, sent = _gather_step(ctx, engine, prof)
         cumulative += counts
         if args.bias_update_rate:
-            executor.update_biases(model, counts, args.bias_update_rate)
+            engine.update_biases(counts, args.bias_update_rate)
         index += 1
         if args.replan_every and index % args.replan_every == 0:
-            executor.set_placement(executor.placement.from_loads(cumulative))
+            engine.replan(cumulative)
             log.info("after step %d: experts re-placed from the loads measured so far", index - 1)
         if warm:
             continue
@@ -170,17 +168,16 @@ def _local_batch(model, cache: KVCache | None, step: Step, owner: np.ndarray, ra
     return Batch(tokens, np.arange(len(new), dtype=np.int64), start, new), cache
 
 
-def _gather_step(ctx: ParallelContext, executor, prof: Profiler):
+def _gather_step(ctx: ParallelContext, engine: Engine, prof: Profiler):
     """-> (expert tokens int64 [M, E] on every rank, phase times float64 [L, R, F] and bytes sent
     int64 [R, R] on rank 0). Collective."""
-    counts = executor.global_expert_tokens(ctx.ep_comm)
-    if ctx.dp_size > 1:  # every model replica routes its own tokens
-        ctx.dp_comm.Allreduce(MPI.IN_PLACE, [counts, MPI.INT64_T])
+    stats = engine.step_stats()
+    counts = stats.expert_tokens_ME
     times = np.empty((ctx.size,) + prof.times_LP.shape) if ctx.rank == 0 else None
     ctx.world.Gather([np.ascontiguousarray(prof.times_LP), MPI.DOUBLE], [times, MPI.DOUBLE], root=0)
     row = np.zeros(ctx.size, np.int64)  # this rank's EP peers sit at world ranks first + p
     first = ctx.dp_rank * ctx.ep_size
-    row[first:first + ctx.ep_size] = executor.bytes_sent_P
+    row[first:first + ctx.ep_size] = stats.bytes_sent_P
     sent = np.empty((ctx.size, ctx.size), np.int64) if ctx.rank == 0 else None
     ctx.world.Gather([row, MPI.INT64_T], [sent, MPI.INT64_T], root=0)
     return counts, (times.transpose(1, 0, 2) if ctx.rank == 0 else None), sent
@@ -218,29 +215,29 @@ def _placement_ranks(placement) -> np.ndarray:
     return np.where(np.repeat(slots, tp, axis=-1) >= 0, ranks, -1).astype(np.int32)
 
 
-def _open_recorder(args, cfg, layers, ctx, backend, executor, workload, rank_map):
+def _open_recorder(args, cfg, layers, ctx, backend, engine: Engine, workload, rank_map):
     from hpc_moe.ep.transport import mpi_cuda_support
     from hpc_moe.trace.writer import MemoryTrace, TraceWriter
     run_config = dict(vars(args))
     run_config["workload"] = workload.describe()
     meta = {"model_config": cfg.to_dict(), "run_config": run_config, "parallel_config": ctx.describe(),
-            "mpi_library_version": MPI.Get_library_version(), "transport": executor.dispatcher.transport.name,
+            "mpi_library_version": MPI.Get_library_version(), "transport": engine.executor.transport_name,
             "cuda_aware": mpi_cuda_support() == 1, "array_backend": f"{backend.name} ({backend.dtype})",
             "truncated": layers < cfg.num_hidden_layers}
-    layout = dict(num_layers=layers, moe_layers=executor.moe_layers, placement=_placement_ranks(executor.placement),
+    layout = dict(num_layers=layers, moe_layers=engine.moe_layers, placement=_placement_ranks(engine.placement),
                   rank_map=rank_map, phases=PHASES, comm_phases=COMM_PHASES)
     if args.trace is None:
         return MemoryTrace(meta, **layout)
     return TraceWriter(args.trace, meta, overwrite=args.overwrite, **layout)
 
 
-def _announce(cfg, layers, ctx, executor, workload, args) -> None:
+def _announce(cfg, layers, ctx, engine: Engine, workload, args) -> None:
     log.info("%s: %d of %d layers%s, %d experts, top-%d; %d ranks on %d nodes (EP %d x DP %d, expert TP %d)",
              args.checkpoint or args.config, layers, cfg.num_hidden_layers,
              " (truncated with --layers)" if layers < cfg.num_hidden_layers else "", cfg.n_routed_experts,
              cfg.num_experts_per_tok, ctx.size, ctx.num_nodes, ctx.ep_size, ctx.dp_size, ctx.expert_tp)
-    if executor.placement.replicated:
-        p = executor.placement
+    if engine.placement.replicated:
+        p = engine.placement
         log.info("%d expert slots for %d experts: %d replicas of the hottest experts",
                  p.n_slots, cfg.n_routed_experts, p.n_slots - cfg.n_routed_experts)
     log.info("workload %s; routing %s; %d warm-up steps, then %s", workload.describe(), args.routing,

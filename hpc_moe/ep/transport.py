@@ -1,4 +1,4 @@
-"""Transports for dispatch/combine, and the byte layout of the rows they carry.
+"""Transports for dispatch/combine: how rows of bytes move between the ranks of the EP group.
 
 A transport moves 2-D uint8 arrays of fixed-width rows (counts and offsets in rows) between the
 ranks of the EP communicator:
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 from mpi4py import MPI
@@ -35,75 +34,6 @@ TRANSPORTS = ("auto", "host", "cuda-aware", "nccl")
 
 class TransportError(InputError):
     """A transport asked for by name cannot run here (the message says why)."""
-
-
-# ---- row layout ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RowLayout:
-    """Named byte fields of one row: ``fields[name] = (offset, nbytes)``; offsets are 8-byte
-    aligned so that every field can be viewed as its dtype in place."""
-
-    fields: tuple[tuple[str, int, int], ...]
-    width: int
-
-    @classmethod
-    def of(cls, **nbytes: int) -> RowLayout:
-        out, off = [], 0
-        for name, n in nbytes.items():
-            out.append((name, off, int(n)))
-            off += -(-int(n) // 8) * 8
-        return cls(tuple(out), max(off, 8))
-
-    def span(self, name: str) -> tuple[int, int]:
-        for n, off, size in self.fields:
-            if n == name:
-                return off, off + size
-        raise KeyError(name)
-
-    def pack_into(self, xp, out, **values) -> object:
-        """Fill the named fields of uint8 rows ``out`` [M, width]. A value is an array [M, *] (any
-        dtype) or a pair (src [R, *], idx_M) whose rows src[idx] are gathered straight in."""
-        for name, v in values.items():
-            lo, hi = self.span(name)
-            if isinstance(v, tuple):
-                src, idx = v
-                _gather_rows(xp, out[:, lo:hi], _bytes(xp, src), idx)
-            else:
-                out[:, lo:hi] = _bytes(xp, v)
-        return out
-
-    def view(self, xp, words, name: str, dtype) -> object:
-        """Field ``name`` of uint8 rows [N, width] as dtype [N, nbytes / itemsize]. NumPy views it
-        in place (the last axis is contiguous); CuPy views need a contiguous copy."""
-        lo, hi = self.span(name)
-        part = words[:, lo:hi]
-        if xp is not np:
-            part = xp.ascontiguousarray(part)
-        return part.view(dtype)
-
-
-def _bytes(xp, a):
-    """[R, ...] array -> its uint8 [R, nbytes] view (contiguous first: CuPy views need it)."""
-    a = xp.ascontiguousarray(a)
-    return a.view(np.uint8).reshape(a.shape[0], int(np.prod(a.shape[1:])) * a.itemsize)
-
-
-def gather_rows(xp, src, idx, out=None):
-    """out[i] = src[idx[i]] for 2-D arrays whose rows are contiguous (src may be a strided view)."""
-    if out is None:
-        out = xp.empty((len(idx), src.shape[1]), dtype=src.dtype)
-    _gather_rows(xp, out, src, idx)
-    return out
-
-
-def _gather_rows(xp, out, src, idx) -> None:
-    if xp is np and src.shape[1] * src.itemsize >= 2048:
-        # src[idx] would allocate a temporary (fresh pages on every call: costly on a host where
-        # a memory pass costs as much as the transfer) and copy the bytes twice.
-        for i, t in enumerate(idx.tolist()):
-            out[i] = src[t]
-    else:
-        out[...] = src[idx]
 
 
 # ---- transports ------------------------------------------------------------------------------
@@ -143,11 +73,11 @@ class MpiTransport:
             self.backend.synchronize()
         return words
 
-    def empty(self, rows: int, width: int, keep: bool = False):
-        """A receive buffer of at least one row (zero-size buffers upset some MPI bindings).
-        keep: the caller hands views of it out (never pooled when it is the backend array)."""
+    def empty(self, rows: int, width: int):
+        """A receive buffer of at least one row (zero-size buffers upset some MPI bindings);
+        give it back with release() once nothing reads it."""
         rows = max(rows, 1)
-        if self._staging or (self._pooled and not keep):
+        if self._pooled:
             return self._take(rows, width)
         return self.backend.xp.empty((rows, width), dtype=np.uint8)
 
@@ -226,7 +156,7 @@ class NcclTransport:
     def to_wire(self, words):
         return words  # NCCL runs on the same stream, after the kernels that wrote ``words``
 
-    def empty(self, rows: int, width: int, keep: bool = False):
+    def empty(self, rows: int, width: int):
         return self.backend.xp.empty((max(rows, 1), width), dtype=np.uint8)
 
     def from_wire(self, wire, rows: int):

@@ -40,14 +40,33 @@ def silu(x):
     return (x32 / (1.0 + xp.exp(-x32))).astype(x.dtype, copy=False)
 
 
-def linear(x, w):
-    """x [..., in] @ w[out, in].T -> [..., out] (HF weight layout: rows are outputs)."""
-    return x @ w.T
+_ROW_BLOCK = 64  # rows per GEMM call of the row-blocked (deterministic) linear
 
 
-def swiglu(x_TD, gate_ID, up_ID, down_DI):
-    """The SwiGLU MLP, down(silu(gate(x)) * up(x)): x [T, D] -> [T, D]."""
-    return linear(silu(linear(x_TD, gate_ID)) * linear(x_TD, up_ID), down_DI)
+def linear(x, w, row_blocked: bool = False):
+    """x [..., in] @ w[out, in].T -> [..., out] (HF weight layout: rows are outputs).
+
+    row_blocked: every GEMM call has exactly _ROW_BLOCK rows (the last block zero-padded), so a row's
+    result does not depend on how many rows came with it: BLAS picks its kernel (small-matrix,
+    gemv, blocked) by shape, and rows computed in differently shaped calls differ in the last bit.
+    This is what makes ``--deterministic`` logits independent of how sequences are spread over
+    ranks. NumPy only (the CPU path is the reference).
+    """
+    if not row_blocked or array_module(x) is not np:
+        return x @ w.T
+    x2 = x.reshape(-1, x.shape[-1])
+    out = np.empty((x2.shape[0], w.shape[0]), dtype=np.result_type(x2.dtype, w.dtype))
+    pad = None
+    for s in range(0, x2.shape[0], _ROW_BLOCK):
+        n = min(_ROW_BLOCK, x2.shape[0] - s)
+        if n == _ROW_BLOCK:
+            np.matmul(x2[s:s + n], w.T, out=out[s:s + n])
+            continue
+        if pad is None:
+            pad = np.zeros((_ROW_BLOCK, x2.shape[1]), x2.dtype)
+        pad[:n] = x2[s:s + n]
+        out[s:s + n] = (pad @ w.T)[:n]
+    return out.reshape(x.shape[:-1] + (w.shape[0],))
 
 
 def softmax(scores, axis: int = -1):
@@ -160,8 +179,8 @@ class MLA:
     weight-absorbed form, attending directly over the latent cache of C + Dr numbers per token.
     """
 
-    def __init__(self, cfg: ModelConfig, w: MLAWeights, rope: Rope):
-        self.cfg, self.w, self.rope = cfg, w, rope
+    def __init__(self, cfg: ModelConfig, w: MLAWeights, rope: Rope, row_blocked: bool = False):
+        self.cfg, self.w, self.rope, self.row_blocked = cfg, w, rope, row_blocked
         self.scale = softmax_scale(cfg)
 
     def project(self, x_TD, cos, sin):
@@ -169,12 +188,13 @@ class MLA:
         cfg, w = self.cfg, self.w
         xp = array_module(x_TD)
         if w.q_proj is not None:
-            q = linear(x_TD, w.q_proj)
+            q = linear(x_TD, w.q_proj, self.row_blocked)
         else:
-            q = linear(rms_norm(linear(x_TD, w.q_a_proj), w.q_a_layernorm, cfg.rms_norm_eps), w.q_b_proj)
+            q = linear(rms_norm(linear(x_TD, w.q_a_proj, self.row_blocked), w.q_a_layernorm, cfg.rms_norm_eps),
+                       w.q_b_proj, self.row_blocked)
         q = q.reshape(x_TD.shape[0], cfg.num_attention_heads, cfg.qk_head_dim)
         q_nope, q_rot = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
-        kv = linear(x_TD, w.kv_a_proj_with_mqa)
+        kv = linear(x_TD, w.kv_a_proj_with_mqa, self.row_blocked)
         c_kv = rms_norm(kv[:, :cfg.kv_lora_rank], w.kv_a_layernorm, cfg.rms_norm_eps)
         k_rot = apply_rope(kv[:, cfg.kv_lora_rank:], cos, sin, self.rope.interleave)
         q_rot = apply_rope(q_rot, cos, sin, self.rope.interleave)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpc_moe.config import ModelConfig
-from hpc_moe.model.layers import array_module
+from hpc_moe.model.layers import array_module, linear
 
 
 @dataclass(frozen=True)
@@ -25,16 +25,17 @@ class Routing:
     topk_weight_TK: object
 
 
-def route(x_TD, gate_ED, bias_E, cfg: ModelConfig) -> Routing:
+def route(x_TD, gate_ED, bias_E, cfg: ModelConfig, row_blocked: bool = False) -> Routing:
     """Score tokens x [T, D] against gate [E, D] (float32) with correction bias [E] (float32).
 
     The bias only steers the choice of experts (aux-loss-free balancing); the combine weights come
     from the unbiased sigmoid scores. Group-limited: a token may only pick experts from the
-    ``topk_group`` groups with the highest sum of their two best biased scores.
+    ``topk_group`` groups with the highest sum of their two best biased scores. row_blocked: see
+    hpc_moe.model.layers.linear.
     """
     xp = array_module(x_TD)
     T, E, G = x_TD.shape[0], cfg.n_routed_experts, cfg.n_group
-    logits = x_TD.astype(xp.float32) @ gate_ED.T
+    logits = linear(x_TD.astype(xp.float32), gate_ED, row_blocked)
     scores = 1.0 / (1.0 + xp.exp(-logits))
     choice = scores + bias_E[None, :]
     grouped = choice.reshape(T, G, E // G)

@@ -2,8 +2,9 @@
 
     embed -> [x + MLA(norm(x)); x + (dense MLP | MoE)(norm(x))] x layers -> norm -> lm_head
 
-One class serves the single-process reference and every rank of the expert-parallel engine: the
-engine passes its own expert executor and the subset of layers' weights each rank loads is the
+One class serves the single-process reference and every rank of the expert-parallel engine, and
+runs the micro-batch schedule itself (one micro-batch is the plain case): the engine passes its
+own expert executor and the subset of layers' weights each rank loads is the
 same (attention, dense and shared experts are replicated; routed experts live in the executor).
 
 Shape legend: T tokens of a packed ragged batch, D hidden, V vocabulary, B sequences.
@@ -51,19 +52,22 @@ class Model:
     experts: the routed-expert executor (default: all experts in this process);
     num_layers: run only the first N layers (then the final norm and head), for machines that
     cannot hold the model; profiler: where phase times go (default: nowhere); synthetic_routing:
-    replaces the router's decisions (benchmarks of the dispatch path; changes the outputs).
+    replaces the router's decisions (benchmarks of the dispatch path; changes the outputs);
+    deterministic: row-blocked GEMMs and per-sequence decode attention, so that a sequence's logits
+    do not depend on which other sequences share its batch (bitwise, on the CPU).
     """
 
     def __init__(self, cfg: ModelConfig, weights, backend: Backend,
                  experts: ExpertExecutor | None = None, num_layers: int | None = None,
-                 profiler: Profiler | None = None, synthetic_routing: SyntheticRouting | None = None):
-        self.cfg, self.backend = cfg, backend
+                 profiler: Profiler | None = None, synthetic_routing: SyntheticRouting | None = None,
+                 deterministic: bool = False):
+        self.cfg, self.backend, self.deterministic = cfg, backend, deterministic
         self.prof = profiler if profiler is not None else NullProfiler()
         self.num_layers = cfg.num_hidden_layers if num_layers is None else num_layers
         if not 1 <= self.num_layers <= cfg.num_hidden_layers:
             raise ValueError(f"num_layers must be in [1, {cfg.num_hidden_layers}] (got {self.num_layers})")
         layers = range(self.num_layers)
-        self.experts = experts if experts is not None else LocalExperts(cfg, weights, backend, layers)
+        self.experts = experts if experts is not None else LocalExperts(cfg, weights, backend, layers, deterministic)
         rope = Rope.from_config(cfg)
         self.rope = rope
         self.embed = backend.asarray(weights.get("model.embed_tokens.weight"))
@@ -72,18 +76,22 @@ class Model:
             p = f"model.layers.{i}"
             self.input_norm.append(backend.asarray(weights.get(f"{p}.input_layernorm.weight")))
             self.post_norm.append(backend.asarray(weights.get(f"{p}.post_attention_layernorm.weight")))
-            self.attn.append(MLA(cfg, load_mla(cfg, weights, backend, i), rope))
+            self.attn.append(MLA(cfg, load_mla(cfg, weights, backend, i), rope, deterministic))
             if cfg.is_moe_layer(i):
-                self.ffn.append(MoEBlock(cfg, i, weights, backend, self.experts, synthetic_routing))
+                self.ffn.append(MoEBlock(cfg, i, weights, backend, self.experts, synthetic_routing, deterministic))
             else:
-                self.ffn.append(ExpertWeights.load(weights, backend, f"{p}.mlp"))
+                self.ffn.append(ExpertWeights.load(weights, backend, f"{p}.mlp", row_blocked=deterministic))
         self.norm = backend.asarray(weights.get("model.norm.weight"))
+        self._inflight: list = []
         self.lm_head = self.embed if cfg.tie_word_embeddings else backend.asarray(weights.get("lm_head.weight"))
 
     def new_cache(self, slots: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, self.num_layers, slots, max_len, self.backend)
 
     # ---- the layer, in two halves so that the engine can interleave micro-batches -------------
+    def moe_blocks(self) -> list[MoEBlock]:
+        return [f for f in self.ffn if isinstance(f, MoEBlock)]
+
     def attention(self, layer: int, h_TD, batch: Batch, cache: KVCache, rope_TR):
         """h + MLA(norm(h)): writes the batch's latents into the cache, attends, returns [T, D]."""
         with self.prof.phase(layer, "attention"):
@@ -106,6 +114,7 @@ class Model:
             off = batch.offsets
             parts = [None] * len(batch.new_B)
             for b in np.nonzero(~one)[0]:
+                self.poll()  # long prefills: let the exchanges in flight progress between sequences
                 parts[b] = attn.attend_plain(q_nope[off[b]:off[b + 1]], q_rot[off[b]:off[b + 1]],
                                              cache.data[layer][batch.slots_B[b], :batch.start_B[b] + batch.new_B[b]],
                                              int(batch.start_B[b]))
@@ -116,22 +125,23 @@ class Model:
                 for i, b in enumerate(np.nonzero(one)[0]):
                     parts[b] = absorbed[i:i + 1]
             out = xp.concatenate(parts)
-        return h_TD + linear(out, attn.w.o_proj)
+        return h_TD + linear(out, attn.w.o_proj, self.deterministic)
 
     def _attend_absorbed(self, attn: MLA, q_nope, q_rot, batch: Batch, cache: KVCache, layer: int):
-        slots = self.backend.xp.asarray(batch.slots_B)
+        xp = self.backend.xp
+        if self.deterministic:  # the batch's longest context sets the GEMM shapes: one sequence at a time
+            return xp.concatenate([attn.attend_absorbed(q_nope[b:b + 1], q_rot[b:b + 1],
+                                                        cache.data[layer][batch.slots_B[b:b + 1], :batch.start_B[b] + 1],
+                                                        batch.start_B[b:b + 1] + 1)
+                                   for b in range(len(batch.slots_B))])
+        slots = xp.asarray(batch.slots_B)
         length = int((batch.start_B + 1).max())
         return attn.attend_absorbed(q_nope, q_rot, cache.data[layer][slots, :length], batch.start_B + 1)
 
-    def feed_forward(self, layer: int, h_TD):
-        """h + (dense MLP | MoE)(norm(h)), [T, D]. MoE layers talk to other ranks in the engine:
-        every rank must call this for every layer, with zero tokens if it has none."""
-        ffn = self.ffn[layer]
-        if isinstance(ffn, MoEBlock):
-            x = rms_norm(h_TD, self.post_norm[layer], self.cfg.rms_norm_eps)
-            return h_TD + ffn(x, self.prof)
+    def dense(self, layer: int, h_TD):
+        """h + MLP(norm(h)) for a dense layer, [T, D]."""
         with self.prof.phase(layer, "dense_mlp"):
-            return h_TD + ffn(rms_norm(h_TD, self.post_norm[layer], self.cfg.rms_norm_eps))
+            return h_TD + self.ffn[layer](rms_norm(h_TD, self.post_norm[layer], self.cfg.rms_norm_eps))
 
     def rope_for(self, batch: Batch):
         return self.rope.cos_sin(batch.positions_T, self.backend.xp, self.backend.dtype)
@@ -142,13 +152,63 @@ class Model:
     def head(self, h_TD):
         """Final norm and vocabulary projection: [T, D] -> float32 logits [T, V]."""
         x = rms_norm(h_TD, self.norm, self.cfg.rms_norm_eps)
-        return linear(x, self.lm_head).astype(self.backend.xp.float32)
+        return linear(x, self.lm_head, self.deterministic).astype(self.backend.xp.float32)
 
-    def forward(self, batch: Batch, cache: KVCache):
-        """Token ids of a ragged batch -> float32 logits [T, V]; the cache gains the batch's tokens."""
-        h = self.embed_tokens(batch)
-        rope = self.rope_for(batch)
+    def forward(self, batch: Batch, cache: KVCache, micro_batches: int = 1):
+        """Token ids of a ragged batch -> float32 logits [T, V]; the cache gains the batch's tokens.
+
+        micro_batches > 1 splits the batch's sequences and overlaps one part's MoE exchange with
+        the other parts' compute (:meth:`forward_micro`). In the engine this is collective: every
+        rank must call it with the same micro_batches, with or without tokens of its own.
+        """
+        if micro_batches <= 1:
+            return self.forward_micro([batch], cache)[0]
+        return self.backend.xp.concatenate(self.forward_micro(batch.split(micro_batches), cache), axis=0)
+
+    def forward_micro(self, batches: list[Batch], cache: KVCache) -> list:
+        """The layer schedule over micro-batches -> float32 logits [T_i, V] per micro-batch.
+
+        Per layer: for each micro-batch, finish its previous MoE layer (its combine has been in
+        flight meanwhile), attention, then post its MoE exchange (the payload leaves before the
+        next micro-batch's attention starts) and run its shared expert; then, for each micro-batch,
+        the local experts of the rows that arrived, whose combine is posted at once and waited for
+        only before that micro-batch's next attention. Between and inside compute phases every
+        exchange in flight is polled, so that MPI progresses it. One micro-batch is the plain case.
+        """
+        hs = [self.embed_tokens(b) for b in batches]
+        ropes = [self.rope_for(b) for b in batches]
+        steps: list = [None] * len(batches)  # (MoE block, MoEStep, residual) in flight per micro-batch
+        self._inflight = steps
+
+        def settle(i: int) -> None:
+            if steps[i] is not None:
+                block, step, residual = steps[i]
+                steps[i] = None
+                hs[i] = residual + block.finish(step)
+
         for layer in range(self.num_layers):
-            h = self.attention(layer, h, batch, cache, rope)
-            h = self.feed_forward(layer, h)
-        return self.head(h)
+            ffn = self.ffn[layer]
+            for i, b in enumerate(batches):
+                settle(i)
+                hs[i] = self.attention(layer, hs[i], b, cache, ropes[i])
+                self.poll()
+                if isinstance(ffn, MoEBlock):
+                    x = rms_norm(hs[i], self.post_norm[layer], self.cfg.rms_norm_eps)
+                    steps[i] = (ffn, ffn.start(x, self.prof, micro_batch=i, poll=self.poll), hs[i])
+                else:
+                    hs[i] = self.dense(layer, hs[i])
+                self.poll()
+            if isinstance(ffn, MoEBlock):
+                for i in range(len(batches)):
+                    steps[i][1].pending.run_experts(poll=self.poll)
+                    self.poll()
+        for i in range(len(batches)):
+            settle(i)
+        self._inflight = []
+        return [self.head(h) for h in hs]
+
+    def poll(self) -> None:
+        """Advance every exchange in flight without blocking (MPI progresses only inside calls)."""
+        for s in self._inflight:
+            if s is not None:
+                s[1].pending.progress()

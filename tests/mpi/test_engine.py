@@ -12,8 +12,7 @@ from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.config import load_config
 from hpc_moe.ep.dispatch import DispatchOptions
-from hpc_moe.ep.engine import EngineOptions, build_model
-from hpc_moe.ep.engine import forward as engine_forward
+from hpc_moe.ep.engine import Engine, EngineOptions
 from hpc_moe.model.generate import generate
 from hpc_moe.model.transformer import Model
 from hpc_moe.weights.synthetic import SyntheticWeights
@@ -52,17 +51,16 @@ def check_against_reference(cfg, options: EngineOptions, dp=1, expert_tp=1, new_
     ctx = ParallelContext.create(WORLD, dp=dp, expert_tp=expert_tp)
     weights = SyntheticWeights(cfg, seed=7)
     be = get_backend("numpy")
-    model, executor = build_model(cfg, weights, be, ctx, options=options)
+    engine = Engine(cfg, weights, be, ctx, options=options)
     prompts = my_prompts(ctx.rank, cfg.vocab_size)
-    got = generate(model, prompts, new_tokens,
-                   forward=lambda b, c: engine_forward(model, executor, b, c, options.micro_batches))
+    got = generate(engine.model, prompts, new_tokens, forward=engine.forward)
     ref = generate(Model(cfg, weights, be), prompts, new_tokens)
     for g, r in zip(got.prefill_logits, ref.prefill_logits):
         assert np.abs(g - r).max() <= 1e-5 * np.abs(r).max()
     np.testing.assert_array_equal(got.tokens, ref.tokens)
-    executor.close()
+    engine.close()
     ctx.free()
-    return executor
+    return engine
 
 
 @pytest.mark.parametrize("case", ["E>R", "E==R", "E<R"])
@@ -70,9 +68,9 @@ def test_generate_matches_reference(case):
     cases = expert_counts_for(WORLD.Get_size())
     if case not in cases:
         pytest.skip(f"no valid {case} config at {WORLD.Get_size()} ranks")
-    executor = check_against_reference(tiny_with_experts(cases[case]), EngineOptions())
-    assert executor.placement.colocated == (case == "E>R")
-    assert executor.placement.replicated == (case == "E<R")
+    engine = check_against_reference(tiny_with_experts(cases[case]), EngineOptions())
+    assert engine.placement.colocated == (case == "E>R")
+    assert engine.placement.replicated == (case == "E<R")
 
 
 @pytest.mark.parametrize("micro_batches, algorithm", [(2, "alltoallv"), (3, "alltoallv"), (1, "pipelined")])
@@ -99,35 +97,37 @@ def test_all_tokens_to_one_expert_group():
     be = get_backend("numpy")
     weights = SyntheticWeights(cfg, seed=7)
     synthetic = SyntheticRouting("one", seed=1)
-    model, executor = build_model(cfg, weights, be, ctx, synthetic_routing=synthetic)
+    engine = Engine(cfg, weights, be, ctx, synthetic_routing=synthetic)
     ref = Model(cfg, weights, be, synthetic_routing=SyntheticRouting("one", seed=1))
     prompts = my_prompts(ctx.rank, cfg.vocab_size)
-    got = generate(model, prompts, 3, forward=lambda b, c: engine_forward(model, executor, b, c))
+    engine.start_step()
+    got = generate(engine.model, prompts, 3, forward=engine.forward)
     want = generate(ref, prompts, 3)
     for g, r in zip(got.prefill_logits, want.prefill_logits):
         assert np.abs(g - r).max() <= 1e-5 * np.abs(r).max()
-    counts = executor.global_expert_tokens(ctx.ep_comm)
+    counts = engine.step_stats().expert_tokens_ME
     assert (counts[:, cfg.num_experts_per_tok:] == 0).all()  # nobody else got a token
-    executor.close()
+    engine.close()
 
 
 def test_step_accounting_adds_up():
     cfg = tiny_with_experts(max(2, WORLD.Get_size()))
     ctx = ParallelContext.create(WORLD)
-    model, executor = build_model(cfg, SyntheticWeights(cfg, seed=7), get_backend("numpy"), ctx)
+    engine = Engine(cfg, SyntheticWeights(cfg, seed=7), get_backend("numpy"), ctx)
     prompts = my_prompts(ctx.rank, cfg.vocab_size)
-    executor.start_step()
-    generate(model, prompts, 1, forward=lambda b, c: engine_forward(model, executor, b, c))
-    counts = executor.global_expert_tokens(ctx.ep_comm)
+    engine.start_step()
+    generate(engine.model, prompts, 1, forward=engine.forward)
+    stats = engine.step_stats()
+    counts = stats.expert_tokens_ME
     sent = np.zeros((ctx.ep_size, ctx.ep_size), np.int64)
-    ctx.ep_comm.Allgather([executor.bytes_sent_P, MPI.INT64_T], [sent, MPI.INT64_T])
+    ctx.ep_comm.Allgather([stats.bytes_sent_P, MPI.INT64_T], [sent, MPI.INT64_T])
     tokens = WORLD.allreduce(sum(len(p) for p in prompts))
     assert counts.shape == (cfg.num_moe_layers, cfg.n_routed_experts)
     assert (counts.sum(axis=1) == tokens * cfg.num_experts_per_tok).all()
     assert sent.shape == (ctx.ep_size, ctx.ep_size) and (sent >= 0).all()
     if ctx.ep_size > 1:  # ranks with prompts sent rows to other ranks' experts
         assert (sent.sum() - np.trace(sent)) > 0
-    executor.close()
+    engine.close()
 
 
 def test_replacement_from_loads_keeps_outputs():
@@ -136,17 +136,16 @@ def test_replacement_from_loads_keeps_outputs():
     ctx = ParallelContext.create(WORLD)
     be = get_backend("numpy")
     weights = SyntheticWeights(cfg, seed=7)
-    model, executor = build_model(cfg, weights, be, ctx)
+    engine = Engine(cfg, weights, be, ctx)
     prompts = my_prompts(ctx.rank, cfg.vocab_size)
-    fwd = lambda b, c: engine_forward(model, executor, b, c)  # noqa: E731
-    before = generate(model, prompts, 3, forward=fwd)
-    counts = executor.global_expert_tokens(ctx.ep_comm)
-    executor.set_placement(executor.placement.from_loads(counts))
-    after = generate(model, prompts, 3, forward=fwd)
+    engine.start_step()
+    before = generate(engine.model, prompts, 3, forward=engine.forward)
+    engine.replan(engine.step_stats().expert_tokens_ME)
+    after = generate(engine.model, prompts, 3, forward=engine.forward)
     for a, b in zip(before.prefill_logits, after.prefill_logits):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
     np.testing.assert_array_equal(before.tokens, after.tokens)
-    executor.close()
+    engine.close()
 
 
 def test_cli_generate_writes_once_and_matches(tmp_path_factory):
@@ -169,3 +168,39 @@ def test_cli_generate_writes_once_and_matches(tmp_path_factory):
         assert out["prefill_logits"].shape == (5, 6, cfg.vocab_size)
         assert np.abs(out["prefill_logits"] - want).max() <= 1e-5 * np.abs(want).max()
         np.testing.assert_array_equal(out["tokens"], ref.tokens)
+
+
+@pytest.mark.parametrize("case", ["E==R", "E<R", "E>R"])
+def test_deterministic_logits_are_bitwise_the_reference(case):
+    """--deterministic: every rank's logits are bitwise those of one process serving all the
+    prompts (R = 1), whatever the rank count, placement (replicas, colocation), micro-batching
+    and DP; with expert TP (a split reduction) within 1e-6."""
+    size = WORLD.Get_size()
+    n_experts = {"E==R": max(2, size), "E<R": max(2, size // 2), "E>R": 4 * size}[case]
+    cfg = tiny_with_experts(n_experts)
+    weights = SyntheticWeights(cfg, seed=7)
+    be = get_backend("numpy")
+    every = [my_prompts(r, cfg.vocab_size) for r in range(size)]
+    ref = generate(Model(cfg, weights, be, deterministic=True), [p for ps in every for p in ps], 3)
+    first = sum(len(ps) for ps in every[:WORLD.Get_rank()])
+    mine = slice(first, first + len(every[WORLD.Get_rank()]))
+    want = ref.prefill_logits[mine]
+    layouts = [dict(micro_batches=m) for m in (1, 2, 3)] + [dict(dp=2)] * (size % 2 == 0)
+    for lay in layouts:
+        ctx = ParallelContext.create(WORLD, dp=lay.get("dp", 1))
+        options = EngineOptions(micro_batches=lay.get("micro_batches", 1), dispatch=DispatchOptions(deterministic=True))
+        engine = Engine(cfg, weights, be, ctx, options=options)
+        got = generate(engine.model, every[ctx.rank], 3, forward=engine.forward)
+        for g, r in zip(got.prefill_logits, want):
+            np.testing.assert_array_equal(g, r, err_msg=f"{case} {lay}")
+        np.testing.assert_array_equal(got.tokens, ref.tokens[mine])
+        engine.close()
+        ctx.free()
+    if size % 2 == 0 and n_experts % (size // 2) == 0:
+        ctx = ParallelContext.create(WORLD, expert_tp=2)
+        engine = Engine(cfg, weights, be, ctx, options=EngineOptions(dispatch=DispatchOptions(deterministic=True)))
+        got = generate(engine.model, every[ctx.rank], 3, forward=engine.forward)
+        for g, r in zip(got.prefill_logits, want):
+            assert np.abs(g - r).max() <= 1e-6 * np.abs(r).max()
+        engine.close()
+        ctx.free()

@@ -1,0 +1,86 @@
+"""Row kernels shared by the model and the dispatch: gather rows, widen bfloat16, and the blocked
+weighted sum of rows that both reductions of an MoE layer are (the receiver's weighted sum of its
+local experts' outputs, and the source's sum of the rows that come back).
+
+Each takes arrays of one backend (numpy or cupy); cupy is never imported here.
+
+Legend: T tokens, C columns of an index table, R rows, D hidden, N gathered rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from hpc_moe.backend import bfloat16
+
+_BLOCK_BYTES = 1 << 20  # float32 rows gathered per block of weighted_rows_sum: about a core's L2
+
+
+def take_rows(xp, src_RD, idx_N, out_ND=None):
+    """out[i] = src[idx[i]] for a 2-D array, into ``out`` (contiguous) without a temporary."""
+    if out_ND is None:
+        out_ND = xp.empty((len(idx_N), src_RD.shape[1]), dtype=src_RD.dtype)
+    if xp is np:
+        np.take(src_RD, idx_N, axis=0, out=out_ND, mode="clip")  # clip: no bounds pass, no buffering
+    else:
+        xp.take(src_RD, xp.asarray(idx_N), axis=0, out=out_ND)
+    return out_ND
+
+
+def to_float32(xp, a, out=None):
+    """Any float array -> float32; bfloat16 by a 16-bit shift (exact, and one pass: NumPy's cast
+    of ml_dtypes' bfloat16 goes element by element)."""
+    if a.dtype == bfloat16 and xp is np:
+        if out is None:
+            out = np.empty(a.shape, np.float32)
+        np.left_shift(a.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+        return out
+    if out is None:
+        return a.astype(xp.float32, copy=False)
+    out[...] = a
+    return out
+
+
+def weighted_rows_sum(xp, rows_RD, index_TC, weight_TC, dtype):
+    """y[t] = sum_c weight[t, c] * rows[index[t, c]] in float32, returned in ``dtype``: [T, D].
+
+    rows_RD: [R + 1, D] any float dtype whose last row is zero (the target of padded entries);
+    index_TC: int64 [T, C] host; weight_TC: float32 [T, C] (host or device, like rows). Rows are
+    gathered a block of tokens at a time into a buffer that stays in cache, so every row is read
+    from memory once. The sum over c runs in column order for a given row of the table, whatever
+    the block: the same table gives bitwise the same y.
+    """
+    T, C = index_TC.shape
+    D = rows_RD.shape[1]
+    y = xp.empty((T, D), dtype=np.float32)
+    if T == 0:
+        return y.astype(dtype)
+    if xp is not np:
+        g = to_float32(xp, rows_RD[xp.asarray(index_TC)])
+        xp.einsum("tc,tcd->td", xp.asarray(weight_TC), g, out=y)
+        return y.astype(dtype, copy=False)
+    w = np.asarray(weight_TC, dtype=np.float32)
+    b = max(1, min(T, _BLOCK_BYTES // max(1, C * D * 4)))
+    raw = np.empty((b * C, D), rows_RD.dtype)
+    f32 = raw if rows_RD.dtype == np.float32 else np.empty((b * C, D), np.float32)
+    for s in range(0, T, b):
+        e = min(s + b, T)
+        n = (e - s) * C
+        take_rows(np, rows_RD, index_TC[s:e].reshape(-1), raw[:n])
+        g = to_float32(np, raw[:n], f32[:n]).reshape(e - s, C, D)
+        np.matmul(w[s:e, None, :], g, out=y[s:e, None, :])
+    return y if dtype == np.float32 else y.astype(dtype)
+
+
+def segment_index(group_R: np.ndarray, n_groups: int) -> np.ndarray:
+    """For rows labelled by group (int [R]), the table of each group's rows in row order:
+    int64 [n_groups, C] with C the largest group, padded with R (the zero row of
+    weighted_rows_sum)."""
+    R = len(group_R)
+    order = np.argsort(group_R, kind="stable")
+    counts = np.bincount(group_R, minlength=n_groups)
+    C = int(counts.max(initial=0))
+    table = np.full((n_groups, max(C, 1)), R, dtype=np.int64)
+    starts = np.cumsum(counts) - counts
+    col = np.arange(R) - np.repeat(starts, counts)
+    table[group_R[order], col] = order
+    return table
