@@ -6,6 +6,7 @@ rank aborts the whole job (MPI_Abort) instead of leaving the other ranks waiting
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from hpc_moe import __version__
@@ -145,11 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_checkpoint(sub)
     _add_plan(sub)
-    from hpc_moe.apps.bench import add_dispatch_args
+    from hpc_moe.apps.bench_dispatch import add_dispatch_args
+    from hpc_moe.apps.bench_layer import add_layer_args
     from hpc_moe.trace.report import add_report_args
     bench = sub.add_parser("bench", help="micro-benchmarks (under mpiexec)")
     bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     add_dispatch_args(bsub.add_parser("dispatch", help="dispatch/combine against the raw Ialltoallv floor"))
+    add_layer_args(bsub.add_parser("layer", help="one MoE layer forward, phase by phase, against the raw floor"))
     add_report_args(sub.add_parser("report", help="summary tables and PNG plots from traces"))
     return parser
 
@@ -179,9 +182,12 @@ def _dispatch(args) -> int:
     if args.command == "generate":
         from hpc_moe.apps.generate import run_generate
         return run_generate(args)
+    if args.command == "bench" and args.bench == "dispatch":
+        from hpc_moe.apps.bench_dispatch import BenchDispatchOptions, run_bench_dispatch
+        return run_bench_dispatch(options_from(BenchDispatchOptions, args))
     if args.command == "bench":
-        from hpc_moe.apps.bench import run_dispatch
-        return run_dispatch(args)
+        from hpc_moe.apps.bench_layer import BenchLayerOptions, run_bench_layer
+        return run_bench_layer(options_from(BenchLayerOptions, args))
     if args.command == "report":
         from hpc_moe.trace.report import run_report
         return run_report(args)
@@ -232,6 +238,11 @@ def _plan(args) -> int:
               "(breaks the one-expert-per-GPU principle)")
     print(p.format())
     return 0
+
+
+def options_from(cls, args: argparse.Namespace):
+    """The frozen options dataclass ``cls`` from the parsed arguments of the same names."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def _fail(message: str, code: int) -> int:

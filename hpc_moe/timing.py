@@ -25,8 +25,9 @@ class Profiler:
     """Accumulates seconds per (layer, phase), a list of events, and the exchanges of the current step.
 
     times_LP: float64 [L, P] exclusive seconds; events: (layer, phase id, t_start, t_end) in seconds
-    from the step's start; exchanges: (layer, micro_batch, kind id, t_post, t_done, blocked_s), times
-    from the step's start; exchange_LK2: float64 [L, K, 2] seconds in flight and blocked per kind.
+    from the step's start; exchanges: (layer, micro_batch, kind id, t_start, t_post, t_done, blocked_s),
+    times from the step's start; exchange_LK2: float64 [L, K, 2] seconds in flight (t_done - t_start)
+    and blocked per kind.
     """
 
     def __init__(self, num_layers: int, synchronize=None, enabled: bool = True):
@@ -70,21 +71,21 @@ class Profiler:
             self._inner[-1] += t_end - t_start
         self.events.append((layer, PHASE_ID[name], t_start - self.t0, t_end - self.t0))
 
-    def exchange(self, layer: int, micro_batch: int, kind: str, t_post: float, t_done: float,
+    def exchange(self, layer: int, micro_batch: int, kind: str, t_start: float, t_post: float, t_done: float,
                  blocked_s: float) -> None:
-        """One direction of one exchange: posted and seen complete (perf_counter seconds), and the
-        seconds this rank was blocked on it. Kept also with phases off (``--profile off``): it costs nothing."""
+        """One direction of one exchange: started, payload posted and seen complete (perf_counter
+        seconds), and the seconds this rank was blocked on it. Kept also with phases off (``--profile off``): it costs nothing."""
         k = EXCHANGE_KINDS.index(kind)
-        self.exchange_LK2[layer, k] += (max(0.0, t_done - t_post), blocked_s)
-        self.exchanges.append((layer, micro_batch, k, t_post - self.t0, t_done - self.t0, blocked_s))
+        self.exchange_LK2[layer, k] += (max(0.0, t_done - t_start), blocked_s)
+        self.exchanges.append((layer, micro_batch, k, t_start - self.t0, t_post - self.t0, t_done - self.t0, blocked_s))
 
     def events_array(self) -> np.ndarray:
         """float64 [n, 4]: layer, phase id, t_start, t_end."""
         return np.asarray(self.events, dtype=np.float64).reshape(-1, 4)
 
     def exchanges_array(self) -> np.ndarray:
-        """float64 [X, 6]: layer, micro_batch, kind id, t_post, t_done, blocked_s."""
-        return np.asarray(self.exchanges, dtype=np.float64).reshape(-1, 6)
+        """float64 [X, 7]: layer, micro_batch, kind id, t_start, t_post, t_done, blocked_s."""
+        return np.asarray(self.exchanges, dtype=np.float64).reshape(-1, 7)
 
 
 class NullProfiler(Profiler):

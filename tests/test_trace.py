@@ -23,6 +23,7 @@ import pytest
 
 from hpc_moe.trace.reader import (
     EVENT_DTYPE,
+    EXCHANGE_DTYPE,
     PHASES,
     SCHEMA_VERSION,
     Trace,
@@ -115,9 +116,14 @@ def synthetic_step(d: Dims, step: int) -> dict:
     skew = np.linspace(1.0, 3.0, d.num_experts)  # later experts hotter: imbalance > 1
     counts = np.stack([rng.multinomial(d.top_k * tokens, skew / skew.sum()) for _ in d.moe_layers])
     sent = rng.integers(1, 50, (R, R)) * HIDDEN_BYTES * len(d.moe_layers) * 2
-    return {"step": step, "kind": kind, "wall_time_s": float(_timeline(d, t)[:, 4].max() + 2e-4),
+    wall = float(_timeline(d, t)[:, 4].max() + 2e-4)
+    # In flight: the dispatch overlaps the shared expert, the combine is waited for.
+    in_flight = np.stack([t[..., ph["dispatch"]] + t[..., ph["shared"]], t[..., ph["combine"]] + t[..., ph["wait"]]], -1)
+    blocked = np.stack([0.2 * t[..., ph["dispatch"]], t[..., ph["wait"]]], -1)
+    return {"step": step, "kind": kind, "wall_time_s": wall,
             "input_tokens": prompt, "output_tokens": nseq, "num_sequences": nseq,
-            "phase_time_s": t, "expert_tokens": counts, "bytes_sent": sent}
+            "phase_time_s": t, "expert_tokens": counts, "bytes_sent": sent,
+            "exchange_time_s": np.stack([in_flight, blocked], -1)}
 
 
 def _timeline(d: Dims, t: np.ndarray) -> np.ndarray:
@@ -157,6 +163,18 @@ def synthetic_events(d: Dims, step: dict) -> dict:
             "phase": cols[2].astype(int), "t_start_s": cols[3], "t_end_s": cols[4]}
 
 
+def synthetic_exchanges(d: Dims, step: dict) -> dict:
+    """Keyword arguments of TraceWriter.append_exchanges: one dispatch and one combine per MoE layer
+    and rank, with the in-flight and blocked seconds of the step's exchange_time_s."""
+    layers = np.repeat(np.asarray(d.moe_layers), d.num_ranks * 2)
+    ranks = np.tile(np.repeat(np.arange(d.num_ranks), 2), len(d.moe_layers))
+    kinds = np.tile([0, 1], len(d.moe_layers) * d.num_ranks)
+    x = step["exchange_time_s"][layers, ranks, kinds]
+    post = 1e-3 * layers + 1e-4 * kinds
+    return {"step": step["step"], "rank": ranks, "layer": layers, "micro_batch": 0, "kind": kinds,
+            "t_start_s": post, "t_post_s": post, "t_done_s": post + x[:, 0], "blocked_s": x[:, 1]}
+
+
 def write_synthetic(path, d: Dims = Dims(), num_steps: int = 6) -> list[dict]:
     """A complete trace of ``num_steps`` steps; returns the appended step dicts."""
     steps = [synthetic_step(d, s) for s in range(num_steps)]
@@ -171,6 +189,7 @@ def feed(recorder: TraceWriter | MemoryTrace, d: Dims, steps: list[dict]) -> Non
         recorder.append_step(**s)
         if s["step"] in d.event_steps:
             recorder.append_events(**synthetic_events(d, s))
+            recorder.append_exchanges(**synthetic_exchanges(d, s))
 
 
 def assert_same_trace(got: Trace, want: Trace) -> None:
@@ -304,7 +323,7 @@ def _doc_tables() -> tuple[dict, dict]:
 def test_schema_matches_doc(tmp_path):
     d = Dims()
     write_synthetic(tmp_path / "t.h5", d)
-    sizes = {"S": 6, "L": d.num_layers, "M": len(d.moe_layers), "E": d.num_experts, "R": d.num_ranks,
+    sizes = {"S": 6, "L": d.num_layers, "X": None, "M": len(d.moe_layers), "E": d.num_experts, "R": d.num_ranks,
              "P": len(PHASES), "K": 2, "M1": 1}
     doc_ds, doc_attrs = _doc_tables()
     found = {}
@@ -319,9 +338,12 @@ def test_schema_matches_doc(tmp_path):
             dims = [s.strip() for s in shape.strip("[]()").split(",") if s.strip()]
             assert len(dims) == ds.ndim, name
             for n, sym in zip(ds.shape, dims):
-                if sym != "N":
+                if sym not in ("N", "X") and not sym.isdigit():
                     assert n == sizes[sym], (name, sym)
+                elif sym.isdigit():
+                    assert n == int(sym), (name, sym)
         assert found["/events"].dtype == EVENT_DTYPE
+        assert found["/exchanges"].dtype == EXCHANGE_DTYPE
         assert set(f.attrs) == set(doc_attrs), "root attributes in file and doc differ"
         types = {"str": str, "int": (int, np.integer), "bool": (bool, np.bool_), "json": str}
         for key, typ in doc_attrs.items():

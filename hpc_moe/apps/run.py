@@ -96,7 +96,7 @@ def _loop(args, ctx: ParallelContext, engine: Engine, workload: Workload, backen
         backend.synchronize()
         ctx.world.Barrier()
         wall = time.perf_counter() - t0
-        counts, times, sent = _gather_step(ctx, engine, prof)
+        counts, times, sent, exchange = _gather_step(ctx, engine, prof)
         cumulative += counts
         if args.bias_update_rate:
             engine.update_biases(counts, args.bias_update_rate)
@@ -109,15 +109,20 @@ def _loop(args, ctx: ParallelContext, engine: Engine, workload: Workload, backen
         t_rec = time.perf_counter()
         # The timeline only goes to a trace file (--trace none keeps just the summary's numbers).
         sample = args.trace is not None and bool(args.events_every) and measured % args.events_every == 0
-        events = _gather_events(ctx, prof) if sample else None
+        events = _gather_rows(ctx, prof.events_array()) if sample else None
+        exchanges = _gather_rows(ctx, prof.exchanges_array()) if sample else None
         if ctx.rank == 0:
             recorder.append_step(step=measured, kind=step.kind, wall_time_s=wall,
                                  input_tokens=step.input_tokens, output_tokens=step.output_tokens,
                                  num_sequences=step.num_sequences, phase_time_s=times,
-                                 expert_tokens=counts, bytes_sent=sent)
+                                 expert_tokens=counts, bytes_sent=sent, exchange_time_s=exchange)
             if events is not None and len(events):
                 recorder.append_events(step=measured, rank=events[:, 0], layer=events[:, 1],
                                        phase=events[:, 2], t_start_s=events[:, 3], t_end_s=events[:, 4])
+            if exchanges is not None and len(exchanges):
+                recorder.append_exchanges(step=measured, rank=exchanges[:, 0], layer=exchanges[:, 1],
+                                          micro_batch=exchanges[:, 2], kind=exchanges[:, 3], t_start_s=exchanges[:, 4],
+                                          t_post_s=exchanges[:, 5], t_done_s=exchanges[:, 6], blocked_s=exchanges[:, 7])
             recording += time.perf_counter() - t_rec
             progress.update(step, wall)
         measured += 1
@@ -169,8 +174,8 @@ def _local_batch(model, cache: KVCache | None, step: Step, owner: np.ndarray, ra
 
 
 def _gather_step(ctx: ParallelContext, engine: Engine, prof: Profiler):
-    """-> (expert tokens int64 [M, E] on every rank, phase times float64 [L, R, F] and bytes sent
-    int64 [R, R] on rank 0). Collective."""
+    """-> (expert tokens int64 [M, E] on every rank; on rank 0: phase times float64 [L, R, F],
+    bytes sent int64 [R, R], exchange times float64 [L, R, 2, 2]). Collective."""
     stats = engine.step_stats()
     counts = stats.expert_tokens_ME
     times = np.empty((ctx.size,) + prof.times_LP.shape) if ctx.rank == 0 else None
@@ -180,18 +185,22 @@ def _gather_step(ctx: ParallelContext, engine: Engine, prof: Profiler):
     row[first:first + ctx.ep_size] = stats.bytes_sent_P
     sent = np.empty((ctx.size, ctx.size), np.int64) if ctx.rank == 0 else None
     ctx.world.Gather([row, MPI.INT64_T], [sent, MPI.INT64_T], root=0)
-    return counts, (times.transpose(1, 0, 2) if ctx.rank == 0 else None), sent
+    exchange = np.empty((ctx.size,) + prof.exchange_LK2.shape) if ctx.rank == 0 else None
+    ctx.world.Gather([np.ascontiguousarray(prof.exchange_LK2), MPI.DOUBLE], [exchange, MPI.DOUBLE], root=0)
+    if ctx.rank != 0:
+        return counts, None, sent, None
+    return counts, times.transpose(1, 0, 2), sent, exchange.transpose(1, 0, 2, 3)
 
 
-def _gather_events(ctx: ParallelContext, prof: Profiler):
-    """Every rank's timeline of this step -> float64 [N, 5] (rank, layer, phase, start, end) on rank 0."""
-    ev = prof.events_array()
-    mine = np.concatenate([np.full((len(ev), 1), ctx.rank, np.float64), ev], axis=1)
+def _gather_rows(ctx: ParallelContext, rows_NC: np.ndarray):
+    """Every rank's records of this step (float64 [n, C], e.g. Profiler.events_array) -> float64
+    [N, 1 + C] on rank 0 with the rank in column 0 (None elsewhere). Collective."""
+    mine = np.concatenate([np.full((len(rows_NC), 1), ctx.rank, np.float64), rows_NC], axis=1)
     sizes = np.array(ctx.world.gather(mine.size, root=0) or [], np.int64)
     out = np.empty(int(sizes.sum()), np.float64) if ctx.rank == 0 else None
     ctx.world.Gatherv([mine.reshape(-1), MPI.DOUBLE], [out, (sizes, None), MPI.DOUBLE] if ctx.rank == 0 else None,
                       root=0)
-    return out.reshape(-1, 5) if ctx.rank == 0 else None
+    return out.reshape(-1, mine.shape[1]) if ctx.rank == 0 else None
 
 
 # ---- rank 0: trace, announcement, summary ------------------------------------------------------

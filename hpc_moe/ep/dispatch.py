@@ -89,9 +89,11 @@ ExpertFn = Callable[[Received], object]
 
 @dataclass
 class ExchangeTimes:
-    """When one direction of an exchange was posted and seen complete (perf_counter seconds), and
-    how long this rank was blocked waiting for it (count exchange included for the dispatch)."""
+    """When one direction of an exchange started (the dispatch: its count exchange), when its payload
+    was posted and when it was seen complete (perf_counter seconds), and how long this rank was
+    blocked waiting for it (count exchange included)."""
 
+    t_start: float = 0.0
     t_post: float = 0.0
     t_done: float = 0.0
     blocked: float = 0.0
@@ -146,6 +148,25 @@ class Dispatcher:
     def close(self) -> None:
         self.transport.close()
 
+    def pack(self, plan: _Plan, x_TD, weight_TK: np.ndarray, layout: RowLayout):
+        """The send buffers: token rows [M, row bytes] by one contiguous take, and metadata rows
+        [M, layout.width] (local expert id and weight per k, FP8 scales). Give both back with
+        transport.release() once sent."""
+        xp, tr = self.backend.xp, self.transport
+        m = len(plan.token_M)
+        tok = plan.token_M if xp is np else xp.asarray(plan.token_M)
+        meta = tr.scratch(m, layout.width)
+        weight_MK = np.where(plan.local_MK >= 0, weight_TK[plan.token_M], 0).astype(np.float32)
+        fields = {"local": xp.asarray(plan.local_MK), "weight": xp.asarray(weight_MK)}
+        if self.options.payload == "fp8":
+            q_TD, scale_TB = fp8_quantize(xp, x_TD)
+            rows = take_rows(xp, q_TD.view(np.uint8), tok, tr.scratch(m, x_TD.shape[1]))
+            fields["scale"] = scale_TB[tok]
+        else:
+            rows = take_rows(xp, as_bytes(xp, x_TD), tok, tr.scratch(m, x_TD.shape[1] * x_TD.itemsize))
+        layout.pack_into(xp, meta, **fields)
+        return rows, meta
+
     def plan(self, layer, topk_TK: np.ndarray) -> _Plan:
         """Routing -> send layout (host, vectorised). Rows go to every rank of each slot a token
         uses, once per rank; pairs come back in (row, k) order."""
@@ -172,7 +193,6 @@ class Exchange:
 
     def __init__(self, d: Dispatcher, layer, x_TD, topk_idx_TK, topk_weight_TK, prof: Profiler):
         be, tr = d.backend, d.transport
-        xp = be.xp
         topk = np.asarray(be.to_numpy(topk_idx_TK), dtype=np.int64)
         if x_TD.ndim != 2 or topk.ndim != 2 or topk.shape[0] != x_TD.shape[0]:
             raise ValueError(f"x_TD {tuple(x_TD.shape)} and topk_idx_TK {topk.shape} must be [T, D] and [T, K]")
@@ -188,22 +208,12 @@ class Exchange:
         self._w_TK = w_TK
         plan = self._plan = d.plan(layer, topk)
         self.recv_counts_P = np.zeros(d.size, dtype=np.int64)
+        self.dispatch_times.t_start = time.perf_counter()
         counts_req = d.comm.Ialltoall([plan.counts_P, MPI.INT64_T], [self.recv_counts_P, MPI.INT64_T])
 
-        # Pack while the counts fly: token rows by one contiguous take, then the metadata rows.
+        # Pack while the counts fly.
         layout = self._layout = d.meta_layout(self.hidden, topk.shape[1])
-        m = len(plan.token_M)
-        tok = plan.token_M if xp is np else xp.asarray(plan.token_M)
-        meta = tr.scratch(m, layout.width)
-        weight_MK = np.where(plan.local_MK >= 0, w_TK[plan.token_M], 0).astype(np.float32)
-        fields = {"local": xp.asarray(plan.local_MK), "weight": xp.asarray(weight_MK)}
-        if d.options.payload == "fp8":
-            q_TD, scale_TB = fp8_quantize(xp, x_TD)
-            rows = take_rows(xp, q_TD.view(np.uint8), tok, tr.scratch(m, self.hidden))
-            fields["scale"] = scale_TB[tok]
-        else:
-            rows = take_rows(xp, as_bytes(xp, x_TD), tok, tr.scratch(m, self.hidden * self.dtype.itemsize))
-        layout.pack_into(xp, meta, **fields)
+        rows, meta = d.pack(plan, x_TD, w_TK, layout)
         self._send = (tr.to_wire(rows), tr.to_wire(meta))
         self._scratch = (rows, meta)
         with prof.phase(layer, "wait"):
@@ -225,17 +235,39 @@ class Exchange:
 
     # ---- accounting ----------------------------------------------------------------------------
     @property
+    def send_counts_P(self) -> np.ndarray:
+        """Token rows this rank sends to each peer [P]."""
+        return self._plan.counts_P
+
+    @property
+    def back_counts_P(self) -> np.ndarray:
+        """Rows each peer returns to this rank in the combine [P]."""
+        return self._plan.pair_counts_P if self.pairs else self._plan.counts_P
+
+    @property
+    def dispatch_row_bytes(self) -> int:
+        """Bytes per dispatched token: its row and its metadata row."""
+        return self._send[0].shape[1] + self._layout.width
+
+    @property
     def send_bytes_P(self) -> np.ndarray:
         """Bytes this rank sends to each peer [P], dispatch + combine (its own entry is a local copy)."""
-        row = self._send[0].shape[1] + self._layout.width
-        return self._plan.counts_P * row + self.reply_counts_P * self.hidden * self.dtype.itemsize
+        return self.send_counts_P * self.dispatch_row_bytes + self.reply_counts_P * self.hidden * self.dtype.itemsize
+
+    def reduction(self) -> tuple[np.ndarray, np.ndarray]:
+        """The source's sum of the combine rows as weighted_rows_sum's table: (index int64 [T, C]
+        into the back rows, weight float32 [T, C])."""
+        if self.pairs:
+            return self._plan.pair_index_TC, np.repeat(self._w_TK, self._d.tp, axis=1)
+        index = segment_index(self._plan.token_M, self.tokens)
+        return index, np.ones(index.shape, np.float32)
 
     # ---- progress ------------------------------------------------------------------------------
     def progress(self) -> bool:
         """Advance what is in flight without blocking; True once the combine has landed."""
         if self._state in ("dispatching", "combining") and self._reqs and MPI.Request.Testall(self._reqs):
             self._landed()
-        return self._state == "done"
+        return self._state in ("combined", "done")
 
     def _landed(self) -> None:
         times = self.dispatch_times if self._state == "dispatching" else self.combine_times
@@ -277,11 +309,10 @@ class Exchange:
         send_counts = self.reply_counts_P = self._reply_counts()
         if out.shape != (int(send_counts.sum()), self.hidden):
             raise ValueError(f"reply rows {tuple(out.shape)} must be [{int(send_counts.sum())}, {self.hidden}]")
-        self._release_recv()
-        self._replies = [tr.to_wire(as_bytes(xp, out))]
+        self._replies = [tr.to_wire(as_bytes(xp, out))]  # may view the receive buffer: freed at wait()
         self._back = self._back_buffer()
-        self.combine_times.t_post = time.perf_counter()
-        self._reqs = [tr.ialltoallv(self._replies[0], send_counts, self._back, self._back_counts())]
+        self.combine_times.t_start = self.combine_times.t_post = time.perf_counter()
+        self._reqs = [tr.ialltoallv(self._replies[0], send_counts, self._back, self.back_counts_P)]
         self._state = "combining"
 
     def wait(self):
@@ -291,15 +322,10 @@ class Exchange:
         if self._state != "combined":
             raise RuntimeError(f"wait() on an exchange that is {self._state}")
         tr, xp = self._d.transport, self._d.backend.xp
-        b = int(self._back_counts().sum())
-        rows = tr.from_wire(self._back, b + 1).view(self.dtype)
-        if self.pairs:
-            index, weight = self._plan.pair_index_TC, np.repeat(self._w_TK, self._d.tp, axis=1)
-        else:
-            index = segment_index(self._plan.token_M, self.tokens)
-            weight = np.ones(index.shape, np.float32)
-        y = weighted_rows_sum(xp, rows, index, weight, self.dtype)
+        rows = tr.from_wire(self._back, int(self.back_counts_P.sum()) + 1).view(self.dtype)
+        y = weighted_rows_sum(xp, rows, *self.reduction(), self.dtype)
         tr.release(*self._replies, self._back)
+        self._release_recv()
         self._state = "done"
         return y
 
@@ -311,12 +337,9 @@ class Exchange:
         src_Q = np.repeat(np.arange(self._d.size), self.recv_counts_P)[self.received().row_Q]
         return np.bincount(src_Q, minlength=self._d.size).astype(np.int64)
 
-    def _back_counts(self) -> np.ndarray:
-        return self._plan.pair_counts_P if self.pairs else self._plan.counts_P
-
     def _back_buffer(self):
         """The combine's receive buffer, one zero row more: the target of padded table entries."""
-        b = int(self._back_counts().sum())
+        b = int(self.back_counts_P.sum())
         back = self._d.transport.empty(b + 1, self.hidden * self.dtype.itemsize)
         back[b] = 0
         return back
@@ -361,10 +384,10 @@ class Exchange:
 
     def _run_pipelined(self, expert_fn: ExpertFn) -> None:
         d, tr = self._d, self._d.transport
-        back_counts = self._back_counts()
+        back_counts = self.back_counts_P
         self._back = self._back_buffer()
         boff = np.cumsum(back_counts) - back_counts
-        self.combine_times.t_post = time.perf_counter()
+        self.combine_times.t_start = self.combine_times.t_post = time.perf_counter()
         reqs = [tr.irecv(self._back, boff[p], back_counts[p], p, self._tag + 2)
                 for p in range(d.size) if back_counts[p]]
         replies, reply_counts = [], np.zeros(d.size, np.int64)
@@ -390,6 +413,5 @@ class Exchange:
         MPI.Request.Waitall(self._reqs)  # our own sends of the dispatch
         self.dispatch_times.t_done = time.perf_counter()
         self._replies, self.reply_counts_P, self._reqs = replies, reply_counts, reqs
-        self._release_recv()
         tr.release(*self._scratch, *self._send)
         self._state = "combining"

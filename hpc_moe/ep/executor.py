@@ -99,18 +99,18 @@ class PendingExchange:
     """The routed half of one MoE layer of one micro-batch, in flight over MPI."""
 
     def __init__(self, executor: ExpertParallelExecutor, ex: Exchange, micro_batch: int, prof: Profiler):
-        self._executor, self._ex, self._mb, self._prof = executor, ex, micro_batch, prof
+        self._executor, self.exchange, self._mb, self._prof = executor, ex, micro_batch, prof
         self._ran = False
 
     def progress(self) -> bool:
-        return self._ex.progress()
+        return self.exchange.progress()
 
     def run_experts(self, poll: Poll | None = None) -> None:
         """Wait for the rows, compute them, post the combine."""
         if self._ran:
             return
         self._ran = True
-        ex, prof, layer = self._ex, self._prof, self._ex.layer
+        ex, prof, layer = self.exchange, self._prof, self.exchange.layer
 
         def expert_fn(rec: Received):
             with prof.phase(layer, "expert"):
@@ -121,10 +121,10 @@ class PendingExchange:
     def finish(self):
         """-> the routed experts' weighted sum y_TD [T, D]."""
         self.run_experts()
-        ex, prof, layer = self._ex, self._prof, self._ex.layer
+        ex, prof, layer = self.exchange, self._prof, self.exchange.layer
         with prof.phase(layer, "combine"):
             y = ex.wait()
         self._executor.bytes_sent_P += ex.send_bytes_P
         for kind, t in (("dispatch", ex.dispatch_times), ("combine", ex.combine_times)):
-            prof.exchange(layer, self._mb, kind, t.t_post, t.t_done, t.blocked)
+            prof.exchange(layer, self._mb, kind, t.t_start, t.t_post, t.t_done, t.blocked)
         return y

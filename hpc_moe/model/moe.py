@@ -21,7 +21,7 @@ from hpc_moe.backend import Backend
 from hpc_moe.config import ModelConfig
 from hpc_moe.model.layers import array_module, linear, silu
 from hpc_moe.model.router import Routing, SyntheticRouting, route, update_bias
-from hpc_moe.rowops import segment_index, take_rows, weighted_rows_sum
+from hpc_moe.rowops import segment_index, take_rows, to_float32, weighted_rows_sum
 from hpc_moe.timing import NullProfiler, Profiler
 
 Poll = Callable[[], None]
@@ -79,12 +79,13 @@ def apply_experts(experts, x_ND, expert_Q, row_Q=None, poll: Poll | None = None)
 def weigh_pairs(out_QD, row_Q, weight_Q, n_rows: int, dtype):
     """y[n] = sum of weight[q] * out[q] over the pairs q of row n, in float32: [N, D] in dtype.
 
-    One pair per row in order (one expert per rank) is one scaling pass, in place when float32.
+    One pair per row in order (one expert per rank) is one scaling pass, in place on out_QD when
+    it is float32 (the caller's expert output, not needed afterwards).
     """
     xp = array_module(out_QD)
     w = xp.asarray(weight_Q, dtype=np.float32)
     if len(row_Q) == n_rows and (np.asarray(row_Q) == np.arange(n_rows)).all():
-        y = out_QD if out_QD.dtype == np.float32 else out_QD.astype(np.float32)
+        y = out_QD if out_QD.dtype == np.float32 else to_float32(xp, out_QD)
         y *= w[:, None]
         return y.astype(dtype, copy=False)
     index = segment_index(np.asarray(row_Q), n_rows)

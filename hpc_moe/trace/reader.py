@@ -25,20 +25,24 @@ import h5py
 import numpy as np
 
 from hpc_moe.errors import InputError
-from hpc_moe.timing import COMM_PHASES, PHASES  # noqa: F401 (part of the format: re-exported)
+from hpc_moe.timing import COMM_PHASES, EXCHANGE_KINDS, PHASES  # noqa: F401 (part of the format: re-exported)
 
 SCHEMA_NAME = "hpc_moe.trace"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: /steps/exchange_time_s and /exchanges (version 1 files read with them empty)
 KINDS = ("prefill", "decode", "mixed")
 STATES = ("running", "completed", "failed")  # a killed writer leaves "running"
 EVENT_DTYPE = np.dtype([("step", "<i8"), ("rank", "<i4"), ("layer", "<i4"), ("phase", "<i2"),
                         ("t_start_s", "<f8"), ("t_end_s", "<f8")])
+EXCHANGE_DTYPE = np.dtype([("step", "<i8"), ("rank", "<i4"), ("layer", "<i4"), ("micro_batch", "<i2"),
+                           ("kind", "i1"), ("t_start_s", "<f8"), ("t_post_s", "<f8"), ("t_done_s", "<f8"),
+                           ("blocked_s", "<f8")])
 STATUS_DTYPE = np.dtype([("state", "i1"), ("steps_written", "<i8"), ("elapsed_s", "<f8"),
                          ("end_time_unix", "<f8")])
 UNITS = {"wall_time_s": "s", "input_tokens": "tokens", "output_tokens": "tokens",
          "num_sequences": "sequences", "input_tokens_per_s": "tokens/s",
          "output_tokens_per_s": "tokens/s", "phase_time_s": "s", "expert_tokens": "tokens",
-         "bytes_sent": "B", "events": "s", "elapsed_s": "s", "end_time_unix": "s"}
+         "bytes_sent": "B", "events": "s", "exchange_time_s": "s", "exchanges": "s", "elapsed_s": "s",
+         "end_time_unix": "s"}
 RANK_COLUMNS = ("host", "node", "local_rank", "gpu", "device")  # /layout/rank_<name>
 
 
@@ -144,8 +148,10 @@ class Trace:
 
     meta: root attributes, JSON ones decoded. Per step: step int64 [S], kind str [S],
     wall_time_s float64 [S], input_tokens / output_tokens / num_sequences int64 [S],
-    phase_time_s float64 [S, L, R, P], expert_tokens int64 [S, M, E], bytes_sent int64 [S, R, R].
-    events: EVENT_DTYPE [N] (only events of the steps above). moe_layers int64 [M];
+    phase_time_s float64 [S, L, R, P], expert_tokens int64 [S, M, E], bytes_sent int64 [S, R, R],
+    exchange_time_s float64 [S, L, R, 2, 2]: per exchange kind (dispatch, combine) the seconds in
+    flight (started to seen complete) and blocked, summed over micro-batches.
+    events: EVENT_DTYPE [N] and exchanges: EXCHANGE_DTYPE [X] (only those of the steps above). moe_layers int64 [M];
     placement int32 [M or 1, E, K]; rank_host / rank_device str [R]; rank_node / rank_local_rank /
     rank_gpu int32 [R]. state: "running" (still written, or killed), "completed" or "failed".
     path: the file, or "<memory>" for a hpc_moe.trace.MemoryTrace.
@@ -164,7 +170,9 @@ class Trace:
     phase_time_s: np.ndarray
     expert_tokens: np.ndarray
     bytes_sent: np.ndarray
+    exchange_time_s: np.ndarray
     events: np.ndarray
+    exchanges: np.ndarray
     moe_layers: np.ndarray
     placement: np.ndarray
     rank_host: np.ndarray
@@ -176,17 +184,19 @@ class Trace:
 
     @classmethod
     def from_contents(cls, path: str, attrs: Mapping, steps: Mapping[str, np.ndarray], events: np.ndarray,
-                      layout: Mapping[str, np.ndarray], state: str) -> Trace:
+                      exchanges: np.ndarray, layout: Mapping[str, np.ndarray], state: str) -> Trace:
         """The Trace of a trace file's contents, whether read from HDF5 or held in memory.
 
         attrs: root attributes as stored (JSON ones as strings); steps: the committed rows of the
-        ``/steps/*`` datasets, kind as int enum codes; events: all of ``/events``; layout: the
+        ``/steps/*`` datasets, kind as int enum codes; events, exchanges: all of ``/events`` and
+        ``/exchanges``; layout: the
         ``/layout/*`` datasets by name (rank_host / rank_device as any string array).
         """
         meta = {k: (json.loads(v) if k in _JSON_ATTRS else _scalar(v)) for k, v in attrs.items()}
         rows = {name: steps[name] for name in _PER_STEP}
         rows["kind"] = np.array(KINDS)[rows["kind"].astype(np.int64)] if len(rows["step"]) else np.array([], "<U7")
         arrays = {**rows, "events": events[np.isin(events["step"], rows["step"])],
+                  "exchanges": exchanges[np.isin(exchanges["step"], rows["step"])],
                   **{k: layout[k] for k in ("moe_layers", "placement")},
                   **{f"rank_{k}": layout[f"rank_{k}"] for k in RANK_COLUMNS}}
         for k in ("rank_host", "rank_device"):
@@ -234,8 +244,9 @@ class Trace:
         """The same trace restricted to some steps (bool mask [S] or slice), e.g. to drop warm-up."""
         idx = np.arange(self.num_steps)[keep]
         fields = {f: _frozen(getattr(self, f)[idx]) for f in _PER_STEP}
-        events = _frozen(self.events[np.isin(self.events["step"], self.step[idx])])
-        return dataclasses.replace(self, events=events, **fields)
+        kept = {name: _frozen(getattr(self, name)[np.isin(getattr(self, name)["step"], self.step[idx])])
+                for name in ("events", "exchanges")}
+        return dataclasses.replace(self, **kept, **fields)
 
     def steps_table(self) -> dict[str, np.ndarray]:
         """Per-step columns [S] (pandas.DataFrame(trace.steps_table()) gives one row per step)."""
@@ -247,7 +258,7 @@ class Trace:
 
 
 _PER_STEP = ("step", "kind", "wall_time_s", "input_tokens", "output_tokens", "num_sequences",
-             "phase_time_s", "expert_tokens", "bytes_sent")
+             "phase_time_s", "expert_tokens", "bytes_sent", "exchange_time_s")
 
 
 def read_trace(path: str | os.PathLike) -> Trace:
@@ -277,8 +288,13 @@ def _read(f: h5py.File, path: str) -> Trace:
     steps = f["steps"]
     n = min(steps[name].shape[0] for name in steps)  # /steps/step is the shortest unless corrupted
     layout = {name: ds[:] for name, ds in f["layout"].items()}
-    return Trace.from_contents(path, dict(f.attrs), {name: steps[name][:n] for name in _PER_STEP},
-                               f["events"][:], layout, STATES[int(f["status"][()]["state"])])
+    rows = {name: steps[name][:n] for name in _PER_STEP if name in steps}
+    if "exchange_time_s" not in rows:  # a version 1 file: no exchange records
+        shape = steps["phase_time_s"].shape[1:3]
+        rows["exchange_time_s"] = np.zeros((n, *shape, len(EXCHANGE_KINDS), 2))
+    exchanges = f["exchanges"][:] if "exchanges" in f else np.empty(0, EXCHANGE_DTYPE)
+    return Trace.from_contents(path, dict(f.attrs), rows, f["events"][:], exchanges, layout,
+                               STATES[int(f["status"][()]["state"])])
 
 
 def _one_line(e: BaseException) -> str:
@@ -330,3 +346,19 @@ def achieved_bandwidth(trace: Trace, *, per_step: bool = False) -> np.ndarray:
         sent, secs = sent.sum(axis=0), secs.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(secs > 0, sent / np.where(secs > 0, secs, 1), np.nan)
+
+
+def exchange_overlap(trace: Trace) -> dict[str, np.ndarray]:
+    """Per MoE layer (and in total) the all-to-all time of a step, mean over steps and ranks, ms:
+    in_flight float64 [M] (started to seen complete, dispatch + combine, all micro-batches),
+    blocked float64 [M] (the exposed part: the rank waited), hidden float64 [M] the share of the
+    in-flight time that ran under compute (1 - blocked / in_flight; NaN without exchanges); and
+    the same over all layers as scalars under "total_*"."""
+    x = trace.exchange_time_s[:, trace.moe_layers] if trace.num_steps else np.zeros((0, len(trace.moe_layers), 1, 2, 2))
+    per = x.sum(axis=3).mean(axis=(0, 2)) * 1e3 if len(x) else np.zeros((len(trace.moe_layers), 2))  # [M, 2]
+    flight, blocked = per[:, 0], per[:, 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        hidden = np.where(flight > 0, 1 - np.minimum(blocked, flight) / flight, np.nan)
+        total_hidden = 1 - min(blocked.sum(), flight.sum()) / flight.sum() if flight.sum() > 0 else float("nan")
+    return {"in_flight": flight, "blocked": blocked, "hidden": hidden, "total_in_flight": float(flight.sum()),
+            "total_blocked": float(blocked.sum()), "total_hidden": float(total_hidden)}

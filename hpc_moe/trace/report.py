@@ -22,6 +22,7 @@ from hpc_moe.trace.reader import (
     Trace,
     TraceError,
     achieved_bandwidth,
+    exchange_overlap,
     expert_load_imbalance,
     read_trace,
 )
@@ -148,6 +149,8 @@ def summary_table(trace: Trace) -> str:
             f"  per step: {_bytes(c['bytes_per_step'])} ({inter:.1f}% between nodes)",
             (f"  achieved bandwidth per rank, bytes / (dispatch + combine) time: min {_num(c['bw_min'] / 1e9, 3)}, "
              f"mean {_num(c['bw_mean'] / 1e9, 3)}, max {_num(c['bw_max'] / 1e9, 3)} GB/s")]
+    if len(trace.moe_layers):
+        out += ["", overlap_table([trace])]
     imb = st["imbalance"]
     if imb.size and np.isfinite(imb).any():
         worst = int(np.nanargmax(imb))
@@ -155,6 +158,28 @@ def summary_table(trace: Trace) -> str:
                 (f"  mean over MoE layers {np.nanmean(imb):.2f}, worst layer {trace.moe_layers[worst]}: "
                  f"{imb[worst]:.2f}, best {np.nanmin(imb):.2f}")]
     return "\n".join(out)
+
+
+def overlap_table(traces: Sequence[Trace]) -> str:
+    """Per MoE layer and in total: exposed (blocked) all-to-all ms per step and the share of the
+    in-flight time that ran under compute, one column pair per trace (e.g. --overlap off and on)."""
+    stats = [exchange_overlap(t) for t in traces]
+    layers = traces[0].moe_layers
+    header = ["layer"]
+    for t in traces:
+        tag = f" ({t.name})" if len(traces) > 1 else ""
+        header += [f"in flight ms{tag}", f"exposed ms{tag}", f"hidden %{tag}"]
+    rows = []
+    for i, layer in enumerate(layers):
+        row = [int(layer)]
+        for s in stats:
+            ok = i < len(s["in_flight"])
+            row += [f"{s['in_flight'][i]:.3f}", f"{s['blocked'][i]:.3f}", _num(s["hidden"][i] * 100, 1)] if ok else ["-"] * 3
+        rows.append(row)
+    rows.append(["total", *(v for s in stats for v in (f"{s['total_in_flight']:.3f}", f"{s['total_blocked']:.3f}",
+                                                        _num(s["total_hidden"] * 100, 1)))])
+    return "\n".join(["Exchanges (all-to-all per step, mean over steps and ranks; exposed = the rank was blocked, "
+                      "hidden = in flight under compute)", _table(header, rows)])
 
 
 def scaling_points(traces: Sequence[Trace]) -> list[dict[str, Any]]:
@@ -253,6 +278,8 @@ def run_report(args: argparse.Namespace) -> int:
             print(summary_table(t), end="\n\n")
         if len(traces) > 1:
             print(scaling_table(traces), end="\n\n")
+            if len({t.num_layers for t in traces}) == 1 and len(traces[0].moe_layers):
+                print(overlap_table(traces), end="\n\n")
         if not args.no_plots:
             out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.traces[0])), "report")
             for path in write_plots(traces, out, step=args.step):

@@ -26,6 +26,8 @@ import numpy as np
 from hpc_moe.trace.reader import (
     COMM_PHASES,
     EVENT_DTYPE,
+    EXCHANGE_DTYPE,
+    EXCHANGE_KINDS,
     KINDS,
     PHASES,
     STATES,
@@ -46,7 +48,7 @@ class _Recorder:
     """What TraceWriter and MemoryTrace share: the layout, the meta attributes, the checks of every
     call. A subclass defines ``closed``, ``close(*, failed)``, ``trace()`` and keeps what the checks
     return: ``_store_step`` gets the row of each /steps dataset (dict in ``_specs`` order, "step"
-    last), ``_store_events`` an EVENT_DTYPE [N] array.
+    last), ``_store_records`` a name ("events" or "exchanges") and an array of its dtype.
 
     meta: the ``traceread.REQUIRED_META`` keys (configs as dicts or dataclasses, mpi_library_version: str,
       transport: str, cuda_aware: bool, array_backend: str, truncated: bool) plus optional
@@ -79,7 +81,8 @@ class _Recorder:
         L, M, R, E, P = self.num_layers, len(self.moe_layers), self.num_ranks, self.num_experts, len(self.phases)
         # dtype and row shape of each /steps dataset, in append order: bulk rows first, "step" last.
         self._specs = {"phase_time_s": (np.float64, (L, R, P)), "expert_tokens": (np.int64, (M, E)),
-                       "bytes_sent": (np.int64, (R, R)), "kind": (np.int8, ()), "wall_time_s": (np.float64, ()),
+                       "bytes_sent": (np.int64, (R, R)), "exchange_time_s": (np.float64, (L, R, len(EXCHANGE_KINDS), 2)),
+                       "kind": (np.int8, ()), "wall_time_s": (np.float64, ()),
                        **dict.fromkeys(("input_tokens", "output_tokens", "num_sequences"), (np.int64, ())),
                        **dict.fromkeys(("input_tokens_per_s", "output_tokens_per_s"), (np.float64, ())),
                        "step": (np.int64, ())}
@@ -93,12 +96,15 @@ class _Recorder:
 
     def append_step(self, *, step: int, kind: str, wall_time_s: float, input_tokens: int,
                     output_tokens: int, num_sequences: int, phase_time_s: np.ndarray,
-                    expert_tokens: np.ndarray, bytes_sent: np.ndarray) -> None:
+                    expert_tokens: np.ndarray, bytes_sent: np.ndarray,
+                    exchange_time_s: np.ndarray | None = None) -> None:
         """Append one step (TraceWriter: and flush it, readable from then on, also after a crash).
 
         step: increasing step index; kind: "prefill" | "decode" | "mixed"; wall_time_s: > 0;
         phase_time_s: float [L, R, P] seconds; expert_tokens: int [M, E] routed tokens per expert
-        (all ranks); bytes_sent: int [R, R] EP bytes sent[src, dst] over the step.
+        (all ranks); bytes_sent: int [R, R] EP bytes sent[src, dst] over the step;
+        exchange_time_s: float [L, R, 2, 2] seconds in flight and blocked per exchange kind
+        (None: no exchanges were recorded, zeros).
         """
         self._check_open()
         if int(step) <= self._last_step:
@@ -109,6 +115,8 @@ class _Recorder:
             raise TraceError(f"wall_time_s must be a positive number, got {wall_time_s!r}")
         values = {name: _as_checked(value, name, self._specs[name]) for name, value in
                   (("phase_time_s", phase_time_s), ("expert_tokens", expert_tokens), ("bytes_sent", bytes_sent),
+                   ("exchange_time_s", np.zeros(self._specs["exchange_time_s"][1]) if exchange_time_s is None
+                    else exchange_time_s),
                    ("input_tokens", input_tokens), ("output_tokens", output_tokens),
                    ("num_sequences", num_sequences))}
         wall = float(wall_time_s)
@@ -139,7 +147,31 @@ class _Recorder:
         times = np.stack([rows["t_start_s"], rows["t_end_s"]])
         if not np.all(np.isfinite(times)) or np.any(times[1] < times[0]):
             raise TraceError("events need finite times with t_end_s >= t_start_s")
-        self._store_events(rows)
+        self._store_records("events", rows)
+
+    def append_exchanges(self, *, step: int, rank, layer, micro_batch, kind, t_start_s, t_post_s, t_done_s,
+                         blocked_s) -> None:
+        """Append the exchange records of one step (TraceWriter: and flush); arguments broadcast to
+        a common length X. kind: index into EXCHANGE_KINDS; t_start_s, t_post_s, t_done_s: when the
+        exchange started (the dispatch: its count exchange), its payload was posted and it was seen
+        complete, seconds since the rank's own start of the step; blocked_s: seconds the rank
+        waited for it."""
+        self._check_open()
+        cols = np.broadcast_arrays(*(np.asarray(a) for a in (rank, layer, micro_batch, kind, t_start_s, t_post_s,
+                                                              t_done_s, blocked_s)))
+        rows = np.empty(np.size(cols[0]), EXCHANGE_DTYPE)
+        rows["step"] = int(step)
+        for name, col in zip(EXCHANGE_DTYPE.names[1:], cols):
+            rows[name] = col.ravel()
+        for name, hi, col in zip(("rank", "layer", "kind"), (self.num_ranks, self.num_layers, len(EXCHANGE_KINDS)),
+                                 (cols[0], cols[1], cols[3])):
+            if rows.size and not (0 <= rows[name].min() and rows[name].max() < hi
+                                  and np.array_equal(rows[name], col.ravel())):
+                raise TraceError(f"exchange {name} ids must be integers in [0, {hi})")
+        times = np.stack([rows["t_start_s"], rows["t_post_s"], rows["t_done_s"], rows["blocked_s"]])
+        if not np.all(np.isfinite(times)) or np.any(rows["blocked_s"] < 0):
+            raise TraceError("exchanges need finite times and blocked_s >= 0")
+        self._store_records("exchanges", rows)
 
     def _check_open(self) -> None:
         if self.closed:
@@ -162,7 +194,7 @@ class MemoryTrace(_Recorder):
         super().__init__(meta, num_layers=num_layers, moe_layers=moe_layers, placement=placement,
                          rank_map=rank_map, phases=phases, comm_phases=comm_phases)
         self._steps: dict[str, list[np.ndarray]] = {name: [] for name in self._specs}
-        self._events: list[np.ndarray] = []
+        self._records: dict[str, list[np.ndarray]] = {"events": [], "exchanges": []}
         self._state = "running"  # until close()
 
     @property
@@ -178,17 +210,18 @@ class MemoryTrace(_Recorder):
         """The steps and events appended so far; state "running" until closed."""
         steps = {name: np.stack(rows) if rows else np.empty((0, *shape), dtype)
                  for (name, rows), (dtype, shape) in zip(self._steps.items(), self._specs.values())}
-        events = np.concatenate(self._events) if self._events else np.empty(0, EVENT_DTYPE)
+        events, exchanges = (np.concatenate(self._records[name]) if self._records[name] else np.empty(0, dtype)
+                             for name, dtype in (("events", EVENT_DTYPE), ("exchanges", EXCHANGE_DTYPE)))
         layout = {"moe_layers": self.moe_layers.copy(), "placement": self.placement.copy(),
                   **{f"rank_{name}": col.copy() for name, col in self._ranks.items()}}
-        return Trace.from_contents(self.path, self._attrs, steps, events, layout, self._state)
+        return Trace.from_contents(self.path, self._attrs, steps, events, exchanges, layout, self._state)
 
     def _store_step(self, rows: dict[str, np.ndarray]) -> None:
         for name, row in rows.items():
             self._steps[name].append(row.copy())  # a row may be the caller's array, reused next step
 
-    def _store_events(self, rows: np.ndarray) -> None:
-        self._events.append(rows)
+    def _store_records(self, name: str, rows: np.ndarray) -> None:
+        self._records[name].append(rows)
 
 
 class TraceWriter(_Recorder):
@@ -215,6 +248,7 @@ class TraceWriter(_Recorder):
             # h5py name lookups cost ~0.1 ms each: resolve the appended datasets once.
             self._rows = {name: _Rows(self._file[f"steps/{name}"]) for name in self._specs}
             self._rows["events"] = _Rows(self._file["events"])
+            self._rows["exchanges"] = _Rows(self._file["exchanges"])
         except (OSError, ValueError, TypeError, KeyError) as e:  # what h5py raises
             self._file.close()
             os.unlink(self.path)
@@ -254,12 +288,12 @@ class TraceWriter(_Recorder):
         except (OSError, ValueError) as e:  # e.g. the disk is full
             raise TraceError(f"cannot append step {rows['step']} to trace {self.path}: {_one_line(e)}") from None
 
-    def _store_events(self, rows: np.ndarray) -> None:
+    def _store_records(self, name: str, rows: np.ndarray) -> None:
         try:
-            self._rows["events"].append(rows)
+            self._rows[name].append(rows)
             self._file.flush()
         except (OSError, ValueError) as e:
-            raise TraceError(f"cannot append events to trace {self.path}: {_one_line(e)}") from None
+            raise TraceError(f"cannot append {name} to trace {self.path}: {_one_line(e)}") from None
 
 
 def _create_file(path: str, overwrite: bool) -> h5py.File:
@@ -289,7 +323,8 @@ def _write_static(f: h5py.File, w: TraceWriter) -> None:
 def _create_row_datasets(f: h5py.File, w: TraceWriter) -> None:
     kind_dtype = h5py.enum_dtype({k: i for i, k in enumerate(KINDS)}, basetype="i1")
     labels = {"phase_time_s": ("step", "layer", "rank", "phase"),
-              "expert_tokens": ("step", "moe_layer", "expert"), "bytes_sent": ("step", "src", "dst")}
+              "expert_tokens": ("step", "moe_layer", "expert"), "bytes_sent": ("step", "src", "dst"),
+              "exchange_time_s": ("step", "layer", "rank", "kind", "in_flight|blocked")}
     steps = f.create_group("steps")
     for name, (dtype, tail) in w._specs.items():
         # Bulk rows get one chunk per step (one write each); scalar columns share chunks.
@@ -299,8 +334,9 @@ def _create_row_datasets(f: h5py.File, w: TraceWriter) -> None:
         ds.attrs["units"] = UNITS.get(name, "1")
         for axis, label in enumerate(labels.get(name, ("step",))):
             ds.dims[axis].label = label
-    ev = f.create_dataset("events", shape=(0,), maxshape=(None,), dtype=EVENT_DTYPE, chunks=(4096,))
-    ev.attrs["units"] = UNITS["events"]
+    for name, dtype in (("events", EVENT_DTYPE), ("exchanges", EXCHANGE_DTYPE)):
+        ds = f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
+        ds.attrs["units"] = UNITS[name]
 
 
 class _Rows:

@@ -4,10 +4,21 @@
       mpiexec -n $n python -m mpi4py -m pytest --with-mpi tests/mpi/test_dispatch.py; done
 
 Every rank can regenerate every other rank's tokens (seeded by source rank), so a receiver checks
-each row it gets against the row its source must have sent: misrouting shows as a wrong tag.
-Legend: T tokens, K top-k, D hidden, N received rows, Q pairs.
+each row it gets against the row its source must have sent: misrouting shows as a wrong tag
+(x[:, 0] = source rank, x[:, 1] = token). Every exchange of these tests is checked that way
+(:func:`check_exchange`): the rows, pairs, local experts and weights each source must have sent,
+and the rows and bytes of both directions.
+
+The experts: f_e(x) = x * (1 + e) with e the global expert id; under expert TP each of the tp ranks
+of a slot returns its 1/tp share. The combine has two forms: ``weighted`` (deterministic=False), where
+the expert function returns one weighted row per received row, and ``pairs`` (deterministic=True),
+where it returns one unweighted row per (row, local expert) pair in Received order.
+
+Legend: T tokens, K top-k, D hidden, N received rows, Q pairs, P EP ranks.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -16,14 +27,18 @@ from mpi4py import MPI
 from hpc_moe import backend as bk
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext, ParallelError
-from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions
+from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions, Exchange, Received
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.ep.transport import TransportError, make_transport
 from hpc_moe.fp8 import _e4m3_bits, fp8_dequantize, fp8_quantize
+from hpc_moe.model.moe import combine_pairs, weigh_pairs
 
 pytestmark = pytest.mark.mpi
 D = 32
 NUMPY = get_backend("numpy")
+ALGS = ["alltoallv", "pipelined"]
+FORMS = pytest.mark.parametrize("deterministic", [False, True], ids=["weighted", "pairs"])
+POLL_LIMIT = 10_000_000
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +48,7 @@ def ctx():
     c.free()
 
 
+# ---- batches, experts, references --------------------------------------------------------------
 def tokens(src: int, t: int, k: int, n_experts: int, seed: int = 0):
     """Rank ``src``'s batch: x[t] = [src, t, random...], distinct top-k ids, weights."""
     rng = np.random.default_rng(1000 * seed + src)
@@ -44,30 +60,181 @@ def tokens(src: int, t: int, k: int, n_experts: int, seed: int = 0):
     return x, idx, w
 
 
-def expert_fn_for(d: Dispatcher, layer=None):
-    """f_e(x) = x * (1 + e); with expert TP each of the tp ranks returns its 1/tp share."""
-    glob = np.array(d.local_experts(layer), dtype=np.float32)
-    return lambda x_QD, local_Q: x_QD * ((1 + glob[local_Q]) / d.tp)[:, None]
+def batches(n_experts: int, t_of_rank, k: int = 4, seed: int = 0, idx_of_rank=None):
+    """src -> (x, idx, w): any rank's batch, regenerable on every rank."""
+    def batch(src: int):
+        x, idx, w = tokens(src, t_of_rank(src), k, n_experts, seed)
+        return x, (idx if idx_of_rank is None else idx_of_rank(idx)), w
+    return batch
+
+
+def expert_fn_for(d: Dispatcher, layer=None, record: list | None = None):
+    """The expert function of ``d``'s combine form: f_e(x) = x * (1 + e) / tp per pair, then (weighted
+    form) weigh_pairs into one row per received row. record: gets a copy of every Received."""
+    scale_L = (1 + np.array(d.local_experts(layer), dtype=np.float32)) / np.float32(d.tp)
+
+    def fn(rec: Received):
+        if record is not None:
+            record.append(Received(np.array(rec.x_ND), rec.row_Q.copy(), rec.local_expert_Q.copy(),
+                                   rec.weight_Q.copy()))
+        out_QD = rec.x_ND[rec.row_Q] * scale_L[rec.local_expert_Q][:, None]
+        if d.options.deterministic:
+            return out_QD
+        return weigh_pairs(out_QD, rec.row_Q, rec.weight_Q, rec.x_ND.shape[0], rec.x_ND.dtype)
+    return fn
 
 
 def reference(x, idx, w):
+    """sum over valid k of w[t, k] * f_{idx[t, k]}(x[t]) (idx -1: nothing), float32."""
     y = np.zeros_like(x)
     for k in range(idx.shape[1]):
-        y += w[:, k, None] * (x * (1 + idx[:, k, None]).astype(np.float32))
+        valid = idx[:, k] >= 0
+        f = x * (1 + np.maximum(idx[:, k], 0)).astype(np.float32)[:, None]
+        y += np.where(valid, w[:, k], 0)[:, None] * f
     return y
 
 
-def run_exchange(ctx, n_experts, t_of_rank, alg="alltoallv", payload="native", k=4, seed=0,
-                 idx_of_rank=None, placement=None):
+def reference_pairs(x, idx, w):
+    """The single-process pairs combine (combine_pairs over f per (t, k)): what the deterministic
+    form must reproduce bitwise at any rank count and placement (without expert TP)."""
+    T, K = idx.shape
+    out = np.repeat(x, K, axis=0) * (1 + np.maximum(idx, 0)).reshape(-1, 1).astype(np.float32)
+    out[idx.reshape(-1) < 0] = 0
+    return combine_pairs(out, w, np.float32)
+
+
+def assert_matches_reference(d: Dispatcher, x, idx, w, y, atol=1e-6):
+    assert y.shape == x.shape and y.dtype == x.dtype
+    np.testing.assert_allclose(y, reference(x, idx, w), rtol=1e-6, atol=atol)
+    if d.options.deterministic and d.tp == 1 and d.options.payload == "native":
+        np.testing.assert_array_equal(y, reference_pairs(x, idx, w))
+
+
+# ---- what each source must send ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Rows:
+    """The rows one source sends one destination: tokens [N], the destination's local expert per k
+    [N, K] (-1: not there), and the pairs of those rows in (row, k) order."""
+
+    token_N: np.ndarray
+    local_NK: np.ndarray
+    row_Q: np.ndarray
+    local_expert_Q: np.ndarray
+    weight_Q: np.ndarray
+
+
+def expected_rows(pl: ExpertPlacement, src: int, dest: int, idx, w, layer=None) -> Rows:
+    """Rows EP rank ``src`` (routing idx, w) must send EP rank ``dest``: each token once if any of
+    its experts is routed to dest's slot (every rank of the slot gets it), in token order."""
+    valid = idx >= 0
+    slot_TK = np.where(valid, pl.route(np.where(valid, idx, 0), src, layer), -1)
+    here_TK = slot_TK == dest // pl.expert_tp
+    mine = pl.local_experts(dest, layer)
+    token_N = np.nonzero(here_TK.any(axis=1))[0]
+    local_NK = np.full((len(token_N), idx.shape[1]), -1, dtype=np.int32)
+    for n, t in enumerate(token_N):
+        for k in np.nonzero(here_TK[t])[0]:
+            local_NK[n, k] = mine.index(int(idx[t, k]))  # ValueError: routed to a slot without it
+    n_Q, k_Q = np.nonzero(local_NK >= 0)
+    return Rows(token_N, local_NK, n_Q, local_NK[n_Q, k_Q], w[token_N[n_Q], k_Q])
+
+
+def meta_width(k: int, fp8: bool) -> int:
+    """Bytes of one metadata row: local ids int32 [K], weights float32 [K] (and the fp8 scales,
+    one float32 per 128 values), each field 8-byte aligned."""
+    def a8(n):
+        return -(-n // 8) * 8
+    return 2 * a8(4 * k) + (a8(4 * -(-D // 128)) if fp8 else 0)
+
+
+def check_exchange(d: Dispatcher, batch, ex: Exchange, calls: list[Received], layer=None) -> None:
+    """The rows this rank computed, against what every source must have sent; the row and byte
+    counts of both directions. Collective."""
+    pl, me, p = d.placement, d.rank, d.size
+    pairs, fp8 = d.options.deterministic, d.options.payload == "fp8"
+    want, want_x = {}, {}
+    for src in range(p):
+        xs, ids, ws = batch(src)
+        r = want[src] = expected_rows(pl, src, me, ids, ws, layer)
+        xs = fp8_dequantize(np, *fp8_quantize(np, xs), np.float32) if fp8 and len(xs) else xs
+        want_x[src] = xs[r.token_N]
+
+    def check_block(rec: Received, src: int, lo: int = 0):
+        r = want[src]
+        n = len(r.token_N)
+        x = rec.x_ND[lo:lo + n]
+        if not fp8:  # (source, token) tags: a misrouted row names where it came from
+            assert x[:, :2].tolist() == want_x[src][:, :2].tolist()
+        np.testing.assert_array_equal(x, want_x[src])
+        q = (rec.row_Q >= lo) & (rec.row_Q < lo + n)
+        np.testing.assert_array_equal(rec.row_Q[q] - lo, r.row_Q)
+        np.testing.assert_array_equal(rec.local_expert_Q[q], r.local_expert_Q)
+        np.testing.assert_array_equal(rec.weight_Q[q], r.weight_Q)
+
+    for rec in calls:
+        assert rec.row_Q.dtype == np.int64 and rec.local_expert_Q.dtype == np.int32
+        assert rec.weight_Q.dtype == np.float32 and rec.x_ND.dtype == np.float32
+        assert len(rec.row_Q) == len(rec.local_expert_Q) == len(rec.weight_Q)
+        assert np.all(np.diff(rec.row_Q) >= 0)  # pairs in row-major order
+    if d.options.algorithm == "alltoallv":  # one call: every source's rows, grouped in source order
+        assert len(calls) == 1
+        rec = calls[0]
+        assert rec.x_ND.shape == (sum(len(r.token_N) for r in want.values()), D)
+        assert len(rec.row_Q) == sum(len(r.row_Q) for r in want.values())
+        lo = 0
+        for src in range(p):
+            check_block(rec, src, lo)
+            lo += len(want[src].token_N)
+    else:  # one call per source with rows, each with that source's rows alone, as they land
+        sources = []
+        for rec in calls:
+            match = [s for s in range(p) if want_x[s].shape == rec.x_ND.shape and np.array_equal(want_x[s], rec.x_ND)]
+            assert len(match) == 1, "a pipelined call holds rows of no single source"
+            check_block(rec, match[0])
+            assert len(rec.row_Q) == len(want[match[0]].row_Q)
+            sources.append(match[0])
+        assert sorted(sources) == [s for s in range(p) if len(want[s].token_N)]
+
+    # Rows and bytes. Dispatch: rows sent to me equal what each peer planned for me.
+    xs, ids, ws = batch(me)
+    mine = [expected_rows(pl, me, q, ids, ws, layer) for q in range(p)]
+    sent_P = np.array([len(r.token_N) for r in mine], dtype=np.int64)
+    sent_pairs_P = np.array([len(r.row_Q) for r in mine], dtype=np.int64)
+    recv_P = np.array([len(want[s].token_N) for s in range(p)], dtype=np.int64)
+    recv_pairs_P = np.array([len(want[s].row_Q) for s in range(p)], dtype=np.int64)
+    planned_for_me = np.empty(p, np.int64)
+    d.comm.Alltoall([sent_P, MPI.INT64_T], [planned_for_me, MPI.INT64_T])
+    np.testing.assert_array_equal(ex.recv_counts_P, recv_P)
+    np.testing.assert_array_equal(ex.recv_counts_P, planned_for_me)
+    # Combine: one row per received row (weighted) or per pair (pairs), back to its source.
+    np.testing.assert_array_equal(ex.reply_counts_P, recv_pairs_P if pairs else recv_P)
+    back_P = np.empty(p, np.int64)
+    d.comm.Alltoall([np.ascontiguousarray(ex.reply_counts_P, np.int64), MPI.INT64_T], [back_P, MPI.INT64_T])
+    np.testing.assert_array_equal(back_P, sent_pairs_P if pairs else sent_P)
+    token_bytes = D if fp8 else D * 4
+    row_bytes = token_bytes + meta_width(ids.shape[1], fp8)
+    combine_P = ex.send_bytes_P - sent_P * row_bytes
+    np.testing.assert_array_equal(combine_P, ex.reply_counts_P * D * 4)
+    if not pairs and not fp8:  # weighted: combine bytes equal dispatch token bytes, per peer and in all
+        np.testing.assert_array_equal(combine_P, ex.recv_counts_P * token_bytes)
+        totals = np.array([combine_P.sum(), (sent_P * token_bytes).sum()], dtype=np.int64)
+        d.comm.Allreduce(MPI.IN_PLACE, [totals, MPI.INT64_T])
+        assert totals[0] == totals[1]
+
+
+def run_exchange(ctx, n_experts, batch, alg="alltoallv", payload="native", deterministic=False,
+                 layer=None, placement=None):
+    """One exchange of this rank's batch, checked by check_exchange -> (x, idx, w, y, exchange, dispatcher)."""
     pl = placement or ExpertPlacement.build(n_experts, ctx.ep_size, ctx.expert_tp, ctx.node_of_ep_rank)
-    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(algorithm=alg, payload=payload))
-    x, idx, w = tokens(ctx.ep_rank, t_of_rank(ctx.ep_rank), k, n_experts, seed)
-    if idx_of_rank is not None:
-        idx = idx_of_rank(idx)
-    y = d.exchange(x, idx, w, expert_fn_for(d))
-    stats = d.last_stats
+    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(algorithm=alg, payload=payload, deterministic=deterministic))
+    x, idx, w = batch(ctx.ep_rank)
+    calls: list[Received] = []
+    ex = d.post(layer, x, idx, w)
+    ex.run_experts(expert_fn_for(d, layer, calls))
+    y = ex.wait()
+    check_exchange(d, batch, ex, calls, layer)
     d.close()
-    return x, idx, w, y, stats
+    return x, idx, w, y, ex, d
 
 
 SHAPES = {  # experts as a function of the EP size
@@ -77,144 +244,233 @@ SHAPES = {  # experts as a function of the EP size
 }
 
 
-@pytest.mark.parametrize("alg", ["alltoallv", "pipelined"])
+# ---- exchanges -------------------------------------------------------------------------------
+@FORMS
+@pytest.mark.parametrize("alg", ALGS)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_exchange_matches_local_reference(ctx, alg, shape):
+def test_exchange_matches_local_reference(ctx, alg, shape, deterministic):
     e = SHAPES[shape](ctx.ep_size)
-    x, idx, w, y, _ = run_exchange(ctx, e, lambda r: 7 + 3 * r, alg, k=min(4, e), seed=1)
-    np.testing.assert_allclose(y, reference(x, idx, w), rtol=1e-6, atol=1e-6)
+    batch = batches(e, lambda r: 7 + 3 * r, k=min(4, e), seed=1)
+    x, idx, w, y, _, d = run_exchange(ctx, e, batch, alg, deterministic=deterministic)
+    assert_matches_reference(d, x, idx, w, y)
 
 
-@pytest.mark.parametrize("alg", ["alltoallv", "pipelined"])
-def test_empty_ranks_take_part(ctx, alg):
+@FORMS
+@pytest.mark.parametrize("alg", ALGS)
+def test_empty_ranks_take_part(ctx, alg, deterministic):
     e = 2 * ctx.ep_size
-    x, idx, w, y, stats = run_exchange(ctx, e, lambda r: 0 if r % 2 else 5, alg, seed=2)
+    batch = batches(e, lambda r: 0 if r % 2 else 5, seed=2)
+    x, idx, w, y, ex, d = run_exchange(ctx, e, batch, alg, deterministic=deterministic)
     assert y.shape == (x.shape[0], D)
-    np.testing.assert_allclose(y, reference(x, idx, w), rtol=1e-6, atol=1e-6)
-    if ctx.ep_rank % 2:
-        assert stats.send_rows_P.sum() == 0
+    assert_matches_reference(d, x, idx, w, y)
+    if ctx.ep_rank % 2:  # sends no token rows: only combine rows for what it received
+        np.testing.assert_array_equal(ex.send_bytes_P, ex.reply_counts_P * D * 4)
 
 
-@pytest.mark.parametrize("alg", ["alltoallv", "pipelined"])
-def test_all_tokens_to_one_expert(ctx, alg):
+@FORMS
+@pytest.mark.parametrize("alg", ALGS)
+def test_all_tokens_to_one_expert(ctx, alg, deterministic):
     e = ctx.ep_size
-    x, idx, w, y, stats = run_exchange(ctx, e, lambda r: 6, alg, k=1, seed=3,
-                                       idx_of_rank=lambda i: np.zeros_like(i))
-    np.testing.assert_allclose(y, reference(x, idx, w), rtol=1e-6, atol=1e-6)
-    assert stats.recv_rows_P.sum() == (6 * ctx.ep_size if ctx.ep_rank == 0 else 0)
+    batch = batches(e, lambda r: 6, k=1, seed=3, idx_of_rank=np.zeros_like)
+    x, idx, w, y, ex, d = run_exchange(ctx, e, batch, alg, deterministic=deterministic)
+    assert_matches_reference(d, x, idx, w, y)
+    (owner,) = d.placement.owners(0)
+    assert ex.recv_counts_P.sum() == (6 * ctx.ep_size if ctx.ep_rank == owner else 0)
 
 
-def test_rows_are_tagged_deduplicated_and_grouped(ctx):
-    """Rows arrive grouped by source, once per (token, rank), with the right local experts."""
+@FORMS
+@pytest.mark.parametrize("alg", ALGS)
+def test_rows_are_tagged_deduplicated_and_grouped(ctx, alg, deterministic):
+    """Rows arrive grouped by source, once per (token, rank), with the right local experts and
+    weights (derived here directly: no replicas, so each expert has one owner)."""
     e, k, p = 3 * ctx.ep_size, 5, ctx.ep_size
     pl = ExpertPlacement.build(e, p, 1, ctx.node_of_ep_rank)
-    d = Dispatcher(ctx, pl, NUMPY)
+    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(algorithm=alg, deterministic=deterministic))
     x, idx, w = tokens(ctx.ep_rank, 9, k, e, seed=4)
-    recv_x, pairs, handle = d.dispatch(x, idx, w)
     mine = np.array(pl.local_experts(ctx.ep_rank))
-    want_rows, want_pairs = [], []
+    want = {}  # src -> (rows [N, D], pairs [(row, local expert, weight)])
     for src in range(p):
-        xs, ids, _ = tokens(src, 9, k, e, seed=4)
+        xs, ids, ws = tokens(src, 9, k, e, seed=4)
+        rows, pairs = [], []
         for t in range(9):
-            local = [int(np.nonzero(mine == ex)[0][0]) for ex in ids[t] if ex in mine]
-            if local:
-                want_rows.append(xs[t])
-                want_pairs += [(len(want_rows) - 1, loc) for loc in local]
-    got_tags = recv_x[:, :2].tolist()
-    assert got_tags == [list(r[:2]) for r in want_rows]  # (source, token) in source order
-    np.testing.assert_array_equal(recv_x, np.array(want_rows).reshape(-1, D))
-    assert list(zip(pairs.row_Q.tolist(), pairs.local_expert_Q.tolist())) == want_pairs
-    assert handle.stats.recv_rows_P.sum() == len(want_rows)
-    y = d.combine(pairs.gather(recv_x, NUMPY) * 0 + 1, handle)  # unit outputs: y = sum_k w
+            here = [(int(np.nonzero(mine == ex)[0][0]), ws[t, j]) for j, ex in enumerate(ids[t]) if ex in mine]
+            if here:
+                rows.append(xs[t])
+                pairs += [(len(rows) - 1, loc, wt) for loc, wt in here]
+        want[src] = (np.array(rows).reshape(-1, D), pairs)
+    calls = []
+
+    def unit_fn(rec: Received):  # unit expert outputs: y = sum_k w
+        calls.append(Received(np.array(rec.x_ND), rec.row_Q.copy(), rec.local_expert_Q.copy(), rec.weight_Q.copy()))
+        ones = np.ones((len(rec.row_Q), D), np.float32)
+        return ones if deterministic else weigh_pairs(ones, rec.row_Q, rec.weight_Q, len(rec.x_ND), np.float32)
+
+    ex = d.post(None, x, idx, w)
+    ex.run_experts(unit_fn)
+    y = ex.wait()
+    if alg == "alltoallv":  # one call, every source's rows in source order
+        (rec,) = calls
+        assert rec.x_ND[:, :2].tolist() == [list(r[:2]) for src in range(p) for r in want[src][0]]
+        starts = np.cumsum([0] + [len(want[src][0]) for src in range(p)])
+        blocks = [(rec, src, int(starts[src])) for src in range(p)]
+    else:  # one call per source with rows, each holding that source's rows alone
+        assert all(len(c.x_ND) and (c.x_ND[:, 0] == c.x_ND[0, 0]).all() for c in calls)
+        blocks = [(c, int(c.x_ND[0, 0]), 0) for c in calls]
+        assert sorted(src for _, src, _ in blocks) == [s for s in range(p) if len(want[s][0])]
+    for rec, src, lo in blocks:
+        rows, pairs = want[src]
+        got = rec.x_ND[lo:lo + len(rows)]
+        assert got[:, :2].tolist() == rows[:, :2].tolist()  # (source, token) in token order
+        np.testing.assert_array_equal(got, rows)
+        q = (rec.row_Q >= lo) & (rec.row_Q < lo + len(rows))
+        assert list(zip((rec.row_Q[q] - lo).tolist(), rec.local_expert_Q[q].tolist(),
+                        rec.weight_Q[q].tolist())) == [(r, le, float(wt)) for r, le, wt in pairs]
+    assert ex.recv_counts_P.tolist() == [len(want[src][0]) for src in range(p)]
     np.testing.assert_allclose(y, np.repeat(w.sum(1, keepdims=True), D, axis=1), rtol=1e-6)
     d.close()
 
 
-def test_stats_balance_across_ranks(ctx):
+@FORMS
+def test_byte_accounting_balances_across_ranks(ctx, deterministic):
     e = 2 * ctx.ep_size
-    *_, stats = run_exchange(ctx, e, lambda r: 4 + r, seed=5)
-    sent = np.zeros((ctx.ep_size,), dtype=np.int64)
-    ctx.ep_comm.Allreduce(stats.send_rows_P, sent)
-    assert sent[ctx.ep_rank] == stats.recv_rows_P.sum()
-    width = D * 4 + -(-4 * min(4, e) // 8) * 8  # x, then int32 [K] metadata, 8-byte aligned
-    assert np.array_equal(stats.send_bytes_P, stats.send_rows_P * width)
-    assert stats.pairs_per_local_expert_L.sum() == stats.combine_send_bytes_P.sum() // (D * 4)
-    d = stats.as_dict()
-    assert d["dispatch_send_bytes_remote"] <= int(stats.send_bytes_P.sum())
+    k = min(4, e)
+    _, idx, _, _, ex, _ = run_exchange(ctx, e, batches(e, lambda r: 4 + r, k=k, seed=5),
+                                       deterministic=deterministic)
+    row = D * 4 + meta_width(k, False)  # x, then int32 [K] local ids and float32 [K] weights
+    combine_P = ex.reply_counts_P * D * 4
+    sent_rows_P = (ex.send_bytes_P - combine_P) // row
+    np.testing.assert_array_equal(ex.send_bytes_P, sent_rows_P * row + combine_P)
+    sent = np.zeros(ctx.ep_size, dtype=np.int64)
+    ctx.ep_comm.Allreduce(sent_rows_P, sent)  # rows all ranks sent each rank = what it received
+    assert sent[ctx.ep_rank] == ex.recv_counts_P.sum()
+    # rows coming back: every (token, rank) row (weighted) or (token, k) pair (pairs)
+    back = np.zeros(ctx.ep_size, dtype=np.int64)
+    ctx.ep_comm.Allreduce(np.ascontiguousarray(ex.reply_counts_P, np.int64), back)
+    assert back[ctx.ep_rank] == ((idx >= 0).sum() if deterministic else sent_rows_P.sum())
 
 
-@pytest.mark.parametrize("alg", ["alltoallv", "pipelined"])
-def test_fp8_payload(ctx, alg):
+@FORMS
+@pytest.mark.parametrize("alg", ALGS)
+def test_fp8_payload(ctx, alg, deterministic):
     e = ctx.ep_size + 1
-    x, idx, w, y, stats = run_exchange(ctx, e, lambda r: 5 + r, alg, payload="fp8", seed=6)
+    x, idx, w, y, ex, d = run_exchange(ctx, e, batches(e, lambda r: 5 + r, seed=6), alg, payload="fp8",
+                                       deterministic=deterministic)
     ref = reference(x, idx, w)
     # e4m3 keeps 3 mantissa bits: |error| <= 2^-4 of each value's block amax, summed over k.
     bound = 0.0625 * reference(np.abs(x).max(1, keepdims=True) * np.ones_like(x), idx, w)
     assert np.all(np.abs(y - ref) <= bound + 1e-6)
-    width = D + 8 + -(-4 * min(4, e) // 8) * 8  # e4m3 bytes, one float32 scale (aligned), meta
-    assert stats.send_bytes_P.sum() == stats.send_rows_P.sum() * width
+    assert np.any(y != ref)  # the payload really was quantized
+    # e4m3 bytes, one float32 scale (aligned), then int32 [K] + float32 [K] metadata; combine float32
+    width = D + 8 + 2 * (-(-4 * idx.shape[1] // 8) * 8)
+    sent_P = np.array([len(expected_rows(d.placement, ctx.ep_rank, q, idx, w).token_N) for q in range(ctx.ep_size)])
+    np.testing.assert_array_equal(ex.send_bytes_P, sent_P * width + ex.reply_counts_P * D * 4)
 
 
-def test_expert_tp2():
+@FORMS
+def test_expert_tp2(deterministic):
     if MPI.COMM_WORLD.Get_size() % 2:
         pytest.skip("expert_tp=2 needs an even world size")
     ctx2 = ParallelContext.create(expert_tp=2, ranks_per_node=4)
     try:
-        for alg in ("alltoallv", "pipelined"):
-            for e in {ctx2.ep_size // 2, ctx2.ep_size}:  # one per slot, and colocated (or both)
-                x, idx, w, y, stats = run_exchange(ctx2, e, lambda r: 5, alg, k=min(3, e), seed=7)
-                np.testing.assert_allclose(y, reference(x, idx, w), rtol=1e-6, atol=1e-6)
+        for alg in ALGS:
+            for e in sorted({ctx2.ep_size // 2, ctx2.ep_size}):  # one per slot, and colocated (or both)
+                batch = batches(e, lambda r: 5, k=min(3, e), seed=7)
+                x, idx, w, y, ex, d = run_exchange(ctx2, e, batch, alg, deterministic=deterministic)
+                assert d.tp == 2
+                assert_matches_reference(d, x, idx, w, y)
                 # both ranks of a slot get the same rows
-                assert np.array_equal(stats.send_rows_P[0::2], stats.send_rows_P[1::2])
+                dispatch_P = ex.send_bytes_P - ex.reply_counts_P * D * 4
+                np.testing.assert_array_equal(dispatch_P[0::2], dispatch_P[1::2])
     finally:
         ctx2.free()
 
 
-def test_async_dispatch_and_combine_with_polling(ctx):
+def poll(*exchanges, until) -> int:
+    """Call progress() on every exchange until ``until()``: the number of rounds it took."""
+    polls = 0
+    while not until():
+        for ex in exchanges:
+            ex.progress()
+        polls += 1
+        assert polls < POLL_LIMIT
+    return polls
+
+
+@FORMS
+@pytest.mark.parametrize("alg", ALGS)
+def test_exchanges_in_flight_with_polling(ctx, alg, deterministic):
     e = 2 * ctx.ep_size
     pl = ExpertPlacement.build(e, ctx.ep_size, 1, ctx.node_of_ep_rank)
-    d = Dispatcher(ctx, pl, NUMPY)
+    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(algorithm=alg, deterministic=deterministic))
     x, idx, w = tokens(ctx.ep_rank, 8, 3, e, seed=8)
-    pending = d.dispatch_async(x, idx, w)
-    polls = 0
-    while not pending.test():
-        polls += 1
-        assert polls < 10_000_000
-    recv_x, pairs, handle = pending.wait()
-    assert pending.test()  # stays done
     fn = expert_fn_for(d)
-    pc = d.combine_async(fn(pairs.gather(recv_x, NUMPY), pairs.local_expert_Q), handle)
-    while not pc.test():
-        pass
-    np.testing.assert_allclose(pc.wait(), reference(x, idx, w), rtol=1e-6, atol=1e-6)
-    # two dispatches in flight at once (micro-batch overlap), polled together, finished out of order
-    a = d.dispatch_async(x[:4], idx[:4], w[:4])
-    b = d.dispatch_async(x[4:], idx[4:], w[4:])
-    while not (a.test() & b.test()):
-        pass
-    for part, p in ((slice(4, 8), b), (slice(0, 4), a)):
-        rx, pr, h = p.wait()
-        y = d.combine(fn(pr.gather(rx, NUMPY), pr.local_expert_Q), h)
-        np.testing.assert_allclose(y, reference(x[part], idx[part], w[part]), rtol=1e-6, atol=1e-6)
+
+    # one exchange, phase by phase, polled in between
+    ex = d.post(None, x, idx, w)
+    poll(ex, until=lambda: ex.dispatch_times.t_done > 0)
+    assert not ex.progress()  # the rows landed; the combine is not posted yet
+    ex.run_experts(fn)
+    poll(ex, until=ex.progress)
+    assert ex.progress()  # stays done
+    np.testing.assert_allclose(ex.wait(), reference(x, idx, w), rtol=1e-6, atol=1e-6)
+    assert ex.progress()
+    dt, ct = ex.dispatch_times, ex.combine_times
+    assert 0 < dt.t_post <= dt.t_done and dt.t_post <= ct.t_post <= ct.t_done
+
+    # two exchanges in flight at once (micro-batch overlap), polled together, finished out of order
+    halves = {"a": slice(0, 4), "b": slice(4, 8)}
+    calls = {"a": [], "b": []}
+    exs = {h: d.post(None, x[s], idx[s], w[s]) for h, s in halves.items()}
+    a, b = exs["a"], exs["b"]
+    poll(a, b, until=lambda: a.dispatch_times.t_done > 0 and b.dispatch_times.t_done > 0)
+    # Collectives of one communicator must start in the same order on every rank; the pipelined
+    # exchange's messages need not, so there ranks finish them in different orders (tags keep apart).
+    order = ("b", "a") if alg == "alltoallv" or ctx.ep_rank % 2 == 0 else ("a", "b")
+    for h in order:
+        exs[h].run_experts(expert_fn_for(d, record=calls[h]))
+    poll(a, b, until=lambda: a.progress() & b.progress())
+    for h in ("b", "a"):
+        s = halves[h]
+        y = exs[h].wait()
+        np.testing.assert_allclose(y, reference(x[s], idx[s], w[s]), rtol=1e-6, atol=1e-6)
+        if deterministic:
+            np.testing.assert_array_equal(y, reference_pairs(x[s], idx[s], w[s]))
+
+        def half_batch(src, s=s):
+            xs, ids, ws = tokens(src, 8, 3, e, seed=8)
+            return xs[s], ids[s], ws[s]
+        check_exchange(d, half_batch, exs[h], calls[h])
     d.close()
 
 
-def test_per_layer_placement_and_masked_topk(ctx):
+@FORMS
+@pytest.mark.parametrize("alg", ALGS)
+def test_per_layer_placement_and_masked_topk(ctx, alg, deterministic):
     e = 2 * ctx.ep_size
     pl = ExpertPlacement.build(e, ctx.ep_size, 1, ctx.node_of_ep_rank, layers=[3, 4])
     loads = np.arange(e, dtype=float) + 1
     pl = pl.from_loads(loads, layer=4)
-    d = Dispatcher(ctx, pl, NUMPY)
-    x, idx, w = tokens(ctx.ep_rank, 6, 3, e, seed=9)
-    idx[::2, -1] = -1  # no expert: contributes nothing
+
+    def mask(idx):
+        idx = idx.copy()
+        idx[::2, -1] = -1  # no expert: contributes nothing
+        return idx
+    batch = batches(e, lambda r: 6, k=3, seed=9, idx_of_rank=mask)
+    ys = []
     for layer in (3, 4):
-        y = d.exchange(x, idx, w, expert_fn_for(d, layer), layer=layer)
-        keep = idx >= 0
-        ref = reference(x, np.where(keep, idx, 0), np.where(keep, w, 0))
-        np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+        x, idx, w, y, _, d = run_exchange(ctx, e, batch, alg, deterministic=deterministic, layer=layer, placement=pl)
+        assert_matches_reference(d, x, idx, w, y)
+        ys.append(y)
+    # the convenience form: post -> run_experts -> wait
+    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(algorithm=alg, deterministic=deterministic))
+    y = d.exchange(4, x, idx, w, expert_fn_for(d, 4))
+    np.testing.assert_array_equal(y, ys[1])
     d.close()
+    if deterministic:  # placement-independent: the two layers' maps give bitwise the same y
+        np.testing.assert_array_equal(ys[0], ys[1])
 
 
+# ---- codec, transports, context ---------------------------------------------------------------
 def test_fp8_codec_matches_ml_dtypes():
     rng = np.random.default_rng(0)
     v = np.concatenate([rng.uniform(-448, 448, 20000), rng.uniform(-0.03, 0.03, 20000),
@@ -236,6 +492,10 @@ def test_transport_choice_on_cpu(ctx):
             make_transport(ctx.ep_comm, NUMPY, kind)
     with pytest.raises(ValueError):
         DispatchOptions(algorithm="ring")
+    with pytest.raises(ValueError):
+        DispatchOptions(payload="int4")
+    with pytest.raises(ValueError):
+        DispatchOptions(transport="bogus")
 
 
 @pytest.mark.gpu
@@ -246,16 +506,22 @@ def test_gpu_transports(ctx, transport):
     be = get_backend("cupy", "float32", ctx.local_rank)
     e = ctx.ep_size
     pl = ExpertPlacement.build(e, ctx.ep_size, 1, ctx.node_of_ep_rank)
-    try:
-        d = Dispatcher(ctx, pl, be, DispatchOptions(transport=transport))
-    except TransportError as err:
-        pytest.skip(str(err))
     x, idx, w = tokens(ctx.ep_rank, 8, 2, e, seed=10)
-    glob = be.xp.asarray(np.array(d.local_experts(), dtype=np.float32))
-    fn = lambda xq, le: xq * (1 + glob[be.xp.asarray(le)])[:, None]
-    y = d.exchange(be.asarray(x), idx, be.xp.asarray(w), fn)
-    np.testing.assert_allclose(be.to_numpy(y), reference(x, idx, w), rtol=1e-6, atol=1e-6)
-    d.close()
+    for deterministic in (False, True):
+        try:
+            d = Dispatcher(ctx, pl, be, DispatchOptions(transport=transport, deterministic=deterministic))
+        except TransportError as err:
+            pytest.skip(str(err))
+        glob = be.xp.asarray(np.array(d.local_experts(), dtype=np.float32))
+
+        def fn(rec: Received, d=d, glob=glob):
+            out = rec.x_ND[be.xp.asarray(rec.row_Q)] * (1 + glob[be.xp.asarray(rec.local_expert_Q)])[:, None]
+            if d.options.deterministic:
+                return out
+            return weigh_pairs(out, rec.row_Q, rec.weight_Q, rec.x_ND.shape[0], rec.x_ND.dtype)
+        y = d.exchange(None, be.asarray(x), idx, be.xp.asarray(w), fn)
+        np.testing.assert_allclose(be.to_numpy(y), reference(x, idx, w), rtol=1e-6, atol=1e-6)
+        d.close()
 
 
 def test_context_layout():

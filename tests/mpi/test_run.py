@@ -87,3 +87,41 @@ def test_loads_from_an_earlier_trace(tmp_path_factory):
     if WORLD.Get_rank() == 0 and WORLD.Get_size() > load_config("tiny").n_routed_experts:
         t = read_trace(f"{d}/b.h5")
         assert (t.placement >= 0).sum() > load_config("tiny").n_routed_experts  # replicas exist
+
+
+@pytest.mark.parametrize("micro_batches", [2, 3])
+def test_payload_is_posted_before_the_next_micro_batch_computes(tmp_path_factory, micro_batches):
+    """--overlap on: from the recorded exchanges and timeline, on every rank, each micro-batch's
+    dispatch payload leaves after its own attention and before the next micro-batch's attention
+    starts (the last one: before the first expert phase of the layer); every combine is posted
+    after its micro-batch's expert phase and completes before that micro-batch's next attention."""
+    if WORLD.Get_size() < 2:
+        pytest.skip("exchanges between ranks need 2 or more")
+    d = shared_dir(tmp_path_factory, f"order{micro_batches}")
+    run("--mode", "prefill", "--batch", "12", "--seq-len", "uniform:4,16", "--steps", "2", "--overlap", "on",
+        "--micro-batches", str(micro_batches), "--trace", f"{d}/t.h5", "--events-every", "1")
+    if WORLD.Get_rank():
+        return
+    t = read_trace(f"{d}/t.h5")
+    attn, expert = t.phase_ids(["attention", "expert"])
+    checked = 0
+    for step in np.unique(t.exchanges["step"]):
+        for rank in range(t.num_ranks):
+            ev = t.events[(t.events["step"] == step) & (t.events["rank"] == rank)]
+            ex = t.exchanges[(t.exchanges["step"] == step) & (t.exchanges["rank"] == rank)]
+            for layer in t.moe_layers:
+                attention = np.sort(ev[(ev["layer"] == layer) & (ev["phase"] == attn)], order="t_start_s")
+                experts = np.sort(ev[(ev["layer"] == layer) & (ev["phase"] == expert)], order="t_start_s")
+                nxt = np.sort(ev[(ev["layer"] == layer + 1) & (ev["phase"] == attn)], order="t_start_s")
+                assert len(attention) == micro_batches == len(experts)
+                for i in range(micro_batches):
+                    dispatch = ex[(ex["layer"] == layer) & (ex["micro_batch"] == i) & (ex["kind"] == 0)]
+                    combine = ex[(ex["layer"] == layer) & (ex["micro_batch"] == i) & (ex["kind"] == 1)]
+                    assert len(dispatch) == len(combine) == 1
+                    next_compute = attention[i + 1]["t_start_s"] if i + 1 < micro_batches else experts[0]["t_start_s"]
+                    assert attention[i]["t_end_s"] <= dispatch["t_post_s"][0] <= next_compute
+                    assert experts[i]["t_end_s"] <= combine["t_post_s"][0] <= combine["t_done_s"][0]
+                    if len(nxt):
+                        assert combine["t_done_s"][0] <= nxt[i]["t_start_s"]
+                    checked += 1
+    assert checked == len(np.unique(t.exchanges["step"])) * t.num_ranks * len(t.moe_layers) * micro_batches

@@ -1,0 +1,211 @@
+"""``hpc-moe bench dispatch``: dispatch/combine latency against the raw Ialltoallv floor of the same
+bytes, the local passes alone, and OSU-style overlap, on EP = world size.
+
+Definitions (every time is the max over ranks of one iteration; median and p99 over iterations):
+* dispatch: ``Dispatcher.post`` (route, pack, count exchange, post) until the rows have arrived;
+  combine: posting the reply rows until the source's sum is done (the receiver's weighting of its
+  experts' outputs belongs to the expert phase and is done before); exchange: the blocking
+  one-call form with the chosen algorithm and the identity expert.
+* raw: one Ialltoallv + Wait on the same transport of exactly the per-peer bytes of the dispatch
+  (token rows + metadata rows) and of the combine, buffers ready: the floor of what they move.
+  ratio = (dispatch + combine) / (raw dispatch + raw combine), medians.
+* local: the passes that are not transfer (plan + pack the rows; reduce the rows that came back).
+* MB/rank: bytes each rank sends to other ranks (mean over ranks; its own rows are a local copy).
+* overlap (as osu_ialltoallv): see hpc_moe.apps.benchkit.osu_overlap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from hpc_moe.apps.benchkit import (
+    Polled,
+    RawFloor,
+    max_over_ranks,
+    mean_over_ranks,
+    osu_overlap,
+    summary,
+    timed,
+    write_json,
+)
+from hpc_moe.backend import get_backend
+from hpc_moe.comm import ParallelContext
+from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions
+from hpc_moe.ep.placement import ExpertPlacement
+from hpc_moe.model.moe import weigh_pairs
+from hpc_moe.rowops import weighted_rows_sum
+
+
+@dataclass(frozen=True)
+class BenchDispatchOptions:
+    tokens: int = 512
+    hidden: int = 7168
+    topk: int = 8
+    experts: int = 256
+    algorithm: str = "alltoallv"
+    payload: str = "native"
+    transport: str = "auto"
+    deterministic: bool = False
+    backend: str = "auto"
+    dtype: str = "bfloat16"
+    iters: int = 20
+    warmup: int = 3
+    ranks_per_node: int | None = None
+    no_overlap: bool = False
+    seed: int = 0
+    json: str | None = None
+
+
+def add_dispatch_args(p) -> None:
+    p.add_argument("--tokens", type=int, default=512, help="tokens per rank")
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--experts", type=int, default=256, help="routed experts (uniform random routing)")
+    p.add_argument("--algorithm", default="alltoallv", choices=["alltoallv", "pipelined"], help="for the exchange row")
+    p.add_argument("--payload", default="native", choices=["native", "fp8"])
+    p.add_argument("--transport", default="auto", choices=["auto", "host", "cuda-aware", "nccl"])
+    p.add_argument("--deterministic", action="store_true", help="the pairs form of the combine")
+    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "cupy"])
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--ranks-per-node", type=int, default=None, help="simulate nodes of k ranks")
+    p.add_argument("--no-overlap", action="store_true", help="skip the overlap measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="OUT", help="write the figures as JSON (rank 0)")
+
+
+def run_bench_dispatch(o: BenchDispatchOptions) -> int:
+    ctx = ParallelContext.create(ranks_per_node=o.ranks_per_node)
+    be = get_backend(o.backend, o.dtype, ctx.local_rank)
+    pl = ExpertPlacement.build(o.experts, ctx.ep_size, 1, ctx.node_of_ep_rank)
+    d = Dispatcher(ctx, pl, be, DispatchOptions(o.algorithm, o.transport, o.payload, o.deterministic))
+    rng = np.random.default_rng(o.seed * 100_003 + ctx.rank)
+    k = min(o.topk, o.experts)
+    x = be.asarray(rng.standard_normal((o.tokens, o.hidden)).astype(np.float32))
+    idx = np.argsort(rng.random((o.tokens, o.experts)), axis=1)[:, :k].astype(np.int64)
+    w = rng.random((o.tokens, k)).astype(np.float32)
+    comm, sync = ctx.ep_comm, be.synchronize
+
+    def identity(rec):
+        """The expert phase of an identity expert: weighted (or per-pair) rows to send back."""
+        out = rec.x_ND[rec.row_Q] if d.options.deterministic or len(rec.row_Q) != rec.x_ND.shape[0] else rec.x_ND.copy()
+        return out if d.options.deterministic else weigh_pairs(out, rec.row_Q, rec.weight_Q, rec.x_ND.shape[0], be.dtype)
+
+    ex = d.post(None, x, idx, w)
+    reply = identity(ex.received())
+    ex.reply(reply)
+    ex.wait()
+    out_row = o.hidden * be.dtype.itemsize
+    raw = {"dispatch": RawFloor(d.transport, ex.send_counts_P, ex.recv_counts_P, ex.dispatch_row_bytes),
+           "combine": RawFloor(d.transport, ex.reply_counts_P, ex.back_counts_P, out_row)}
+    rows = {name: [] for name in ("dispatch", "combine", "exchange", "raw_dispatch", "raw_combine", "pack", "reduce")}
+    back = be.xp.zeros((int(ex.back_counts_P.sum()) + 1, o.hidden), be.dtype)
+    index, weight = ex.reduction()
+    for it in range(o.warmup + o.iters):
+        td, ex = timed(comm, sync, lambda: _dispatched(d, x, idx, w))
+        reply = identity(ex.received())
+        tc, _ = timed(comm, sync, lambda ex=ex, reply=reply: (ex.reply(reply), ex.wait()))
+        tx, _ = timed(comm, sync, lambda: d.exchange(None, x, idx, w, identity))
+        trd, _ = timed(comm, sync, raw["dispatch"].run)
+        trc, _ = timed(comm, sync, raw["combine"].run)
+        tp, _ = timed(comm, sync, lambda: _pack_only(d, x, idx, w))
+        tr, _ = timed(comm, sync, lambda: weighted_rows_sum(be.xp, back, index, weight, be.dtype))
+        if it >= o.warmup:
+            for key, v in zip(rows, (td, tc, tx, trd, trc, tp, tr)):
+                rows[key].append(v)
+    times = {key: max_over_ranks(comm, v) for key, v in rows.items()}
+    mine = {key: float(np.median(v)) for key, v in rows.items()}
+    overlap = {}
+    if not o.no_overlap:
+        overlap = {
+            "dispatch": osu_overlap(comm, be, lambda: _Dispatching(d, x, idx, w), lambda op: op.ex.received(),
+                                    mine["dispatch"], o.iters),
+            "raw_dispatch": osu_overlap(comm, be, lambda: Polled(raw["dispatch"].post()), lambda op: op.req.Wait(),
+                                        mine["raw_dispatch"], o.iters),
+        }
+    remote = np.arange(ctx.ep_size) != ctx.ep_rank
+    sent = {"dispatch": mean_over_ranks(comm, float((ex.send_counts_P * ex.dispatch_row_bytes)[remote].sum())),
+            "combine": mean_over_ranks(comm, float((ex.reply_counts_P * out_row)[remote].sum()))}
+    result = _figures(o, ctx, d, times, sent, mean_over_ranks(comm, float(ex.send_counts_P.sum())), overlap)
+    if ctx.rank == 0:
+        print(_table(result))
+        write_json(o.json, result)
+    for r in raw.values():
+        r.close()
+    d.close()
+    ctx.free()
+    return 0
+
+
+def _dispatched(d: Dispatcher, x, idx, w):
+    ex = d.post(None, x, idx, w)
+    ex.received()
+    return ex
+
+
+def _pack_only(d: Dispatcher, x, idx, w) -> None:
+    """The route + pack pass of a dispatch alone (no communication)."""
+    rows, meta = d.pack(d.plan(None, idx), x, w, d.meta_layout(x.shape[1], idx.shape[1]))
+    d.transport.release(rows, meta)
+
+
+class _Dispatching:
+    """A posted dispatch with the progress() that the overlap measurement polls."""
+
+    def __init__(self, d: Dispatcher, x, idx, w):
+        self.ex = d.post(None, x, idx, w)
+
+    def progress(self) -> bool:
+        return self.ex.progress()
+
+
+def _figures(o: BenchDispatchOptions, ctx, d, times, sent, rows_sent, overlap) -> dict:
+    ops = {
+        "dispatch": summary(times["dispatch"], sent["dispatch"]),
+        "combine": summary(times["combine"], sent["combine"]),
+        f"exchange ({o.algorithm})": summary(times["exchange"], sent["dispatch"] + sent["combine"]),
+        "raw Ialltoallv (dispatch bytes)": summary(times["raw_dispatch"], sent["dispatch"]),
+        "raw Ialltoallv (combine bytes)": summary(times["raw_combine"], sent["combine"]),
+        "local: route + pack rows": summary(times["pack"]),
+        "local: combine reduce": summary(times["reduce"]),
+    }
+    med = {key: float(np.median(v)) for key, v in times.items()}
+    floor = med["raw_dispatch"] + med["raw_combine"]
+    return {
+        "config": {"ep_size": ctx.ep_size, "nodes": ctx.num_nodes, "tokens_per_rank": o.tokens, "hidden": o.hidden,
+                   "topk": o.topk, "experts": o.experts, "dtype": o.dtype, "payload": o.payload,
+                   "algorithm": o.algorithm, "deterministic": o.deterministic, "transport": d.transport.name,
+                   "iters": o.iters, "warmup": o.warmup, "mpi": MPI.Get_library_version().splitlines()[0].strip()},
+        "rows_sent_per_rank": rows_sent,
+        "pairs_per_rank": o.tokens * min(o.topk, o.experts),
+        "ops": ops,
+        "floor_ms": 1e3 * floor,
+        "ratio_vs_raw": (med["dispatch"] + med["combine"]) / floor if floor > 0 else None,
+        "ratio_exchange_vs_raw": med["exchange"] / floor if floor > 0 else None,
+        "overlap": overlap,
+    }
+
+
+def _table(r: dict) -> str:
+    c = r["config"]
+    lines = [(f"# hpc-moe bench dispatch: EP {c['ep_size']} ({c['nodes']} node(s)), {c['tokens_per_rank']} "
+              f"tokens/rank, hidden {c['hidden']}, top-{c['topk']} of {c['experts']} experts, {c['dtype']}, "
+              f"payload {c['payload']}, combine {'pairs' if c['deterministic'] else 'weighted'}, transport "
+              f"{c['transport']}, {c['iters']} iters (+{c['warmup']} warmup)"),
+             f"# {c['mpi']}",
+             (f"# rows sent per rank {r['rows_sent_per_rank']:.0f} for {r['pairs_per_rank']} (token, expert) "
+              "pairs (one row per destination rank)"),
+             f"{'operation':<34}{'median ms':>11}{'p99 ms':>10}{'max ms':>10}{'MB/rank':>10}{'algbw GB/s':>12}"]
+    for name, op in r["ops"].items():
+        lines.append(f"{name:<34}{op['median_ms']:>11.2f}{op['p99_ms']:>10.2f}{op['max_ms']:>10.2f}"
+                     f"{op['mb_per_rank']:>10.1f}{op['algbw_gbps']:>12.2f}")
+    lines.append(f"(dispatch + combine) / raw floor: {r['ratio_vs_raw']:.2f}; "
+                 f"exchange / raw floor: {r['ratio_exchange_vs_raw']:.2f}")
+    for name, op in r["overlap"].items():
+        lines.append(f"overlap {name:<13} {op['overlap_pct']:5.1f} % (min over ranks {op['overlap_pct_min']:.1f}; "
+                     f"pure {op['t_pure_ms']:.1f} ms, compute {op['t_cpu_ms']:.1f} ms, overlapped "
+                     f"{op['t_overlapped_ms']:.1f} ms)")
+    return "\n".join(lines)

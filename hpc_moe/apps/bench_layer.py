@@ -1,0 +1,162 @@
+"""``hpc-moe bench layer``: one MoE layer forward over the EP group, phase by phase, next to the raw
+Ialltoallv floor of the bytes it moves.
+
+The layer is the engine's own code path (hpc_moe.model.moe.MoEBlock on the expert-parallel
+executor): sigmoid gate and top-k, dispatch, SwiGLU experts (gate and up as one GEMM), combine; no
+shared expert, random weights, routing by the gate. ``--experts`` equal to the rank count is one
+expert per rank. Times are the max over ranks of one iteration, medians over iterations:
+layer_ms is start to finish of the layer; the phases are the profiler's exclusive phase times
+(``wait`` is time blocked on the network); floor_ms is a bare Ialltoallv of the dispatch's bytes
+plus one of the combine's, on the same transport, measured in the same run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from hpc_moe.apps.benchkit import RawFloor, max_over_ranks, timed, write_json
+from hpc_moe.backend import get_backend
+from hpc_moe.comm import ParallelContext
+from hpc_moe.config import load_config
+from hpc_moe.ep.dispatch import DispatchOptions
+from hpc_moe.ep.executor import ExpertParallelExecutor
+from hpc_moe.ep.placement import ExpertPlacement
+from hpc_moe.errors import UsageError
+from hpc_moe.model.moe import MoEBlock
+from hpc_moe.timing import PHASES, Profiler
+from hpc_moe.weights.synthetic import SyntheticWeights
+
+LAYER_PHASES = ("gate", "dispatch", "expert", "combine", "wait")
+
+
+@dataclass(frozen=True)
+class BenchLayerOptions:
+    tokens: int = 128
+    hidden: int = 7168
+    inter: int = 256
+    experts: int = 8
+    topk: int = 2
+    dtype: str = "float32"
+    backend: str = "auto"
+    transport: str = "auto"
+    payload: str = "native"
+    deterministic: bool = False
+    iters: int = 20
+    warmup: int = 3
+    seed: int = 0
+    json: str | None = None
+
+
+def add_layer_args(p) -> None:
+    p.add_argument("--tokens", type=int, default=128, help="tokens per rank")
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--inter", type=int, default=256, help="moe_intermediate_size")
+    p.add_argument("--experts", type=int, default=8, help="routed experts (= ranks: one per rank)")
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "cupy"])
+    p.add_argument("--transport", default="auto", choices=["auto", "host", "cuda-aware", "nccl"])
+    p.add_argument("--payload", default="native", choices=["native", "fp8"])
+    p.add_argument("--deterministic", action="store_true", help="the pairs form of the combine")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="OUT", help="write the figures as JSON (rank 0)")
+
+
+def check(o: BenchLayerOptions) -> None:
+    if min(o.tokens, o.hidden, o.inter, o.experts, o.topk, o.iters) < 1 or o.warmup < 0:
+        raise UsageError("--tokens, --hidden, --inter, --experts, --topk and --iters must be >= 1, --warmup >= 0")
+    if o.topk > o.experts:
+        raise UsageError(f"--topk {o.topk} is more than --experts {o.experts}")
+
+
+def run_bench_layer(o: BenchLayerOptions) -> int:
+    check(o)
+    ctx = ParallelContext.create()
+    be = get_backend(o.backend, o.dtype, ctx.local_rank)
+    cfg = load_config("tiny").replace(
+        hidden_size=o.hidden, moe_intermediate_size=o.inter, n_routed_experts=o.experts, num_experts_per_tok=o.topk,
+        n_group=1, topk_group=1, n_shared_experts=0, norm_topk_prob=True, routed_scaling_factor=1.0,
+        num_hidden_layers=1, first_k_dense_replace=0)
+    weights = SyntheticWeights(cfg, o.seed)
+    placement = ExpertPlacement.build(o.experts, ctx.ep_size, 1, ctx.node_of_ep_rank, layers=[0])
+    options = DispatchOptions(transport=o.transport, payload=o.payload, deterministic=o.deterministic)
+    executor = ExpertParallelExecutor(cfg, weights, be, ctx, placement, options, [0])
+    block = MoEBlock(cfg, 0, weights, be, executor)
+    x = be.asarray(np.random.default_rng([o.seed, ctx.rank]).standard_normal((o.tokens, o.hidden), np.float32))
+    prof = Profiler(1, be.synchronize)
+    comm, sync = ctx.ep_comm, be.synchronize
+
+    def layer():
+        step = block.start(x, prof)
+        step.pending.run_experts()
+        return block.finish(step)
+
+    layer_s, phase_s, floor_s, exchange = [], [], [], None
+    for it in range(o.warmup + o.iters):
+        prof.start_step()
+        t, _ = timed(comm, sync, layer)
+        if exchange is None:  # the bytes of this routing, for the floor
+            exchange = _last_exchange(executor, block, x)
+            floors = (RawFloor(exchange.transport, *exchange.dispatch),
+                      RawFloor(exchange.transport, *exchange.combine))
+        td, _ = timed(comm, sync, floors[0].run)
+        tc, _ = timed(comm, sync, floors[1].run)
+        if it >= o.warmup:
+            layer_s.append(t)
+            phase_s.append([prof.times_LP[0, PHASES.index(p)] for p in LAYER_PHASES])
+            floor_s.append(td + tc)
+    layer_max = max_over_ranks(comm, layer_s)
+    phase_max = max_over_ranks(comm, phase_s)
+    floor_max = max_over_ranks(comm, floor_s)
+    result = {
+        "impl": "hpc_moe (MoEBlock on the expert-parallel executor)",
+        "config": {**o.__dict__, "world_size": ctx.size, "transport": executor.transport_name,
+                   "mpi": MPI.Get_library_version().splitlines()[0].strip()},
+        "layer_ms": 1e3 * float(np.median(layer_max)),
+        "phases_ms": {p: 1e3 * float(np.median(phase_max[:, i])) for i, p in enumerate(LAYER_PHASES)},
+        "floor_ms": 1e3 * float(np.median(floor_max)),
+        "iters": o.iters,
+    }
+    if ctx.rank == 0:
+        print(_table(result))
+        write_json(o.json, result)
+    for f in floors:
+        f.close()
+    executor.close()
+    ctx.free()
+    return 0
+
+
+@dataclass(frozen=True)
+class _Bytes:
+    transport: object
+    dispatch: tuple  # (send counts [P], recv counts [P], row bytes)
+    combine: tuple
+
+
+def _last_exchange(executor: ExpertParallelExecutor, block: MoEBlock, x) -> _Bytes:
+    """The per-peer rows of this input's dispatch and combine (one more exchange, outside timing)."""
+    routing = block.route(x)
+    pending = executor.post(0, x, routing)
+    pending.run_experts()
+    pending.finish()
+    ex = pending.exchange
+    return _Bytes(executor.channels[0].transport,
+                  (ex.send_counts_P, ex.recv_counts_P, ex.dispatch_row_bytes),
+                  (ex.reply_counts_P, ex.back_counts_P, ex.hidden * ex.dtype.itemsize))
+
+
+def _table(r: dict) -> str:
+    c = r["config"]
+    lines = [(f"# hpc-moe bench layer: EP {c['world_size']}, {c['tokens']} tokens/rank, hidden {c['hidden']}, "
+              f"inter {c['inter']}, top-{c['topk']} of {c['experts']}, {c['dtype']}, transport {c['transport']}, "
+              f"{c['iters']} iters (+{c['warmup']} warmup)"),
+             f"{'phase':<12}{'median ms':>11}"]
+    lines += [f"{p:<12}{v:>11.2f}" for p, v in r["phases_ms"].items()]
+    lines.append(f"{'layer':<12}{r['layer_ms']:>11.2f}")
+    lines.append(f"{'raw floor':<12}{r['floor_ms']:>11.2f}  (Ialltoallv of the dispatch + combine bytes)")
+    return "\n".join(lines)
