@@ -107,6 +107,7 @@ def _add_run(sub):
     s.add_argument("--duration", type=float, default=None, help="measure for this many seconds")
     s.add_argument("--warmup", type=int, default=2, help="steps run first and not measured")
     s.add_argument("--trace", default="hpc-moe-trace.h5", help="HDF5 trace to write, or 'none'")
+    s.add_argument("--summary-json", metavar="FILE", help="write the summary as JSON (rank 0; keys in docs/trace-format.md)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing trace file")
     s.add_argument("--events-every", type=int, default=10,
                    help="record the per-rank timeline every N measured steps (0: never)")
@@ -168,20 +169,17 @@ def main(argv=None) -> int:
 
 
 def _dispatch(args) -> int:
-    if hasattr(args, "overlap") and args.overlap == "off":
-        args.micro_batches = 1
+    if args.command in ("run", "generate"):
+        from hpc_moe.apps.options import GenerateOptions, LayoutOptions, RunOptions
+        layout = options_from(LayoutOptions, args)
     if args.command == "run":
-        if args.steps is not None and args.steps < 1 or args.duration is not None and args.duration <= 0:
-            raise UsageError("--steps must be >= 1 and --duration > 0")
-        if args.steps is None and args.duration is None:
-            args.steps = 20
-        if args.trace == "none":
-            args.trace = None
         from hpc_moe.apps.run import run_job
-        return run_job(args)
+        steps = 20 if args.steps is None and args.duration is None else args.steps
+        return run_job(options_from(RunOptions, args, layout=layout, steps=steps,
+                                    trace=None if args.trace == "none" else args.trace))
     if args.command == "generate":
         from hpc_moe.apps.generate import run_generate
-        return run_generate(args)
+        return run_generate(options_from(GenerateOptions, args, layout=layout))
     if args.command == "bench" and args.bench == "dispatch":
         from hpc_moe.apps.bench_dispatch import BenchDispatchOptions, run_bench_dispatch
         return run_bench_dispatch(options_from(BenchDispatchOptions, args))
@@ -240,9 +238,10 @@ def _plan(args) -> int:
     return 0
 
 
-def options_from(cls, args: argparse.Namespace):
-    """The frozen options dataclass ``cls`` from the parsed arguments of the same names."""
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+def options_from(cls, args: argparse.Namespace, **given):
+    """The frozen options dataclass ``cls`` from the parsed arguments of the same names, but for
+    the fields ``given``."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in given}, **given)
 
 
 def _fail(message: str, code: int) -> int:

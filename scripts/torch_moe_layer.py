@@ -3,16 +3,20 @@
 This is what a user would write themselves, to compare against ``hpc-moe bench layer``:
 Megatron-style dispatch with ``dist.all_to_all_single`` on CPU tensors over gloo.
 
-Per rank: x_TD random tokens; gate logits = x @ Wg.T, sigmoid scores, top-k experts, weights
-normalised to sum 1. The T*K (token, expert) rows are stably sorted by expert id (so they are
+Per rank: x_TD random tokens; gate logits = x @ Wg.T, sigmoid scores; the top-k experts by score
+plus the gate's correction bias (DeepSeek-V3's rule), weights the unbiased scores normalised to
+sum 1. The T*K (token, expert) rows are stably sorted by expert id (so they are
 grouped by destination rank, expert e lives on rank e // (E / world)); one small all_to_all_single
 exchanges the per-(rank, local expert) row counts, one all_to_all_single moves the rows. Each rank
 regroups the received rows by local expert, runs one SwiGLU GEMM chain per local expert
 (gate and up projections fused into one GEMM), sends the rows back with the split sizes swapped,
 un-permutes and sums over k with the routing weights.
 
-Weights are deterministic from the seed (expert e from np.random.default_rng([seed, 1000 + e]),
-gate from [seed, 1], tokens of rank r from [seed, 2, r]); each rank builds only its own experts.
+The inputs are those of ``hpc-moe bench layer`` with the same flags: the weights of its layer
+config from hpc_moe's synthetic weights (a tensor from a generator seeded by its name), the tokens
+of rank r from np.random.default_rng([seed, r]). Both therefore route every token to the same
+experts, and the expert loads (which set the slowest rank) are the same. Each rank builds only
+its own experts.
 
 Run (from the checkout root; several ranks may share few cores):
 
@@ -34,6 +38,7 @@ all_to_all_single of exactly the dispatch and combine row splits with ready buff
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -43,6 +48,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from mpi4py import MPI
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hpc_moe.apps.bench_layer import BenchLayerOptions, layer_config
+from hpc_moe.weights.synthetic import SyntheticWeights
 
 IMPL = "torch.distributed all_to_all_single (gloo)"
 PHASES = ("gate", "dispatch", "expert", "combine")
@@ -98,30 +107,30 @@ def init_dist(comm):
     return bool(ok)
 
 
-def normal(rng_key, shape, scale=1.0):
-    """Float32 standard-normal tensor from np.random.default_rng(rng_key), times scale."""
-    a = np.random.default_rng(rng_key).standard_normal(shape, dtype=np.float32) * np.float32(scale)
-    return torch.from_numpy(a)
+def weights(args) -> SyntheticWeights:
+    """The weights of hpc-moe bench layer's one-layer config for these flags."""
+    o = BenchLayerOptions(tokens=args.tokens, hidden=args.hidden, inter=args.inter, experts=args.experts,
+                          topk=args.topk, seed=args.seed)
+    return SyntheticWeights(layer_config(o), args.seed)
 
 
-def make_gate(args):
-    """Gate weight Wg [E, D]."""
-    return normal([args.seed, 1], (args.experts, args.hidden), args.hidden**-0.5)
+def make_gate(w: SyntheticWeights):
+    """Gate weight Wg [E, D] and correction bias [E]."""
+    p = "model.layers.0.mlp.gate"
+    return torch.from_numpy(w.get(f"{p}.weight")), torch.from_numpy(w.get(f"{p}.e_score_correction_bias"))
 
 
-def make_expert(args, e):
-    """Expert e's SwiGLU weights, drawn gate, up, down: fused gate/up [2I, D] (gate rows first) and down [D, I]."""
-    D, I = args.hidden, args.inter
-    rng = np.random.default_rng([args.seed, 1000 + e])
-    w_gate_ID = rng.standard_normal((I, D), dtype=np.float32) * np.float32(D**-0.5)
-    w_up_ID = rng.standard_normal((I, D), dtype=np.float32) * np.float32(D**-0.5)
-    w_down_DI = rng.standard_normal((D, I), dtype=np.float32) * np.float32(I**-0.5)
-    return torch.from_numpy(np.concatenate([w_gate_ID, w_up_ID])), torch.from_numpy(w_down_DI)
+def make_expert(w: SyntheticWeights, e):
+    """Expert e's SwiGLU weights: fused gate/up [2I, D] (gate rows first) and down [D, I]."""
+    p = f"model.layers.0.mlp.experts.{e}"
+    gate, up, down = (w.get(f"{p}.{n}_proj.weight") for n in ("gate", "up", "down"))
+    return torch.from_numpy(np.concatenate([gate, up])), torch.from_numpy(np.ascontiguousarray(down))
 
 
 def make_tokens(args, r):
     """Tokens x [T, D] of rank r."""
-    return normal([args.seed, 2, r], (args.tokens, args.hidden))
+    return torch.from_numpy(np.random.default_rng([args.seed, r]).standard_normal((args.tokens, args.hidden),
+                                                                                  np.float32))
 
 
 def swiglu(x_ND, w_gate_up_2ID, w_down_DI):
@@ -130,20 +139,23 @@ def swiglu(x_ND, w_gate_up_2ID, w_down_DI):
     return F.linear(F.silu(g_NI) * u_NI, w_down_DI)
 
 
-def route(x_TD, w_gate_ED, topk):
-    """Top-k routing: expert ids [T, K] and weights [T, K] (sigmoid scores normalised per token)."""
+def route(x_TD, gate, topk):
+    """Top-k routing: expert ids [T, K] by sigmoid score + bias, weights [T, K] (the unbiased scores
+    normalised per token). gate: (Wg [E, D], bias [E])."""
+    w_gate_ED, bias_E = gate
     scores_TE = torch.sigmoid(F.linear(x_TD, w_gate_ED))
-    topk_score_TK, topk_idx_TK = torch.topk(scores_TE, topk, dim=-1)
+    topk_idx_TK = torch.topk(scores_TE + bias_E, topk, dim=-1).indices
+    topk_score_TK = scores_TE.gather(1, topk_idx_TK)
     return topk_idx_TK, topk_score_TK / topk_score_TK.sum(-1, keepdim=True)
 
 
-def gate_and_permute(x_TD, w_gate_ED, topk, num_experts):
+def gate_and_permute(x_TD, gate, topk, num_experts):
     """Route, then sort the T*K rows by expert id (N = T*K).
 
     Returns the permuted rows x_ND, the inverse permutation, the routing weights and the
     number of rows per expert.
     """
-    topk_idx_TK, topk_w_TK = route(x_TD, w_gate_ED, topk)
+    topk_idx_TK, topk_w_TK = route(x_TD, gate, topk)
     expert_N = topk_idx_TK.flatten()
     perm_N = torch.argsort(expert_N, stable=True)
     inv_perm_N = torch.empty_like(perm_N)
@@ -197,10 +209,10 @@ def combine(y_MD, send_splits, recv_splits, inv_perm_N, topk_w_TK):
     return torch.bmm(topk_w_TK.unsqueeze(1), y_TKD).squeeze(1)
 
 
-def moe_forward(x_TD, w_gate_ED, local_experts, args, world, clock=None):
+def moe_forward(x_TD, gate, local_experts, args, world, clock=None):
     """One distributed MoE layer forward; if clock is a list, phase end times are appended."""
     stamp = clock.append if clock is not None else (lambda _t: None)
-    x_ND, inv_perm_N, topk_w_TK, counts_E = gate_and_permute(x_TD, w_gate_ED, args.topk, args.experts)
+    x_ND, inv_perm_N, topk_w_TK, counts_E = gate_and_permute(x_TD, gate, args.topk, args.experts)
     stamp(time.perf_counter())
     x_MD, recv_counts_WL, send_splits, recv_splits = dispatch(x_ND, counts_E, world)
     stamp(time.perf_counter())
@@ -211,15 +223,15 @@ def moe_forward(x_TD, w_gate_ED, local_experts, args, world, clock=None):
     return out_TD
 
 
-def dense_reference(x_TD, w_gate_ED, args):
+def dense_reference(x_TD, gate, args):
     """Single-process reference with every expert: out[t] = sum_k w[t, k] * expert_{idx[t, k]}(x[t])."""
-    topk_idx_TK, topk_w_TK = route(x_TD, w_gate_ED, args.topk)
+    topk_idx_TK, topk_w_TK = route(x_TD, gate, args.topk)
     out_TD = torch.zeros_like(x_TD)
     for e in range(args.experts):
         w_T = (topk_w_TK * (topk_idx_TK == e)).sum(-1)
         rows = w_T.nonzero().flatten()
         if rows.numel():
-            out_TD[rows] += w_T[rows, None] * swiglu(x_TD[rows], *make_expert(args, e))
+            out_TD[rows] += w_T[rows, None] * swiglu(x_TD[rows], *make_expert(weights(args), e))
     return out_TD
 
 
@@ -235,21 +247,21 @@ def median_ms(col):
     return statistics.median(col.tolist()) * 1e3
 
 
-def time_layer(x_TD, w_gate_ED, local_experts, args, world):
+def time_layer(x_TD, gate, local_experts, args, world):
     """Per-iteration [gate, dispatch, expert, combine, layer] seconds, max over ranks."""
     rows = []
     for i in range(args.warmup + args.iters):
         dist.barrier()
         clock = [time.perf_counter()]
-        moe_forward(x_TD, w_gate_ED, local_experts, args, world, clock)
+        moe_forward(x_TD, gate, local_experts, args, world, clock)
         if i >= args.warmup:
             rows.append([b - a for a, b in zip(clock, clock[1:])] + [clock[-1] - clock[0]])
     return max_over_ranks(rows)
 
 
-def time_floor(x_TD, w_gate_ED, args, world):
+def time_floor(x_TD, gate, args, world):
     """Per-iteration [dispatch, combine] seconds of bare all_to_all_single on the layer's row splits."""
-    x_ND, _, _, counts_E = gate_and_permute(x_TD, w_gate_ED, args.topk, args.experts)
+    x_ND, _, _, counts_E = gate_and_permute(x_TD, gate, args.topk, args.experts)
     x_MD, _, send_splits, recv_splits = dispatch(x_ND, counts_E, world)
     y_ND = torch.empty_like(x_ND)
     rows = []
@@ -267,10 +279,10 @@ def time_floor(x_TD, w_gate_ED, args, world):
     return max_over_ranks(rows)
 
 
-def check(comm, x_TD, w_gate_ED, local_experts, args, world):
+def check(comm, x_TD, gate, local_experts, args, world):
     """Compare the distributed layer with the dense reference on every rank; return the exit code."""
-    out_TD = moe_forward(x_TD, w_gate_ED, local_experts, args, world)
-    ref_TD = dense_reference(x_TD, w_gate_ED, args)
+    out_TD = moe_forward(x_TD, gate, local_experts, args, world)
+    ref_TD = dense_reference(x_TD, gate, args)
     err = ((out_TD - ref_TD).abs().max() / ref_TD.abs().max()).item()
     errs = comm.gather(err, root=0)
     ok = comm.allreduce(int(err <= CHECK_TOL), op=MPI.MIN)
@@ -323,14 +335,15 @@ def main():
     if not init_dist(comm):
         return 2
     per_rank = args.experts // world
-    local_experts = [make_expert(args, e) for e in range(rank * per_rank, (rank + 1) * per_rank)]
-    w_gate_ED = make_gate(args)
+    w = weights(args)
+    local_experts = [make_expert(w, e) for e in range(rank * per_rank, (rank + 1) * per_rank)]
+    gate = make_gate(w)  # (Wg [E, D], bias [E])
     x_TD = make_tokens(args, rank)
     try:
         if args.check:
-            return check(comm, x_TD, w_gate_ED, local_experts, args, world)
-        layer_t = time_layer(x_TD, w_gate_ED, local_experts, args, world)
-        floor_t = time_floor(x_TD, w_gate_ED, args, world)
+            return check(comm, x_TD, gate, local_experts, args, world)
+        layer_t = time_layer(x_TD, gate, local_experts, args, world)
+        floor_t = time_floor(x_TD, gate, args, world)
         if rank == 0:
             result = report(layer_t, floor_t, args, world)
             if args.json:

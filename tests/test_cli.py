@@ -39,6 +39,11 @@ def hpc_moe(*args, ranks=0, timeout=120):
     (["report", "missing.h5"], "missing.h5"),
     (["plan", "--ranks", "6", "--expert-tp", "4"], "must be divisible"),
     (["checkpoint", "check", "/nonexistent"], "not found"),
+    (["run", "--transport", "nccl", "--backend", "numpy"], "transport nccl needs the cupy backend"),
+    (["run", "--duration", "-1"], "--duration > 0"),
+    (["run", "--warmup", "-1"], "--warmup must be >= 0"),
+    (["run", "--seed", "-1"], "seed must be a non-negative integer"),
+    (["bench", "layer", "--topk", "9"], "--topk 9 is more than --experts 8"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(args, message):
     r = hpc_moe(*args)

@@ -6,6 +6,7 @@ import pytest
 
 from hpc_moe.backend import get_backend
 from hpc_moe.config import ConfigError, ModelConfig, load_config
+from hpc_moe.errors import UsageError
 from hpc_moe.model.generate import generate
 from hpc_moe.model.kvcache import Batch
 from hpc_moe.model.router import route, update_bias
@@ -151,7 +152,7 @@ def test_synthetic_routing_distinct_experts_and_imbalance(kind):
     # "one": the same K experts take every token, so max / mean = E / K.
     expected = {"uniform": (1.0, 1.2), "zipf:1.5": (2.0, 20.0), "one": (3.99, 4.01)}[kind]
     assert expected[0] <= imbalance <= expected[1]
-    with pytest.raises(ValueError, match="routing must be"):
+    with pytest.raises(UsageError, match="routing must be"):
         SyntheticRouting.parse("zipf:-1")
 
 

@@ -9,7 +9,9 @@ Definitions (every time is the max over ranks of one iteration; median and p99 o
 * raw: one Ialltoallv + Wait on the same transport of exactly the per-peer bytes of the dispatch
   (token rows + metadata rows) and of the combine, buffers ready: the floor of what they move.
   ratio = (dispatch + combine) / (raw dispatch + raw combine), medians.
-* local: the passes that are not transfer (plan + pack the rows; reduce the rows that came back).
+* local: the passes that are not transfer (plan + pack the rows; reduce the rows that came back),
+  next to one memory pass (a contiguous copy of the dispatch's bytes on every rank at once): on a
+  host where ranks share the memory bus, each pass over the payload costs about that much.
 * MB/rank: bytes each rank sends to other ranks (mean over ranks; its own rows are a local copy).
 * overlap (as osu_ialltoallv): see hpc_moe.apps.benchkit.osu_overlap.
 """
@@ -28,14 +30,12 @@ from hpc_moe.apps.benchkit import (
     osu_overlap,
     summary,
     timed,
-    write_json,
 )
+from hpc_moe.apps.common import write_json
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions
 from hpc_moe.ep.placement import ExpertPlacement
-from hpc_moe.model.moe import weigh_pairs
-from hpc_moe.rowops import weighted_rows_sum
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,9 @@ def run_bench_dispatch(o: BenchDispatchOptions) -> int:
     comm, sync = ctx.ep_comm, be.synchronize
 
     def identity(rec):
-        """The expert phase of an identity expert: weighted (or per-pair) rows to send back."""
-        out = rec.x_ND[rec.row_Q] if d.options.deterministic or len(rec.row_Q) != rec.x_ND.shape[0] else rec.x_ND.copy()
-        return out if d.options.deterministic else weigh_pairs(out, rec.row_Q, rec.weight_Q, rec.x_ND.shape[0], be.dtype)
+        """An expert phase that costs nothing: the received rows themselves (one per pair in the
+        pairs form), unweighted; the values do not matter here."""
+        return rec.x_ND[rec.row_Q] if d.options.deterministic else rec.x_ND
 
     ex = d.post(None, x, idx, w)
     reply = identity(ex.received())
@@ -101,9 +101,11 @@ def run_bench_dispatch(o: BenchDispatchOptions) -> int:
     out_row = o.hidden * be.dtype.itemsize
     raw = {"dispatch": RawFloor(d.transport, ex.send_counts_P, ex.recv_counts_P, ex.dispatch_row_bytes),
            "combine": RawFloor(d.transport, ex.reply_counts_P, ex.back_counts_P, out_row)}
-    rows = {name: [] for name in ("dispatch", "combine", "exchange", "raw_dispatch", "raw_combine", "pack", "reduce")}
+    rows = {name: [] for name in ("dispatch", "combine", "exchange", "raw_dispatch", "raw_combine", "copy", "pack",
+                                  "reduce")}
+    copy_src = be.xp.ones((int(ex.send_counts_P.sum()), ex.dispatch_row_bytes), np.uint8)
+    copy_dst = be.xp.empty_like(copy_src)
     back = be.xp.zeros((int(ex.back_counts_P.sum()) + 1, o.hidden), be.dtype)
-    index, weight = ex.reduction()
     for it in range(o.warmup + o.iters):
         td, ex = timed(comm, sync, lambda: _dispatched(d, x, idx, w))
         reply = identity(ex.received())
@@ -111,18 +113,19 @@ def run_bench_dispatch(o: BenchDispatchOptions) -> int:
         tx, _ = timed(comm, sync, lambda: d.exchange(None, x, idx, w, identity))
         trd, _ = timed(comm, sync, raw["dispatch"].run)
         trc, _ = timed(comm, sync, raw["combine"].run)
+        tm, _ = timed(comm, sync, lambda: be.xp.copyto(copy_dst, copy_src))
         tp, _ = timed(comm, sync, lambda: _pack_only(d, x, idx, w))
-        tr, _ = timed(comm, sync, lambda: weighted_rows_sum(be.xp, back, index, weight, be.dtype))
+        tr, _ = timed(comm, sync, lambda ex=ex: ex.reduce(back))
         if it >= o.warmup:
-            for key, v in zip(rows, (td, tc, tx, trd, trc, tp, tr)):
+            for key, v in zip(rows, (td, tc, tx, trd, trc, tm, tp, tr)):
                 rows[key].append(v)
     times = {key: max_over_ranks(comm, v) for key, v in rows.items()}
     mine = {key: float(np.median(v)) for key, v in rows.items()}
     overlap = {}
     if not o.no_overlap:
         overlap = {
-            "dispatch": osu_overlap(comm, be, lambda: _Dispatching(d, x, idx, w), lambda op: op.ex.received(),
-                                    mine["dispatch"], o.iters),
+            "dispatch": osu_overlap(comm, be, lambda: _Dispatching(d, x, idx, w),
+                                    lambda op: (op.ex.received(), op.ex.release()), mine["dispatch"], o.iters),
             "raw_dispatch": osu_overlap(comm, be, lambda: Polled(raw["dispatch"].post()), lambda op: op.req.Wait(),
                                         mine["raw_dispatch"], o.iters),
         }
@@ -132,7 +135,8 @@ def run_bench_dispatch(o: BenchDispatchOptions) -> int:
     result = _figures(o, ctx, d, times, sent, mean_over_ranks(comm, float(ex.send_counts_P.sum())), overlap)
     if ctx.rank == 0:
         print(_table(result))
-        write_json(o.json, result)
+        if o.json:
+            write_json(o.json, result)
     for r in raw.values():
         r.close()
     d.close()
@@ -143,7 +147,7 @@ def run_bench_dispatch(o: BenchDispatchOptions) -> int:
 def _dispatched(d: Dispatcher, x, idx, w):
     ex = d.post(None, x, idx, w)
     ex.received()
-    return ex
+    return ex  # its combine follows, timed apart
 
 
 def _pack_only(d: Dispatcher, x, idx, w) -> None:
@@ -169,6 +173,7 @@ def _figures(o: BenchDispatchOptions, ctx, d, times, sent, rows_sent, overlap) -
         f"exchange ({o.algorithm})": summary(times["exchange"], sent["dispatch"] + sent["combine"]),
         "raw Ialltoallv (dispatch bytes)": summary(times["raw_dispatch"], sent["dispatch"]),
         "raw Ialltoallv (combine bytes)": summary(times["raw_combine"], sent["combine"]),
+        "memory pass (dispatch bytes)": summary(times["copy"], sent["dispatch"]),
         "local: route + pack rows": summary(times["pack"]),
         "local: combine reduce": summary(times["reduce"]),
     }

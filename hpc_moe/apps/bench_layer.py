@@ -6,21 +6,25 @@ executor): sigmoid gate and top-k, dispatch, SwiGLU experts (gate and up as one 
 shared expert, random weights, routing by the gate. ``--experts`` equal to the rank count is one
 expert per rank. Times are the max over ranks of one iteration, medians over iterations:
 layer_ms is start to finish of the layer; the phases are the profiler's exclusive phase times
-(``wait`` is time blocked on the network); floor_ms is a bare Ialltoallv of the dispatch's bytes
-plus one of the combine's, on the same transport, measured in the same run.
+(``wait`` is time blocked on the network). Two floors, measured in the same run: floor_ms, a bare
+Ialltoallv of the dispatch's bytes plus one of the combine's on the same transport; and
+expert_floor_ms, this rank's expert GEMMs alone on the rows it received (all ranks at once, the
+slowest sets it). layer_ms / (expert_floor_ms + floor_ms) is what the code adds to the machine.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 from mpi4py import MPI
 
-from hpc_moe.apps.benchkit import RawFloor, max_over_ranks, timed, write_json
+from hpc_moe.apps.benchkit import RawFloor, max_over_ranks, timed
+from hpc_moe.apps.common import write_json
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.config import load_config
-from hpc_moe.ep.dispatch import DispatchOptions
+from hpc_moe.ep.dispatch import DispatchOptions, Received
 from hpc_moe.ep.executor import ExpertParallelExecutor
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.errors import UsageError
@@ -73,14 +77,20 @@ def check(o: BenchLayerOptions) -> None:
         raise UsageError(f"--topk {o.topk} is more than --experts {o.experts}")
 
 
+def layer_config(o: BenchLayerOptions):
+    """A one-layer model config of these shapes: one MoE layer, no shared expert, no group limit,
+    weights normalised to sum 1 (scripts/torch_moe_layer.py builds its baseline from the same)."""
+    return load_config("tiny").replace(
+        hidden_size=o.hidden, moe_intermediate_size=o.inter, n_routed_experts=o.experts, num_experts_per_tok=o.topk,
+        n_group=1, topk_group=1, n_shared_experts=0, norm_topk_prob=True, routed_scaling_factor=1.0,
+        num_hidden_layers=1, first_k_dense_replace=0)
+
+
 def run_bench_layer(o: BenchLayerOptions) -> int:
     check(o)
     ctx = ParallelContext.create()
     be = get_backend(o.backend, o.dtype, ctx.local_rank)
-    cfg = load_config("tiny").replace(
-        hidden_size=o.hidden, moe_intermediate_size=o.inter, n_routed_experts=o.experts, num_experts_per_tok=o.topk,
-        n_group=1, topk_group=1, n_shared_experts=0, norm_topk_prob=True, routed_scaling_factor=1.0,
-        num_hidden_layers=1, first_k_dense_replace=0)
+    cfg = layer_config(o)
     weights = SyntheticWeights(cfg, o.seed)
     placement = ExpertPlacement.build(o.experts, ctx.ep_size, 1, ctx.node_of_ep_rank, layers=[0])
     options = DispatchOptions(transport=o.transport, payload=o.payload, deterministic=o.deterministic)
@@ -95,23 +105,26 @@ def run_bench_layer(o: BenchLayerOptions) -> int:
         step.pending.run_experts()
         return block.finish(step)
 
-    layer_s, phase_s, floor_s, exchange = [], [], [], None
+    layer_s, phase_s, floor_s, expert_s, exchange = [], [], [], [], None
     for it in range(o.warmup + o.iters):
         prof.start_step()
         t, _ = timed(comm, sync, layer)
-        if exchange is None:  # the bytes of this routing, for the floor
+        if exchange is None:  # the bytes and rows of this routing, for the floors
             exchange = _last_exchange(executor, block, x)
             floors = (RawFloor(exchange.transport, *exchange.dispatch),
                       RawFloor(exchange.transport, *exchange.combine))
         td, _ = timed(comm, sync, floors[0].run)
         tc, _ = timed(comm, sync, floors[1].run)
+        te, _ = timed(comm, sync, lambda rec=exchange.received: executor.compute(0, rec, o.deterministic))
         if it >= o.warmup:
             layer_s.append(t)
             phase_s.append([prof.times_LP[0, PHASES.index(p)] for p in LAYER_PHASES])
             floor_s.append(td + tc)
+            expert_s.append(te)
     layer_max = max_over_ranks(comm, layer_s)
     phase_max = max_over_ranks(comm, phase_s)
     floor_max = max_over_ranks(comm, floor_s)
+    expert_max = max_over_ranks(comm, expert_s)
     result = {
         "impl": "hpc_moe (MoEBlock on the expert-parallel executor)",
         "config": {**o.__dict__, "world_size": ctx.size, "transport": executor.transport_name,
@@ -119,11 +132,13 @@ def run_bench_layer(o: BenchLayerOptions) -> int:
         "layer_ms": 1e3 * float(np.median(layer_max)),
         "phases_ms": {p: 1e3 * float(np.median(phase_max[:, i])) for i, p in enumerate(LAYER_PHASES)},
         "floor_ms": 1e3 * float(np.median(floor_max)),
+        "expert_floor_ms": 1e3 * float(np.median(expert_max)),
         "iters": o.iters,
     }
     if ctx.rank == 0:
         print(_table(result))
-        write_json(o.json, result)
+        if o.json:
+            write_json(o.json, result)
     for f in floors:
         f.close()
     executor.close()
@@ -136,18 +151,22 @@ class _Bytes:
     transport: object
     dispatch: tuple  # (send counts [P], recv counts [P], row bytes)
     combine: tuple
+    received: Received  # a copy of the rows this rank computed
 
 
 def _last_exchange(executor: ExpertParallelExecutor, block: MoEBlock, x) -> _Bytes:
-    """The per-peer rows of this input's dispatch and combine (one more exchange, outside timing)."""
+    """The per-peer rows of this input's dispatch and combine and the rows this rank computes
+    (one more exchange, outside timing)."""
     routing = block.route(x)
     pending = executor.post(0, x, routing)
+    ex = pending.exchange
+    rec = ex.received()
+    rec = dataclasses.replace(rec, x_ND=rec.x_ND.copy())  # the receive buffer goes back to the pool
     pending.run_experts()
     pending.finish()
-    ex = pending.exchange
     return _Bytes(executor.channels[0].transport,
                   (ex.send_counts_P, ex.recv_counts_P, ex.dispatch_row_bytes),
-                  (ex.reply_counts_P, ex.back_counts_P, ex.hidden * ex.dtype.itemsize))
+                  (ex.reply_counts_P, ex.back_counts_P, ex.hidden * ex.dtype.itemsize), rec)
 
 
 def _table(r: dict) -> str:
@@ -159,4 +178,6 @@ def _table(r: dict) -> str:
     lines += [f"{p:<12}{v:>11.2f}" for p, v in r["phases_ms"].items()]
     lines.append(f"{'layer':<12}{r['layer_ms']:>11.2f}")
     lines.append(f"{'raw floor':<12}{r['floor_ms']:>11.2f}  (Ialltoallv of the dispatch + combine bytes)")
+    lines.append(f"{'GEMM floor':<12}{r['expert_floor_ms']:>11.2f}  (the expert GEMMs alone on the received rows)")
+    lines.append(f"layer / (GEMM floor + raw floor): {r['layer_ms'] / (r['expert_floor_ms'] + r['floor_ms']):.2f}")
     return "\n".join(lines)

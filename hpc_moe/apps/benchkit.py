@@ -6,7 +6,6 @@ step); figures are medians over iterations, as OSU and nccl-tests report.
 """
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
@@ -114,10 +113,3 @@ class Polled:
 
     def progress(self) -> bool:
         return self.req.Test()
-
-
-def write_json(path: str | None, result: dict) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")

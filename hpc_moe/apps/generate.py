@@ -4,17 +4,15 @@ Shape legend: B sequences, S prompt length, N new tokens, V vocabulary.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from mpi4py import MPI
 
+from hpc_moe.apps.common import on_root, open_weights, write_npz
+from hpc_moe.apps.options import GenerateOptions
 from hpc_moe.apps.workload import assign
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
-from hpc_moe.config import load_config
-from hpc_moe.ep.dispatch import DispatchOptions
-from hpc_moe.ep.engine import Engine, EngineOptions
+from hpc_moe.ep.engine import Engine
 from hpc_moe.errors import UsageError
 from hpc_moe.model.generate import generate
 
@@ -35,17 +33,6 @@ def load_input_ids(path: str) -> np.ndarray:
     return ids.astype(np.int64)
 
 
-def open_weights(args):
-    """(config, weight source) from --checkpoint or --config/--seed."""
-    if getattr(args, "checkpoint", None):
-        from hpc_moe.weights.checkpoint import Checkpoint
-        ckpt = Checkpoint.open(args.checkpoint)
-        return ckpt.config, ckpt
-    from hpc_moe.weights.synthetic import SyntheticWeights
-    cfg = load_config(args.config)
-    return cfg, SyntheticWeights(cfg, args.seed)
-
-
 def check_ids(ids: np.ndarray, cfg, max_new_tokens: int) -> None:
     if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
         raise UsageError(f"token ids must be in [0, {cfg.vocab_size}) (found {ids.min()}..{ids.max()})")
@@ -54,31 +41,6 @@ def check_ids(ids: np.ndarray, cfg, max_new_tokens: int) -> None:
     if ids.shape[1] + max_new_tokens > cfg.max_position_embeddings:
         raise UsageError(f"prompt_len + max_new_tokens = {ids.shape[1] + max_new_tokens} exceeds "
                          f"max_position_embeddings = {cfg.max_position_embeddings}")
-
-
-def write_npz(path: str, **arrays) -> None:
-    """Write atomically: a crash never leaves a half-written output."""
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def on_root(ctx, fn, share: bool = True):
-    """fn() on rank 0; an input error raised there is raised on every rank, so that none waits
-    forever in a collective that rank 0 never reaches. share: broadcast the result (small Python
-    objects only) to every rank; otherwise the other ranks get None."""
-    from hpc_moe.trace.reader import TraceError
-    result, error = None, None
-    if ctx.rank == 0:
-        try:
-            result = fn()
-        except (UsageError, ValueError, OSError, TraceError) as e:
-            error = f"{e}"
-    result_and_error = (result if share else None, error)
-    shared, error = ctx.world.bcast(result_and_error, root=0)
-    if error is not None:
-        raise UsageError(error)
-    return shared if share else result
 
 
 def scatter_sequences(ctx, ids_BS, owner_B, S: int):
@@ -106,30 +68,28 @@ def gather_sequences(ctx, local, owner_B, dtype, mpi_type):
     return result
 
 
-def run_generate(args) -> int:
+def run_generate(o: GenerateOptions) -> int:
     """Prefill + greedy decode of rank 0's prompts, each rank serving its share of sequences and
     every MoE layer expert-parallel over the EP group; rank 0 writes the output."""
-    ctx = ParallelContext.create(dp=args.dp, expert_tp=args.expert_tp)
-    cfg, weights = open_weights(args)
+    ctx = ParallelContext.create(dp=o.layout.dp, expert_tp=o.layout.expert_tp)
+    cfg, weights = open_weights(o)
 
     def read():
-        ids = load_input_ids(args.input_ids)
-        check_ids(ids, cfg, args.max_new_tokens)
+        ids = load_input_ids(o.input_ids)
+        check_ids(ids, cfg, o.max_new_tokens)
         return ids
 
     ids = on_root(ctx, read, share=False)
     shape = ctx.world.bcast(ids.shape if ctx.rank == 0 else None, root=0)
     owner = assign(np.full(shape[0], shape[1]), ctx.size)  # the same on every rank
     mine = scatter_sequences(ctx, ids, owner, shape[1])
-    backend = get_backend(args.backend, args.dtype, ctx.local_rank)
-    options = EngineOptions(micro_batches=args.micro_batches,
-                            dispatch=DispatchOptions(args.algorithm, args.transport, args.payload, args.deterministic))
-    engine = Engine(cfg, weights, backend, ctx, options=options)
-    gen = generate(engine.model, list(mine), args.max_new_tokens, forward=engine.forward)
+    backend = get_backend(o.layout.backend, o.layout.dtype, ctx.local_rank)
+    engine = Engine(cfg, weights, backend, ctx, options=o.layout.engine_options())
+    gen = generate(engine.model, list(mine), o.max_new_tokens, forward=engine.forward)
     local_logits = np.stack(gen.prefill_logits) if len(mine) else np.zeros((0, shape[1], cfg.vocab_size), np.float32)
     logits = gather_sequences(ctx, local_logits, owner, np.float32, MPI.FLOAT)
     tokens = gather_sequences(ctx, gen.tokens, owner, np.int64, MPI.INT64_T)
     if ctx.rank == 0:
-        write_npz(args.output, prefill_logits=logits, tokens=tokens)
+        write_npz(o.output, prefill_logits=logits, tokens=tokens)
     engine.close()
     return 0

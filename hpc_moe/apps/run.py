@@ -10,19 +10,20 @@ Shape legend: R world ranks, P EP ranks, L layers, M MoE layers, E experts, F ph
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
 import numpy as np
 from mpi4py import MPI
 
-from hpc_moe.apps.generate import on_root, open_weights
+from hpc_moe.apps.common import on_root, open_weights, write_json
+from hpc_moe.apps.options import RunOptions
 from hpc_moe.apps.progress import Progress
 from hpc_moe.apps.workload import Step, Workload, assign
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
-from hpc_moe.ep.dispatch import DispatchOptions
-from hpc_moe.ep.engine import Engine, EngineOptions
+from hpc_moe.ep.engine import Engine
 from hpc_moe.errors import UsageError
 from hpc_moe.model.kvcache import Batch, KVCache
 from hpc_moe.model.router import SyntheticRouting
@@ -31,34 +32,31 @@ from hpc_moe.timing import COMM_PHASES, PHASES, Profiler
 log = logging.getLogger("hpc_moe")
 
 
-def run_job(args) -> int:
-    ctx = ParallelContext.create(dp=args.dp, expert_tp=args.expert_tp)
+def run_job(o: RunOptions) -> int:
+    """The run job on every rank. Every rank checks the same inputs, so a bad one ends the job
+    with the same one-line InputError everywhere, before any rank waits in a collective."""
+    ctx = ParallelContext.create(dp=o.layout.dp, expert_tp=o.layout.expert_tp)
     if ctx.rank != 0:
         log.setLevel(logging.WARNING)  # the other ranks speak only of trouble
-    try:  # every rank checks the same inputs: bad ones end the job with one line everywhere
-        cfg, weights = open_weights(args)
-        layers = args.layers or cfg.num_hidden_layers
-        if not 1 <= layers <= cfg.num_hidden_layers:
-            raise ValueError(f"--layers must be in [1, {cfg.num_hidden_layers}] (got {layers})")
-        workload = Workload.create(args.mode, args.batch, args.seq_len, args.prefill_fraction, args.seed)
-        synthetic = SyntheticRouting.parse(args.routing, seed=args.seed * 1_000_003 + ctx.rank)
-        options = EngineOptions(args.micro_batches, DispatchOptions(args.algorithm, args.transport, args.payload,
-                                                                    args.deterministic))
-        loads = on_root(ctx, lambda: _loads_from(args.loads_from, layers, cfg)) if args.loads_from else None
-        backend = get_backend(args.backend, args.dtype, ctx.local_rank)
-        prof = Profiler(layers, backend.synchronize, enabled=args.profile == "on")
-        engine = Engine(cfg, weights, backend, ctx, options=options, num_layers=layers,
-                        loads=loads, synthetic_routing=synthetic, profiler=prof)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    cfg, weights = open_weights(o)
+    layers = o.layers or cfg.num_hidden_layers
+    if not 1 <= layers <= cfg.num_hidden_layers:
+        raise UsageError(f"--layers must be in [1, {cfg.num_hidden_layers}] (got {layers})")
+    workload = Workload.create(o.mode, o.batch, o.seq_len, o.prefill_fraction, o.seed)
+    synthetic = SyntheticRouting.parse(o.routing, seed=o.seed * 1_000_003 + ctx.rank)
+    loads = on_root(ctx, lambda: _loads_from(o.loads_from, layers, cfg)) if o.loads_from else None
+    backend = get_backend(o.layout.backend, o.layout.dtype, ctx.local_rank)
+    prof = Profiler(layers, backend.synchronize, enabled=o.profile == "on")
+    engine = Engine(cfg, weights, backend, ctx, options=o.layout.engine_options(), num_layers=layers,
+                    loads=loads, synthetic_routing=synthetic, profiler=prof)
     rank_map = ctx.world.gather({"host": ctx.hostnames[ctx.rank], "gpu": backend.device_id,
                                  "device": backend.device}, root=0)
-    recorder = on_root(ctx, lambda: _open_recorder(args, cfg, layers, ctx, backend, engine,
+    recorder = on_root(ctx, lambda: _open_recorder(o, cfg, layers, ctx, backend, engine,
                                                    workload, rank_map), share=False)
     if ctx.rank == 0:
-        _announce(cfg, layers, ctx, engine, workload, args)
+        _announce(cfg, layers, ctx, engine, workload, o)
     try:
-        steps = _loop(args, ctx, engine, workload, backend, prof, recorder)
+        steps = _loop(o, ctx, engine, workload, backend, prof, recorder)
     except BaseException:
         if recorder is not None:
             recorder.close(failed=True)
@@ -66,25 +64,25 @@ def run_job(args) -> int:
     engine.close()
     if ctx.rank == 0:
         recorder.close()
-        _finish(args, recorder, steps)
+        _finish(o, recorder, steps)
     return 0
 
 
 # ---- the step loop -----------------------------------------------------------------------------
-def _loop(args, ctx: ParallelContext, engine: Engine, workload: Workload, backend, prof: Profiler,
+def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workload, backend, prof: Profiler,
           recorder) -> int:
     """Warm-up steps, then measured steps until --steps or --duration; returns measured steps."""
     draw = workload.stream()
     cache = None
-    rng = np.random.default_rng([args.seed, ctx.rank])
+    rng = np.random.default_rng([o.seed, ctx.rank])
     cumulative = np.zeros((len(engine.moe_layers), engine.cfg.n_routed_experts), np.int64)
-    progress = Progress(args.steps, args.duration) if ctx.rank == 0 else None
+    progress = Progress(o.steps, o.duration) if ctx.rank == 0 else None
     measured, started, index, recording = 0, time.perf_counter(), 0, 0.0
-    while not args.steps or measured < args.steps:
-        warm = index < args.warmup
-        if index == args.warmup:
+    while not o.steps or measured < o.steps:
+        warm = index < o.warmup
+        if index == o.warmup:
             started = time.perf_counter()
-        over = ctx.rank == 0 and not warm and bool(args.duration) and time.perf_counter() - started >= args.duration
+        over = ctx.rank == 0 and not warm and bool(o.duration) and time.perf_counter() - started >= o.duration
         if ctx.world.bcast(over, root=0):
             break
         step, owner = _broadcast_step(ctx, next(draw) if ctx.rank == 0 else None)
@@ -98,17 +96,17 @@ def _loop(args, ctx: ParallelContext, engine: Engine, workload: Workload, backen
         wall = time.perf_counter() - t0
         counts, times, sent, exchange = _gather_step(ctx, engine, prof)
         cumulative += counts
-        if args.bias_update_rate:
-            engine.update_biases(counts, args.bias_update_rate)
+        if o.bias_update_rate:
+            engine.update_biases(counts, o.bias_update_rate)
         index += 1
-        if args.replan_every and index % args.replan_every == 0:
+        if o.replan_every and index % o.replan_every == 0:
             engine.replan(cumulative)
             log.info("after step %d: experts re-placed from the loads measured so far", index - 1)
         if warm:
             continue
         t_rec = time.perf_counter()
         # The timeline only goes to a trace file (--trace none keeps just the summary's numbers).
-        sample = args.trace is not None and bool(args.events_every) and measured % args.events_every == 0
+        sample = o.trace is not None and bool(o.events_every) and measured % o.events_every == 0
         events = _gather_rows(ctx, prof.events_array()) if sample else None
         exchanges = _gather_rows(ctx, prof.exchanges_array()) if sample else None
         if ctx.rank == 0:
@@ -210,7 +208,7 @@ def _loads_from(path: str, layers: int, cfg) -> np.ndarray:
     t = read_trace(path)
     want = [i for i in range(layers) if cfg.is_moe_layer(i)]
     if t.num_steps == 0 or list(t.moe_layers) != want or t.num_experts != cfg.n_routed_experts:
-        raise ValueError(f"--loads-from {path}: needs steps of the same MoE layers {want} and "
+        raise UsageError(f"--loads-from {path}: needs steps of the same MoE layers {want} and "
                          f"{cfg.n_routed_experts} experts")
     return t.expert_tokens.mean(axis=0)
 
@@ -224,41 +222,42 @@ def _placement_ranks(placement) -> np.ndarray:
     return np.where(np.repeat(slots, tp, axis=-1) >= 0, ranks, -1).astype(np.int32)
 
 
-def _open_recorder(args, cfg, layers, ctx, backend, engine: Engine, workload, rank_map):
+def _open_recorder(o: RunOptions, cfg, layers, ctx, backend, engine: Engine, workload, rank_map):
     from hpc_moe.ep.transport import mpi_cuda_support
     from hpc_moe.trace.writer import MemoryTrace, TraceWriter
-    run_config = dict(vars(args))
-    run_config["workload"] = workload.describe()
+    run_config = {**dataclasses.asdict(o), "workload": workload.describe()}
     meta = {"model_config": cfg.to_dict(), "run_config": run_config, "parallel_config": ctx.describe(),
             "mpi_library_version": MPI.Get_library_version(), "transport": engine.executor.transport_name,
             "cuda_aware": mpi_cuda_support() == 1, "array_backend": f"{backend.name} ({backend.dtype})",
             "truncated": layers < cfg.num_hidden_layers}
     layout = dict(num_layers=layers, moe_layers=engine.moe_layers, placement=_placement_ranks(engine.placement),
                   rank_map=rank_map, phases=PHASES, comm_phases=COMM_PHASES)
-    if args.trace is None:
+    if o.trace is None:
         return MemoryTrace(meta, **layout)
-    return TraceWriter(args.trace, meta, overwrite=args.overwrite, **layout)
+    return TraceWriter(o.trace, meta, overwrite=o.overwrite, **layout)
 
 
-def _announce(cfg, layers, ctx, engine: Engine, workload, args) -> None:
+def _announce(cfg, layers, ctx, engine: Engine, workload, o: RunOptions) -> None:
     log.info("%s: %d of %d layers%s, %d experts, top-%d; %d ranks on %d nodes (EP %d x DP %d, expert TP %d)",
-             args.checkpoint or args.config, layers, cfg.num_hidden_layers,
+             o.checkpoint or o.config, layers, cfg.num_hidden_layers,
              " (truncated with --layers)" if layers < cfg.num_hidden_layers else "", cfg.n_routed_experts,
              cfg.num_experts_per_tok, ctx.size, ctx.num_nodes, ctx.ep_size, ctx.dp_size, ctx.expert_tp)
     if engine.placement.replicated:
         p = engine.placement
         log.info("%d expert slots for %d experts: %d replicas of the hottest experts",
                  p.n_slots, cfg.n_routed_experts, p.n_slots - cfg.n_routed_experts)
-    log.info("workload %s; routing %s; %d warm-up steps, then %s", workload.describe(), args.routing,
-             args.warmup, f"{args.steps} steps" if args.steps else f"{args.duration} s")
+    log.info("workload %s; routing %s; %d warm-up steps, then %s", workload.describe(), o.routing,
+             o.warmup, f"{o.steps} steps" if o.steps else f"{o.duration} s")
 
 
-def _finish(args, recorder, steps: int) -> None:
-    from hpc_moe.trace.report import scaling_table, summary_table
+def _finish(o: RunOptions, recorder, steps: int) -> None:
+    from hpc_moe.trace.report import scaling_table, summary_json, summary_table
     trace = recorder.trace()
     print(summary_table(trace), flush=True)
-    if args.baseline:
+    if o.summary_json:
+        write_json(o.summary_json, summary_json(trace))
+    if o.baseline:
         from hpc_moe.trace.reader import read_trace
-        print("\n" + scaling_table([read_trace(args.baseline), trace]), flush=True)
-    if args.trace is not None:
-        log.info("trace: %s (%d steps)", args.trace, steps)
+        print("\n" + scaling_table([read_trace(o.baseline), trace]), flush=True)
+    if o.trace is not None:
+        log.info("trace: %s (%d steps)", o.trace, steps)

@@ -43,7 +43,7 @@ from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.ep.transport import TRANSPORTS, make_transport
 from hpc_moe.ep.wire import RowLayout, as_bytes
 from hpc_moe.fp8 import fp8_dequantize, fp8_quantize
-from hpc_moe.rowops import segment_index, take_rows, weighted_rows_sum
+from hpc_moe.rowops import group_rows_sum, take_rows, weighted_rows_sum
 from hpc_moe.timing import NullProfiler, Profiler
 
 ALGORITHMS = ("alltoallv", "pipelined")
@@ -230,6 +230,7 @@ class Exchange:
             self._reqs = [tr.ialltoallv(self._send[0], plan.counts_P, self._recv[0], self.recv_counts_P),
                           tr.ialltoallv(self._send[1], plan.counts_P, self._recv[1], self.recv_counts_P)]
         self._state = "dispatching"
+        self._replies, self._back = [], None
         self.received_ = None
         self.reply_counts_P = np.zeros(d.size, np.int64)
 
@@ -254,13 +255,14 @@ class Exchange:
         """Bytes this rank sends to each peer [P], dispatch + combine (its own entry is a local copy)."""
         return self.send_counts_P * self.dispatch_row_bytes + self.reply_counts_P * self.hidden * self.dtype.itemsize
 
-    def reduction(self) -> tuple[np.ndarray, np.ndarray]:
-        """The source's sum of the combine rows as weighted_rows_sum's table: (index int64 [T, C]
-        into the back rows, weight float32 [T, C])."""
+    def reduce(self, rows_BD):
+        """The source's sum of the combine rows [B + 1, D] (last row zero) -> y_TD [T, D]: each
+        token's rows in rank order (weighted form), or its pairs weighted in k order (pairs form)."""
+        xp = self._d.backend.xp
         if self.pairs:
-            return self._plan.pair_index_TC, np.repeat(self._w_TK, self._d.tp, axis=1)
-        index = segment_index(self._plan.token_M, self.tokens)
-        return index, np.ones(index.shape, np.float32)
+            return weighted_rows_sum(xp, rows_BD, self._plan.pair_index_TC, np.repeat(self._w_TK, self._d.tp, axis=1),
+                                     self.dtype)
+        return group_rows_sum(xp, rows_BD, self._plan.token_M, self.tokens, self.dtype)
 
     # ---- progress ------------------------------------------------------------------------------
     def progress(self) -> bool:
@@ -321,13 +323,20 @@ class Exchange:
             self._block(self.combine_times)
         if self._state != "combined":
             raise RuntimeError(f"wait() on an exchange that is {self._state}")
-        tr, xp = self._d.transport, self._d.backend.xp
-        rows = tr.from_wire(self._back, int(self.back_counts_P.sum()) + 1).view(self.dtype)
-        y = weighted_rows_sum(xp, rows, *self.reduction(), self.dtype)
-        tr.release(*self._replies, self._back)
+        tr = self._d.transport
+        y = self.reduce(tr.from_wire(self._back, int(self.back_counts_P.sum()) + 1).view(self.dtype))
+        self.release()
+        return y
+
+    def release(self) -> None:
+        """Give every buffer back to the transport's pool; the exchange is over (wait() calls it;
+        a caller that only dispatches, such as a benchmark, calls it once the rows are used)."""
+        tr = self._d.transport
+        if self._state == "dispatching":
+            self._block(self.dispatch_times)
+        tr.release(*self._scratch, *self._send, *self._replies, *([self._back] if self._back is not None else []))
         self._release_recv()
         self._state = "done"
-        return y
 
     # ---- helpers -------------------------------------------------------------------------------
     def _reply_counts(self) -> np.ndarray:

@@ -21,7 +21,6 @@ from hpc_moe.config import ModelConfig
 from hpc_moe.ep.dispatch import DispatchOptions
 from hpc_moe.ep.executor import ExpertParallelExecutor
 from hpc_moe.ep.placement import ExpertPlacement
-from hpc_moe.errors import UsageError
 from hpc_moe.model.kvcache import Batch, KVCache
 from hpc_moe.model.router import SyntheticRouting
 from hpc_moe.model.transformer import Model
@@ -59,17 +58,15 @@ class Engine:
         """loads: expected tokens per expert (float [E] or [M, E]) for the placement's replicas and
         colocation; None places experts evenly."""
         n = cfg.num_hidden_layers if num_layers is None else num_layers
-        if not 1 <= n <= cfg.num_hidden_layers:
-            raise UsageError(f"layers must be in [1, {cfg.num_hidden_layers}] (got {n})")
         self.cfg, self.backend, self.ctx, self.options = cfg, backend, ctx, options
         self.moe_layers = [i for i in range(n) if cfg.is_moe_layer(i)]
         placement = ExpertPlacement.build(cfg.n_routed_experts, ctx.ep_size, ctx.expert_tp, ctx.node_of_ep_rank,
                                           cfg.n_group, loads=loads, layers=self.moe_layers or None)
+        self.executor = ExpertParallelExecutor(cfg, weights, backend, ctx, placement, options.dispatch,
+                                               self.moe_layers, channels=options.micro_batches)
         if placement.colocated and ctx.rank == 0:
             log.warning("%d experts on %d expert slots: ranks hold several experts per layer, which breaks "
                         "the one-expert-per-GPU principle", cfg.n_routed_experts, placement.n_slots)
-        self.executor = ExpertParallelExecutor(cfg, weights, backend, ctx, placement, options.dispatch,
-                                               self.moe_layers, channels=options.micro_batches)
         self.prof = profiler if profiler is not None else NullProfiler(n)
         self.model = Model(cfg, weights, backend, experts=self.executor, num_layers=n, profiler=self.prof,
                            synthetic_routing=synthetic_routing, deterministic=options.dispatch.deterministic)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpc_moe.config import ModelConfig
+from hpc_moe.errors import UsageError
 from hpc_moe.model.layers import array_module, linear
 
 
@@ -100,7 +101,7 @@ class SyntheticRouting:
                 s = -1.0
             if s > 0:
                 return cls("zipf", s, seed)
-        raise ValueError(f"routing must be model, uniform, one or zipf[:S] with S > 0 (got {text!r})")
+        raise UsageError(f"routing must be model, uniform, one or zipf[:S] with S > 0 (got {text!r})")
 
     def __call__(self, x_TD, cfg: ModelConfig, layer: int, call: int) -> Routing:
         """Decisions for x's T tokens at this layer; ``call`` makes successive calls differ."""

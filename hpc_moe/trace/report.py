@@ -160,6 +160,34 @@ def summary_table(trace: Trace) -> str:
     return "\n".join(out)
 
 
+def summary_json(trace: Trace) -> dict[str, Any]:
+    """The summary as JSON-able numbers (``hpc-moe run --summary-json``; keys in docs/trace-format.md)."""
+    st = summary_stats(trace)
+    wall = float(trace.wall_time_s.sum())
+    ov = exchange_overlap(trace)
+    imb = st["imbalance"]
+    c = st["comm"]
+    per_step = trace.phase_time_s.sum(axis=1).mean(axis=(0, 1)) * 1e3 if trace.num_steps else np.zeros(len(trace.phases))
+
+    def num(x) -> float | None:
+        return float(x) if np.isfinite(x) else None
+
+    return {
+        "steps": trace.num_steps, "ranks": trace.num_ranks, "nodes": trace.num_nodes, "state": trace.state,
+        "input_tokens_per_s": num(trace.input_tokens.sum() / wall) if wall else None,
+        "output_tokens_per_s": num(trace.output_tokens.sum() / wall) if wall else None,
+        "step_ms_median": num(np.median(trace.wall_time_s) * 1e3) if trace.num_steps else None,
+        "phase_ms_per_step": {p: float(v) for p, v in zip(trace.phases, per_step)},
+        "offrank_bytes_per_step": num(c["bytes_per_step"]),
+        "intranode_bytes_per_step": num(c["intra_node_bytes_per_step"]),
+        "internode_bytes_per_step": num(c["inter_node_bytes_per_step"]),
+        "exchange_in_flight_ms_per_step": ov["total_in_flight"],
+        "exchange_exposed_ms_per_step": ov["total_blocked"],
+        "exchange_hidden_fraction": num(ov["total_hidden"]),
+        "expert_load_imbalance": num(np.nanmean(imb)) if imb.size and np.isfinite(imb).any() else None,
+    }
+
+
 def overlap_table(traces: Sequence[Trace]) -> str:
     """Per MoE layer and in total: exposed (blocked) all-to-all ms per step and the share of the
     in-flight time that ran under compute, one column pair per trace (e.g. --overlap off and on)."""

@@ -25,6 +25,7 @@ import zlib
 import numpy as np
 
 from hpc_moe.config import ModelConfig
+from hpc_moe.errors import UsageError
 from hpc_moe.weights.checkpoint import CheckpointError, tensor_shapes
 
 
@@ -36,7 +37,7 @@ class SyntheticWeights:
 
     def __init__(self, cfg: ModelConfig, seed: int = 0):
         if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer (got {seed!r})")
+            raise UsageError(f"seed must be a non-negative integer (got {seed!r})")
         self.config = cfg
         self.seed = seed
         self._shapes = tensor_shapes(cfg)

@@ -125,3 +125,23 @@ def test_payload_is_posted_before_the_next_micro_batch_computes(tmp_path_factory
                         assert combine["t_done_s"][0] <= nxt[i]["t_start_s"]
                     checked += 1
     assert checked == len(np.unique(t.exchanges["step"])) * t.num_ranks * len(t.moe_layers) * micro_batches
+
+
+def test_summary_json_agrees_with_the_trace(tmp_path_factory):
+    import json
+    d = shared_dir(tmp_path_factory, "summary")
+    run("--mode", "mixed", "--batch", "8", "--seq-len", "uniform:4,16", "--steps", "3", "--overlap", "on",
+        "--trace", f"{d}/t.h5", "--summary-json", f"{d}/s.json")
+    if WORLD.Get_rank():
+        return
+    s, t = json.loads(Path(f"{d}/s.json").read_text()), read_trace(f"{d}/t.h5")
+    assert s["steps"] == t.num_steps == 3 and s["ranks"] == WORLD.Get_size() and s["state"] == "completed"
+    assert s["input_tokens_per_s"] == pytest.approx(t.input_tokens.sum() / t.wall_time_s.sum())
+    assert s["output_tokens_per_s"] == pytest.approx(t.output_tokens.sum() / t.wall_time_s.sum())
+    assert s["step_ms_median"] == pytest.approx(1e3 * np.median(t.wall_time_s))
+    assert set(s["phase_ms_per_step"]) == set(t.phases)
+    off = t.bytes_sent.sum(axis=0) * ~np.eye(t.num_ranks, dtype=bool)
+    assert s["offrank_bytes_per_step"] == pytest.approx(off.sum() / 3)
+    assert s["intranode_bytes_per_step"] + s["internode_bytes_per_step"] == pytest.approx(s["offrank_bytes_per_step"])
+    assert 0 <= s["exchange_exposed_ms_per_step"] and 0 < s["exchange_in_flight_ms_per_step"]
+    assert s["expert_load_imbalance"] >= 1.0
