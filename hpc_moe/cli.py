@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 
 from hpc_moe import __version__
@@ -160,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="hpc-moe: %(message)s", stream=sys.stderr)
+    # The extra dispatch channels of --overlap on repeat channel 0's transport choice.
+    logging.getLogger("hpc_moe.channel").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return _dispatch(args)
     except InputError as e:

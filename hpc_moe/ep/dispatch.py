@@ -231,7 +231,7 @@ class Exchange:
                           tr.ialltoallv(self._send[1], plan.counts_P, self._recv[1], self.recv_counts_P)]
         self._state = "dispatching"
         self._replies, self._back = [], None
-        self.received_ = None
+        self._received = None
         self.reply_counts_P = np.zeros(d.size, np.int64)
 
     # ---- accounting ----------------------------------------------------------------------------
@@ -290,10 +290,10 @@ class Exchange:
         """Wait for the dispatched rows (alltoallv only) -> the rows and pairs to compute."""
         if self._state == "dispatching":
             self._block(self.dispatch_times)
-        if self.received_ is None:
-            self.received_ = self._unpack(0, int(self.recv_counts_P.sum()))
+        if self._received is None:
+            self._received = self._unpack(0, int(self.recv_counts_P.sum()))
             self._d.transport.release(*self._scratch, *self._send)
-        return self.received_
+        return self._received
 
     def run_experts(self, expert_fn: ExpertFn) -> None:
         """Compute the rows this rank received with ``expert_fn`` and post the combine."""

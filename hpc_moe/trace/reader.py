@@ -122,7 +122,7 @@ def _git_commit() -> str:
 
     No ``git`` subprocess: forking inside an MPI process upsets some interconnect stacks.
     """
-    git = Path(__file__).resolve().parents[1] / ".git"
+    git = Path(__file__).resolve().parents[2] / ".git"
     try:
         if git.is_file():  # a worktree: ".git" names the real git dir
             git = (git.parent / git.read_text().split("gitdir:", 1)[1].strip()).resolve()

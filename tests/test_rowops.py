@@ -1,0 +1,56 @@
+"""The row kernels of hpc_moe.rowops and the row-blocked linear against plain NumPy."""
+import numpy as np
+import pytest
+
+from hpc_moe.backend import bfloat16
+from hpc_moe.model.layers import linear
+from hpc_moe.rowops import group_rows_sum, segment_index, take_rows, to_float32, weighted_rows_sum
+
+RNG = np.random.default_rng(0)
+
+
+def test_take_rows_and_bf16_widening():
+    src = RNG.standard_normal((50, 33)).astype(np.float32)
+    idx = RNG.integers(0, 50, 70)
+    np.testing.assert_array_equal(take_rows(np, src, idx), src[idx])
+    b = src.astype(bfloat16)
+    np.testing.assert_array_equal(to_float32(np, b), b.astype(np.float32))  # exact: a 16-bit shift
+
+
+@pytest.mark.parametrize("dtype", [np.float32, bfloat16])
+def test_weighted_rows_sum_is_the_plain_sum_and_order_independent_of_blocks(dtype):
+    rows = RNG.standard_normal((301, 257)).astype(dtype)
+    rows[-1] = 0  # the zero row padded entries point at
+    index = RNG.integers(0, 301, (900, 5))
+    index[::7, 3:] = 300
+    w = RNG.random((900, 5)).astype(np.float32)
+    want = (w[..., None] * rows[index].astype(np.float32)).sum(1)
+    got = weighted_rows_sum(np, rows, index, w, dtype)
+    assert got.dtype == dtype
+    tol = 1e-2 if dtype == bfloat16 else 1e-5  # bf16: the result is rounded to 8 bits of mantissa
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=tol, atol=tol)
+    # A token's result depends on its own row of the table only, not on the block it falls in.
+    np.testing.assert_array_equal(weighted_rows_sum(np, rows, index[5:6], w[5:6], dtype), got[5:6])
+
+
+def test_group_rows_sum_sums_each_group_and_leaves_empty_groups_zero():
+    group = np.array([3, 0, 3, 1, 3, 0, 5], np.int64)
+    rows = RNG.standard_normal((len(group) + 1, 19)).astype(np.float32)
+    got = group_rows_sum(np, rows, group, 7, np.float32)
+    want = np.zeros((7, 19), np.float32)
+    for r, g in enumerate(group):
+        want[g] += rows[r]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert not got[[2, 4, 6]].any()
+    table = segment_index(group, 7)
+    assert table.shape == (7, 3) and table[3].tolist() == [0, 2, 4] and table[2].tolist() == [7, 7, 7]
+
+
+def test_row_blocked_linear_does_not_depend_on_the_batch():
+    w = RNG.standard_normal((16, 32)).astype(np.float32)  # small: OpenBLAS's small-matrix path
+    x = RNG.standard_normal((200, 32)).astype(np.float32)
+    full = linear(x, w, row_blocked=True)
+    np.testing.assert_allclose(full, x @ w.T, rtol=1e-5, atol=1e-5)
+    for start, n in [(0, 1), (3, 2), (17, 40), (64, 64), (100, 100)]:
+        np.testing.assert_array_equal(linear(x[start:start + n], w, row_blocked=True), full[start:start + n])
+    assert linear(x[:0], w, row_blocked=True).shape == (0, 16)
