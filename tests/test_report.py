@@ -71,8 +71,8 @@ def test_summary_numbers_match_hand_computation(synthetic):
     assert st["comm"]["intra_node_bytes_per_step"] == pytest.approx(intra / 6)
     assert st["comm"]["inter_node_bytes_per_step"] == pytest.approx(inter / 6)
     assert st["comm"]["bytes_per_step"] == pytest.approx((intra + inter) / 6)
-    d, c = tr.phase_ids(["dispatch", "combine"])
-    bw = [(b[:, r].sum() - b[:, r, r].sum()) / (t[:, :, r, d].sum() + t[:, :, r, c].sum()) for r in range(4)]
+    comm = tr.phase_ids(["dispatch", "combine", "wait"])
+    bw = [(b[:, r].sum() - b[:, r, r].sum()) / t[:, :, r][..., comm].sum() for r in range(4)]
     assert st["comm"]["bw_min"] == pytest.approx(min(bw)) and st["comm"]["bw_max"] == pytest.approx(max(bw))
     counts = _stack(steps, "expert_tokens")
     np.testing.assert_allclose(st["imbalance"], (counts.max(axis=2) / counts.mean(axis=2)).mean(axis=0))

@@ -291,7 +291,7 @@ def test_analysis_helpers(tmp_path):
     assert expert_load_imbalance(tr, per_step=False)[2] == pytest.approx(tot.max() / tot.mean())
     b = np.stack([s["bytes_sent"] for s in steps])
     off = b.sum(axis=(0, 2)) - np.einsum("sii->i", b)
-    secs = t[..., [PHASES.index("dispatch"), PHASES.index("combine")]].sum(axis=(0, 1, 3))
+    secs = t[..., [PHASES.index(p) for p in ("dispatch", "combine", "wait")]].sum(axis=(0, 1, 3))
     np.testing.assert_allclose(achieved_bandwidth(tr), off / secs)
     assert achieved_bandwidth(tr, per_step=True).shape == (6, 4)
     sub = tr.subset(tr.kind == "decode")

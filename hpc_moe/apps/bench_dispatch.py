@@ -25,6 +25,7 @@ from mpi4py import MPI
 from hpc_moe.apps.benchkit import (
     Polled,
     RawFloor,
+    add_common_args,
     max_over_ranks,
     mean_over_ranks,
     osu_overlap,
@@ -64,17 +65,10 @@ def add_dispatch_args(p) -> None:
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--experts", type=int, default=256, help="routed experts (uniform random routing)")
     p.add_argument("--algorithm", default="alltoallv", choices=["alltoallv", "pipelined"], help="for the exchange row")
-    p.add_argument("--payload", default="native", choices=["native", "fp8"])
-    p.add_argument("--transport", default="auto", choices=["auto", "host", "cuda-aware", "nccl"])
-    p.add_argument("--deterministic", action="store_true", help="the pairs form of the combine")
-    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "cupy"])
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--ranks-per-node", type=int, default=None, help="simulate nodes of k ranks")
     p.add_argument("--no-overlap", action="store_true", help="skip the overlap measurement")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="OUT", help="write the figures as JSON (rank 0)")
+    add_common_args(p)
 
 
 def run_bench_dispatch(o: BenchDispatchOptions) -> int:

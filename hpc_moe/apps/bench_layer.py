@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from hpc_moe.apps.benchkit import RawFloor, max_over_ranks, timed
+from hpc_moe.apps.benchkit import RawFloor, add_common_args, max_over_ranks, timed
 from hpc_moe.apps.common import write_json
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.config import load_config
-from hpc_moe.ep.dispatch import DispatchOptions, Received
+from hpc_moe.ep.dispatch import DispatchOptions
+from hpc_moe.ep.exchange import Received
 from hpc_moe.ep.executor import ExpertParallelExecutor
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.errors import UsageError
@@ -60,14 +61,7 @@ def add_layer_args(p) -> None:
     p.add_argument("--experts", type=int, default=8, help="routed experts (= ranks: one per rank)")
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "cupy"])
-    p.add_argument("--transport", default="auto", choices=["auto", "host", "cuda-aware", "nccl"])
-    p.add_argument("--payload", default="native", choices=["native", "fp8"])
-    p.add_argument("--deterministic", action="store_true", help="the pairs form of the combine")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="OUT", help="write the figures as JSON (rank 0)")
+    add_common_args(p)
 
 
 def check(o: BenchLayerOptions) -> None:
@@ -75,6 +69,8 @@ def check(o: BenchLayerOptions) -> None:
         raise UsageError("--tokens, --hidden, --inter, --experts, --topk and --iters must be >= 1, --warmup >= 0")
     if o.topk > o.experts:
         raise UsageError(f"--topk {o.topk} is more than --experts {o.experts}")
+    if o.experts < 2:
+        raise UsageError("--experts must be >= 2 (routing scores a group by its two best experts)")
 
 
 def layer_config(o: BenchLayerOptions):

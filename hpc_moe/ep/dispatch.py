@@ -1,37 +1,16 @@
-"""MoE token dispatch and combine over MPI, as DeepEP does them, in phases that overlap compute.
+"""MoE token dispatch and combine over MPI, as DeepEP does them: the Dispatcher of one EP channel.
 
-One :class:`Exchange` is one MoE layer of one micro-batch on one rank, and moves through:
+The Dispatcher plans where rows go (each token's row once to every rank that runs one of its
+experts, grouped by destination), packs them, and starts an :class:`~hpc_moe.ep.exchange.Exchange`
+(one Ialltoallv per direction) or a :class:`~hpc_moe.ep.pipelined.PipelinedExchange` (per-peer
+messages); hpc_moe.ep.exchange documents the phases of an exchange and the two forms of the
+combine.
 
-1. ``Dispatcher.post``: plan the rows (host), post the count exchange (``Ialltoall``), pack the
-   rows while the counts fly, wait for the counts, post the payload (token rows and metadata rows,
-   two ``Ialltoallv`` on the channel's communicator). The payload is posted before ``post`` returns,
-   so it is in flight during whatever compute the caller runs next.
-2. ``progress()``: tests the requests in flight (non-blocking collectives progress only inside MPI
-   calls, so the caller polls between and inside compute phases).
-3. ``run_experts(fn)``: waits for the rows, runs ``fn`` on them (the local expert GEMMs) and posts
-   the combine. With ``algorithm="pipelined"`` the payload travels as per-peer Isend/Irecv and
-   ``fn`` runs on each source's rows as they land, whose results leave at once.
-4. ``wait()``: waits for the combine and reduces the rows that came back: ``y_TD``.
-
-Each token's row goes once to every rank that runs one of its experts, with the receiver's local
-expert id and the routing weight per k (-1: not there). The combine has two forms:
-
-* ``weighted`` (default): the receiver weights and sums its local experts' outputs per received
-  row and returns one row per received row, so combine bytes equal dispatch bytes; the source sums
-  the rows of each token.
-* ``pairs`` (``deterministic=True``): the receiver returns one unweighted row per (row, local
-  expert) pair and the source applies the weights in k order, so the sum does not depend on where
-  experts live: logits are bitwise the same at any rank count, placement or micro-batching.
-
-No capacity factor: no token is dropped; ranks with no tokens take part in every exchange.
-
-Legend: T tokens of this rank, K top-k, D hidden, P EP ranks, M rows sent, N rows received,
-Q (row, local expert) pairs computed here, B rows coming back, C columns of a reduction table.
+Legend: T tokens of this rank, K top-k, D hidden, P EP ranks, S expert slots, M rows sent,
+C columns of a reduction table.
 """
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,11 +18,13 @@ from mpi4py import MPI
 
 from hpc_moe.backend import Backend
 from hpc_moe.comm import ParallelContext
+from hpc_moe.ep.exchange import Exchange, ExpertFn, Plan
+from hpc_moe.ep.pipelined import PipelinedExchange
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.ep.transport import TRANSPORTS, make_transport
 from hpc_moe.ep.wire import RowLayout, as_bytes
-from hpc_moe.fp8 import fp8_dequantize, fp8_quantize
-from hpc_moe.rowops import group_rows_sum, take_rows, weighted_rows_sum
+from hpc_moe.fp8 import fp8_quantize
+from hpc_moe.rowops import take_rows
 from hpc_moe.timing import NullProfiler, Profiler
 
 ALGORITHMS = ("alltoallv", "pipelined")
@@ -68,46 +49,6 @@ class DispatchOptions:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
 
 
-@dataclass(frozen=True, eq=False)
-class Received:
-    """The rows this rank computes for one exchange (host index arrays, backend x).
-
-    x_ND: received token rows [N, D] compute dtype (a view of the receive buffer when it can be);
-    row_Q int64 [Q], local_expert_Q int32 [Q] (index into the rank's local experts) and
-    weight_Q float32 [Q]: the (row, local expert) pairs in row-major (row, k) order.
-    """
-
-    x_ND: object
-    row_Q: np.ndarray
-    local_expert_Q: np.ndarray
-    weight_Q: np.ndarray
-
-
-# expert_fn(received) -> reply rows: weighted form y_ND [N, D]; pairs form out_QD [Q, D]
-ExpertFn = Callable[[Received], object]
-
-
-@dataclass
-class ExchangeTimes:
-    """When one direction of an exchange started (the dispatch: its count exchange), when its payload
-    was posted and when it was seen complete (perf_counter seconds), and how long this rank was
-    blocked waiting for it (count exchange included)."""
-
-    t_start: float = 0.0
-    t_post: float = 0.0
-    t_done: float = 0.0
-    blocked: float = 0.0
-
-
-@dataclass(frozen=True, eq=False)
-class _Plan:
-    token_M: np.ndarray    # int64 token of each sent row, grouped by destination rank
-    local_MK: np.ndarray   # int32 local expert id at the destination per k, -1 if not there
-    counts_P: np.ndarray   # int64 rows per destination
-    pair_counts_P: np.ndarray  # int64 (row, expert) pairs per destination
-    pair_index_TC: np.ndarray  # pairs form: row of the combine buffer of (t, k, tp rank j) at column k * tp + j
-
-
 class Dispatcher:
     """Dispatch/combine of one EP channel: built once from (ctx, placement, backend, options);
     every exchange is collective over ``comm`` (default ``ctx.ep_comm``)."""
@@ -125,6 +66,12 @@ class Dispatcher:
                                         need_p2p=self.options.algorithm == "pipelined", logger=logger)
         self._seq = 0  # pipelined exchanges posted, for message tags: the same on every rank
 
+    def next_tags(self) -> int:
+        """The first of 4 message tags no exchange in flight on this channel uses (the same on
+        every rank: exchanges are posted in the same order everywhere)."""
+        self._seq += 1
+        return 4 * (self._seq % 4096)
+
     def local_experts(self, layer: int | None = None) -> list[int]:
         return self.placement.local_experts(self.rank, layer)
 
@@ -137,7 +84,8 @@ class Dispatcher:
         """Start an exchange: x [T, D] compute dtype, topk_idx_TK int [T, K] global expert ids
         (-1: none), topk_weight_TK float32 [T, K]. Collective over the channel. prof: where the
         time blocked in waits (phase "wait") and the combine's local work (phase "combine") go."""
-        return Exchange(self, layer, x_TD, topk_idx_TK, topk_weight_TK, prof or NullProfiler())
+        cls = PipelinedExchange if self.options.algorithm == "pipelined" else Exchange
+        return cls(self, layer, x_TD, topk_idx_TK, topk_weight_TK, prof or NullProfiler())
 
     def exchange(self, layer: int | None, x_TD, topk_idx_TK, topk_weight_TK, expert_fn: ExpertFn):
         """Blocking post -> run_experts(expert_fn) -> wait: y_TD [T, D]."""
@@ -148,7 +96,7 @@ class Dispatcher:
     def close(self) -> None:
         self.transport.close()
 
-    def pack(self, plan: _Plan, x_TD, weight_TK: np.ndarray, layout: RowLayout):
+    def pack(self, plan: Plan, x_TD, weight_TK: np.ndarray, layout: RowLayout):
         """The send buffers: token rows [M, row bytes] by one contiguous take, and metadata rows
         [M, layout.width] (local expert id and weight per k, FP8 scales). Give both back with
         transport.release() once sent."""
@@ -167,7 +115,7 @@ class Dispatcher:
         layout.pack_into(xp, meta, **fields)
         return rows, meta
 
-    def plan(self, layer, topk_TK: np.ndarray) -> _Plan:
+    def plan(self, layer, topk_TK: np.ndarray) -> Plan:
         """Routing -> send layout (host, vectorised). Rows go to every rank of each slot a token
         uses, once per rank; pairs come back in (row, k) order."""
         t, k = topk_TK.shape
@@ -184,243 +132,5 @@ class Dispatcher:
         m_B, k_B = np.nonzero(local_MK >= 0)
         pair_index_TC = np.full((t, k * tp), len(m_B), dtype=np.int64)
         pair_index_TC[token_M[m_B], k_B * tp + dest_M[m_B] % tp] = np.arange(len(m_B))
-        return _Plan(token_M.astype(np.int64), local_MK, np.bincount(dest_M, minlength=p).astype(np.int64),
+        return Plan(token_M.astype(np.int64), local_MK, np.bincount(dest_M, minlength=p).astype(np.int64),
                      np.bincount(dest_M[m_B], minlength=p).astype(np.int64), pair_index_TC)
-
-
-class Exchange:
-    """One MoE exchange in flight (see the module docstring for its phases)."""
-
-    def __init__(self, d: Dispatcher, layer, x_TD, topk_idx_TK, topk_weight_TK, prof: Profiler):
-        be, tr = d.backend, d.transport
-        topk = np.asarray(be.to_numpy(topk_idx_TK), dtype=np.int64)
-        if x_TD.ndim != 2 or topk.ndim != 2 or topk.shape[0] != x_TD.shape[0]:
-            raise ValueError(f"x_TD {tuple(x_TD.shape)} and topk_idx_TK {topk.shape} must be [T, D] and [T, K]")
-        if topk.size and (topk.max() >= d.placement.n_experts or topk.min() < -1):
-            raise ValueError(f"topk_idx_TK holds ids outside [-1, {d.placement.n_experts})")
-        w_TK = np.asarray(be.to_numpy(topk_weight_TK), dtype=np.float32)
-        if w_TK.shape != topk.shape:
-            raise ValueError(f"topk_weight_TK {w_TK.shape} must match topk_idx_TK {topk.shape}")
-        self._d, self.layer, self._prof = d, layer, prof
-        self.pairs = d.options.deterministic
-        self.dtype, self.hidden, self.tokens = np.dtype(x_TD.dtype), x_TD.shape[1], x_TD.shape[0]
-        self.dispatch_times, self.combine_times = ExchangeTimes(), ExchangeTimes()
-        self._w_TK = w_TK
-        plan = self._plan = d.plan(layer, topk)
-        self.recv_counts_P = np.zeros(d.size, dtype=np.int64)
-        self.dispatch_times.t_start = time.perf_counter()
-        counts_req = d.comm.Ialltoall([plan.counts_P, MPI.INT64_T], [self.recv_counts_P, MPI.INT64_T])
-
-        # Pack while the counts fly.
-        layout = self._layout = d.meta_layout(self.hidden, topk.shape[1])
-        rows, meta = d.pack(plan, x_TD, w_TK, layout)
-        self._send = (tr.to_wire(rows), tr.to_wire(meta))
-        self._scratch = (rows, meta)
-        with prof.phase(layer, "wait"):
-            t = time.perf_counter()
-            counts_req.Wait()
-            self.dispatch_times.blocked += time.perf_counter() - t
-
-        n = int(self.recv_counts_P.sum())
-        self._recv = (tr.empty(n, rows.shape[1]), tr.empty(n, layout.width))
-        self.dispatch_times.t_post = time.perf_counter()
-        if d.options.algorithm == "pipelined":
-            self._post_pipelined()
-        else:
-            self._reqs = [tr.ialltoallv(self._send[0], plan.counts_P, self._recv[0], self.recv_counts_P),
-                          tr.ialltoallv(self._send[1], plan.counts_P, self._recv[1], self.recv_counts_P)]
-        self._state = "dispatching"
-        self._replies, self._back = [], None
-        self._received = None
-        self.reply_counts_P = np.zeros(d.size, np.int64)
-
-    # ---- accounting ----------------------------------------------------------------------------
-    @property
-    def send_counts_P(self) -> np.ndarray:
-        """Token rows this rank sends to each peer [P]."""
-        return self._plan.counts_P
-
-    @property
-    def back_counts_P(self) -> np.ndarray:
-        """Rows each peer returns to this rank in the combine [P]."""
-        return self._plan.pair_counts_P if self.pairs else self._plan.counts_P
-
-    @property
-    def dispatch_row_bytes(self) -> int:
-        """Bytes per dispatched token: its row and its metadata row."""
-        return self._send[0].shape[1] + self._layout.width
-
-    @property
-    def send_bytes_P(self) -> np.ndarray:
-        """Bytes this rank sends to each peer [P], dispatch + combine (its own entry is a local copy)."""
-        return self.send_counts_P * self.dispatch_row_bytes + self.reply_counts_P * self.hidden * self.dtype.itemsize
-
-    def reduce(self, rows_BD):
-        """The source's sum of the combine rows [B + 1, D] (last row zero) -> y_TD [T, D]: each
-        token's rows in rank order (weighted form), or its pairs weighted in k order (pairs form)."""
-        xp = self._d.backend.xp
-        if self.pairs:
-            return weighted_rows_sum(xp, rows_BD, self._plan.pair_index_TC, np.repeat(self._w_TK, self._d.tp, axis=1),
-                                     self.dtype)
-        return group_rows_sum(xp, rows_BD, self._plan.token_M, self.tokens, self.dtype)
-
-    # ---- progress ------------------------------------------------------------------------------
-    def progress(self) -> bool:
-        """Advance what is in flight without blocking; True once the combine has landed."""
-        if self._state in ("dispatching", "combining") and self._reqs and MPI.Request.Testall(self._reqs):
-            self._landed()
-        return self._state in ("combined", "done")
-
-    def _landed(self) -> None:
-        times = self.dispatch_times if self._state == "dispatching" else self.combine_times
-        times.t_done = time.perf_counter()
-        self._reqs = []
-        self._state = "received" if self._state == "dispatching" else "combined"
-
-    def _block(self, times: ExchangeTimes) -> None:
-        if self._reqs:
-            with self._prof.phase(self.layer, "wait"):
-                t = time.perf_counter()
-                MPI.Request.Waitall(self._reqs)
-                times.blocked += time.perf_counter() - t
-            self._landed()
-
-    # ---- the expert phase --------------------------------------------------------------------
-    def received(self) -> Received:
-        """Wait for the dispatched rows (alltoallv only) -> the rows and pairs to compute."""
-        if self._state == "dispatching":
-            self._block(self.dispatch_times)
-        if self._received is None:
-            self._received = self._unpack(0, int(self.recv_counts_P.sum()))
-            self._d.transport.release(*self._scratch, *self._send)
-        return self._received
-
-    def run_experts(self, expert_fn: ExpertFn) -> None:
-        """Compute the rows this rank received with ``expert_fn`` and post the combine."""
-        if self._d.options.algorithm == "pipelined":
-            self._run_pipelined(expert_fn)
-        else:
-            out = expert_fn(self.received())
-            with self._prof.phase(self.layer, "combine"):
-                self.reply(out)
-
-    def reply(self, out) -> None:
-        """Post the combine of the reply rows: weighted form y_ND [N, D]; pairs form out_QD [Q, D]."""
-        tr, xp = self._d.transport, self._d.backend.xp
-        out = xp.ascontiguousarray(xp.asarray(out).astype(self.dtype, copy=False))
-        send_counts = self.reply_counts_P = self._reply_counts()
-        if out.shape != (int(send_counts.sum()), self.hidden):
-            raise ValueError(f"reply rows {tuple(out.shape)} must be [{int(send_counts.sum())}, {self.hidden}]")
-        self._replies = [tr.to_wire(as_bytes(xp, out))]  # may view the receive buffer: freed at wait()
-        self._back = self._back_buffer()
-        self.combine_times.t_start = self.combine_times.t_post = time.perf_counter()
-        self._reqs = [tr.ialltoallv(self._replies[0], send_counts, self._back, self.back_counts_P)]
-        self._state = "combining"
-
-    def wait(self):
-        """Wait for the combine -> y_TD [T, D] compute dtype."""
-        if self._state == "combining":
-            self._block(self.combine_times)
-        if self._state != "combined":
-            raise RuntimeError(f"wait() on an exchange that is {self._state}")
-        tr = self._d.transport
-        y = self.reduce(tr.from_wire(self._back, int(self.back_counts_P.sum()) + 1).view(self.dtype))
-        self.release()
-        return y
-
-    def release(self) -> None:
-        """Give every buffer back to the transport's pool; the exchange is over (wait() calls it;
-        a caller that only dispatches, such as a benchmark, calls it once the rows are used)."""
-        tr = self._d.transport
-        if self._state == "dispatching":
-            self._block(self.dispatch_times)
-        tr.release(*self._scratch, *self._send, *self._replies, *([self._back] if self._back is not None else []))
-        self._release_recv()
-        self._state = "done"
-
-    # ---- helpers -------------------------------------------------------------------------------
-    def _reply_counts(self) -> np.ndarray:
-        """Rows this rank returns to each source [P]."""
-        if not self.pairs:
-            return self.recv_counts_P
-        src_Q = np.repeat(np.arange(self._d.size), self.recv_counts_P)[self.received().row_Q]
-        return np.bincount(src_Q, minlength=self._d.size).astype(np.int64)
-
-    def _back_buffer(self):
-        """The combine's receive buffer, one zero row more: the target of padded table entries."""
-        b = int(self.back_counts_P.sum())
-        back = self._d.transport.empty(b + 1, self.hidden * self.dtype.itemsize)
-        back[b] = 0
-        return back
-
-    def _unpack(self, lo: int, hi: int) -> Received:
-        """Rows [lo, hi) of the receive buffers -> Received (row ids relative to lo)."""
-        d, xp, layout = self._d, self._d.backend.xp, self._layout
-        words = d.transport.from_wire(self._recv[0][lo:hi], hi - lo)
-        meta = self._recv[1][lo:hi]
-        if not isinstance(meta, np.ndarray):  # device buffers: the metadata is small, read it on the host
-            meta = d.backend.to_numpy(meta)
-        local_NK = layout.view(np, meta, "local", np.int32)
-        weight_NK = layout.view(np, meta, "weight", np.float32)
-        if d.options.payload == "fp8":
-            x = fp8_dequantize(xp, words, xp.asarray(layout.view(np, meta, "scale", np.float32)), self.dtype)
-        else:
-            x = words.view(self.dtype)
-        n_Q, k_Q = np.nonzero(local_NK >= 0)
-        return Received(x, n_Q.astype(np.int64), local_NK[n_Q, k_Q].astype(np.int32),
-                        weight_NK[n_Q, k_Q].astype(np.float32))
-
-    def _release_recv(self) -> None:
-        if self._recv is not None:
-            self._d.transport.release(*self._recv)
-            self._recv = None
-
-    # ---- pipelined: per-peer messages, experts as sources land ---------------------------------
-    def _post_pipelined(self) -> None:
-        d, tr, plan = self._d, self._d.transport, self._plan
-        self._tag = 4 * (d._seq % 4096)  # fresh tags per exchange, should two overlap on one channel
-        d._seq += 1
-        soff, roff = (np.cumsum(c) - c for c in (plan.counts_P, self.recv_counts_P))
-        ring = [(d.rank + i) % d.size for i in range(d.size)]  # self first: local rows start at once
-        self._srcs = [p for p in ring if self.recv_counts_P[p]]
-        self._roff = roff
-        self._recv_reqs = [r for p in self._srcs for r in (
-            tr.irecv(self._recv[0], roff[p], self.recv_counts_P[p], p, self._tag),
-            tr.irecv(self._recv[1], roff[p], self.recv_counts_P[p], p, self._tag + 1))]
-        self._reqs = [r for p in ring if plan.counts_P[p] for r in (
-            tr.isend(self._send[0], soff[p], plan.counts_P[p], p, self._tag),
-            tr.isend(self._send[1], soff[p], plan.counts_P[p], p, self._tag + 1))]
-
-    def _run_pipelined(self, expert_fn: ExpertFn) -> None:
-        d, tr = self._d, self._d.transport
-        back_counts = self.back_counts_P
-        self._back = self._back_buffer()
-        boff = np.cumsum(back_counts) - back_counts
-        self.combine_times.t_start = self.combine_times.t_post = time.perf_counter()
-        reqs = [tr.irecv(self._back, boff[p], back_counts[p], p, self._tag + 2)
-                for p in range(d.size) if back_counts[p]]
-        replies, reply_counts = [], np.zeros(d.size, np.int64)
-        pending = list(range(len(self._srcs)))
-        while pending:
-            with self._prof.phase(self.layer, "wait"):
-                t = time.perf_counter()
-                done = MPI.Request.Waitsome(self._recv_reqs) or []
-                self.dispatch_times.blocked += time.perf_counter() - t
-            landed = [i for i in pending if self._recv_reqs[2 * i] == MPI.REQUEST_NULL
-                      and self._recv_reqs[2 * i + 1] == MPI.REQUEST_NULL]
-            for i in landed:
-                p = self._srcs[i]
-                lo = int(self._roff[p])
-                rec = self._unpack(lo, lo + int(self.recv_counts_P[p]))
-                out = d.backend.xp.ascontiguousarray(d.backend.xp.asarray(expert_fn(rec)).astype(self.dtype, copy=False))
-                reply_counts[p] = len(out)
-                replies.append(tr.to_wire(as_bytes(d.backend.xp, out)))
-                reqs.append(tr.isend(replies[-1], 0, len(out), p, self._tag + 2))
-            pending = [i for i in pending if i not in landed]
-            if not done and pending:
-                raise RuntimeError("Waitsome returned no request while sources were pending")
-        MPI.Request.Waitall(self._reqs)  # our own sends of the dispatch
-        self.dispatch_times.t_done = time.perf_counter()
-        self._replies, self.reply_counts_P, self._reqs = replies, reply_counts, reqs
-        tr.release(*self._scratch, *self._send)
-        self._state = "combining"

@@ -18,7 +18,8 @@ import numpy as np
 from hpc_moe.backend import Backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.config import ModelConfig
-from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions, Exchange, Received
+from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions
+from hpc_moe.ep.exchange import Exchange, Received
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.errors import UsageError
 from hpc_moe.model.moe import ExpertWeights, Poll, apply_experts, weigh_pairs

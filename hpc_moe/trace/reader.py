@@ -335,13 +335,14 @@ def expert_load_imbalance(trace: Trace, *, per_step: bool = True) -> np.ndarray:
 
 
 def achieved_bandwidth(trace: Trace, *, per_step: bool = False) -> np.ndarray:
-    """Bytes/s each rank sent to other ranks per second of dispatch + combine time.
+    """Bytes/s each rank sent to other ranks per second it spent communicating (the comm phases:
+    dispatch and combine, their local work, and wait, the time blocked on them).
 
     float64 [R] over all steps, or [S, R] per step; self-sends (the diagonal) are local copies and
-    do not count. NaN where a rank spent no time in dispatch or combine.
+    do not count. NaN where a rank spent no time in them.
     """
     sent = trace.bytes_sent.sum(axis=2) - np.diagonal(trace.bytes_sent, axis1=1, axis2=2)  # [S, R]
-    secs = trace.phase_time_s[..., trace.phase_ids(["dispatch", "combine"])].sum(axis=(1, 3))  # [S, R]
+    secs = trace.phase_time_s[..., trace.phase_ids(trace.comm_phases)].sum(axis=(1, 3))  # [S, R]
     if not per_step:
         sent, secs = sent.sum(axis=0), secs.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -147,7 +147,7 @@ def summary_table(trace: Trace) -> str:
     inter = c["inter_node_bytes_per_step"] / c["bytes_per_step"] * 100 if c["bytes_per_step"] else 0.0
     out += ["", "Communication (expert-parallel all-to-all, off-rank bytes)",
             f"  per step: {_bytes(c['bytes_per_step'])} ({inter:.1f}% between nodes)",
-            (f"  achieved bandwidth per rank, bytes / (dispatch + combine) time: min {_num(c['bw_min'] / 1e9, 3)}, "
+            (f"  achieved bandwidth per rank, bytes / (dispatch + combine + wait) time: min {_num(c['bw_min'] / 1e9, 3)}, "
              f"mean {_num(c['bw_mean'] / 1e9, 3)}, max {_num(c['bw_max'] / 1e9, 3)} GB/s")]
     if len(trace.moe_layers):
         out += ["", overlap_table([trace])]

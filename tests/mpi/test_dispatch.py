@@ -27,7 +27,8 @@ from mpi4py import MPI
 from hpc_moe import backend as bk
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext, ParallelError
-from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions, Exchange, Received
+from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions
+from hpc_moe.ep.exchange import Exchange, Received
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.ep.transport import TransportError, make_transport
 from hpc_moe.fp8 import _e4m3_bits, fp8_dequantize, fp8_quantize
@@ -253,6 +254,21 @@ def test_exchange_matches_local_reference(ctx, alg, shape, deterministic):
     batch = batches(e, lambda r: 7 + 3 * r, k=min(4, e), seed=1)
     x, idx, w, y, _, d = run_exchange(ctx, e, batch, alg, deterministic=deterministic)
     assert_matches_reference(d, x, idx, w, y)
+
+
+@FORMS
+@pytest.mark.parametrize("alg", ALGS)
+def test_two_step_received_then_reply(ctx, alg, deterministic):
+    """received() then reply() (what bench dispatch times apart) give the same result as
+    run_experts(), for the pipelined exchange too: received() waits for every source."""
+    e = 2 * ctx.ep_size
+    pl = ExpertPlacement.build(e, ctx.ep_size, 1, ctx.node_of_ep_rank)
+    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(algorithm=alg, deterministic=deterministic))
+    x, idx, w = batches(e, lambda r: 5 + r, k=3, seed=11)(ctx.ep_rank)
+    ex = d.post(None, x, idx, w)
+    ex.reply(expert_fn_for(d)(ex.received()))
+    assert_matches_reference(d, x, idx, w, ex.wait())
+    d.close()
 
 
 @FORMS

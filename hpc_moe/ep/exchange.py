@@ -1,0 +1,272 @@
+"""One MoE exchange (dispatch, the expert phase, combine) in phases that overlap compute.
+
+One :class:`Exchange` is one MoE layer of one micro-batch on one rank, and moves through:
+
+1. ``Dispatcher.post`` (hpc_moe.ep.dispatch): plan the rows (host), post the count exchange
+   (``Ialltoall``), pack the rows while the counts fly, wait for the counts, post the payload
+   (token rows and metadata rows, two ``Ialltoallv`` on the channel's communicator). The payload
+   is posted before ``post`` returns, so it is in flight during whatever compute comes next.
+2. ``progress()``: tests the requests in flight (non-blocking collectives progress only inside MPI
+   calls, so the caller polls between and inside compute phases).
+3. ``run_experts(fn)``: waits for the rows, runs ``fn`` on them (the local expert GEMMs) and posts
+   the combine. (hpc_moe.ep.pipelined: per-peer messages, ``fn`` on each source as it lands.)
+4. ``wait()``: waits for the combine and reduces the rows that came back: ``y_TD``.
+
+Each token's row goes once to every rank that runs one of its experts, with the receiver's local
+expert id and the routing weight per k (-1: not there). The combine has two forms:
+
+* ``weighted`` (default): the receiver weights and sums its local experts' outputs per received
+  row and returns one row per received row, so combine bytes equal dispatch bytes; the source sums
+  the rows of each token.
+* ``pairs`` (``deterministic=True``): the receiver returns one unweighted row per (row, local
+  expert) pair and the source applies the weights in k order, so the sum does not depend on where
+  experts live: logits are bitwise the same at any rank count, placement or micro-batching.
+
+No capacity factor: no token is dropped; ranks with no tokens take part in every exchange.
+
+Legend: T tokens of this rank, K top-k, D hidden, P EP ranks, M rows sent, N rows received,
+Q (row, local expert) pairs computed here, B rows coming back, C columns of a reduction table.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from hpc_moe.ep.wire import as_bytes
+from hpc_moe.fp8 import fp8_dequantize
+from hpc_moe.rowops import group_rows_sum, weighted_rows_sum
+from hpc_moe.timing import Profiler
+
+
+@dataclass(frozen=True, eq=False)
+class Received:
+    """The rows this rank computes for one exchange (host index arrays, backend x).
+
+    x_ND: received token rows [N, D] compute dtype (a view of the receive buffer when it can be);
+    row_Q int64 [Q], local_expert_Q int32 [Q] (index into the rank's local experts) and
+    weight_Q float32 [Q]: the (row, local expert) pairs in row-major (row, k) order.
+    """
+
+    x_ND: object
+    row_Q: np.ndarray
+    local_expert_Q: np.ndarray
+    weight_Q: np.ndarray
+
+
+# expert_fn(received) -> reply rows: weighted form y_ND [N, D]; pairs form out_QD [Q, D]
+ExpertFn = Callable[[Received], object]
+
+
+@dataclass
+class ExchangeTimes:
+    """When one direction of an exchange started (the dispatch: its count exchange), when its payload
+    was posted and when it was seen complete (perf_counter seconds), and how long this rank was
+    blocked waiting for it (count exchange included)."""
+
+    t_start: float = 0.0
+    t_post: float = 0.0
+    t_done: float = 0.0
+    blocked: float = 0.0
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """Where this rank's rows go, from its routing (host arrays; built by Dispatcher.plan)."""
+
+    token_M: np.ndarray    # int64 token of each sent row, grouped by destination rank
+    local_MK: np.ndarray   # int32 local expert id at the destination per k, -1 if not there
+    counts_P: np.ndarray   # int64 rows per destination
+    pair_counts_P: np.ndarray  # int64 (row, expert) pairs per destination
+    pair_index_TC: np.ndarray  # pairs form: row of the combine buffer of (t, k, tp rank j) at column k * tp + j
+
+
+class Exchange:
+    """One MoE exchange in flight (see the module docstring for its phases)."""
+
+    def __init__(self, d, layer, x_TD, topk_idx_TK, topk_weight_TK, prof: Profiler):
+        """d: the hpc_moe.ep.dispatch.Dispatcher of the channel (its plan, pack, transport, comm)."""
+        be, tr = d.backend, d.transport
+        topk = np.asarray(be.to_numpy(topk_idx_TK), dtype=np.int64)
+        if x_TD.ndim != 2 or topk.ndim != 2 or topk.shape[0] != x_TD.shape[0]:
+            raise ValueError(f"x_TD {tuple(x_TD.shape)} and topk_idx_TK {topk.shape} must be [T, D] and [T, K]")
+        if topk.size and (topk.max() >= d.placement.n_experts or topk.min() < -1):
+            raise ValueError(f"topk_idx_TK holds ids outside [-1, {d.placement.n_experts})")
+        w_TK = np.asarray(be.to_numpy(topk_weight_TK), dtype=np.float32)
+        if w_TK.shape != topk.shape:
+            raise ValueError(f"topk_weight_TK {w_TK.shape} must match topk_idx_TK {topk.shape}")
+        self._d, self.layer, self._prof = d, layer, prof
+        self.pairs = d.options.deterministic
+        self.dtype, self.hidden, self.tokens = np.dtype(x_TD.dtype), x_TD.shape[1], x_TD.shape[0]
+        self.dispatch_times, self.combine_times = ExchangeTimes(), ExchangeTimes()
+        self._w_TK = w_TK
+        plan = self._plan = d.plan(layer, topk)
+        self.recv_counts_P = np.zeros(d.size, dtype=np.int64)
+        self.dispatch_times.t_start = time.perf_counter()
+        counts_req = d.comm.Ialltoall([plan.counts_P, MPI.INT64_T], [self.recv_counts_P, MPI.INT64_T])
+
+        # Pack while the counts fly.
+        layout = self._layout = d.meta_layout(self.hidden, topk.shape[1])
+        rows, meta = d.pack(plan, x_TD, w_TK, layout)
+        self._send = (tr.to_wire(rows), tr.to_wire(meta))
+        self._scratch = (rows, meta)
+        with prof.phase(layer, "wait"):
+            t = time.perf_counter()
+            counts_req.Wait()
+            self.dispatch_times.blocked += time.perf_counter() - t
+
+        n = int(self.recv_counts_P.sum())
+        self._recv = (tr.empty(n, rows.shape[1]), tr.empty(n, layout.width))
+        self.dispatch_times.t_post = time.perf_counter()
+        self._post_payload()
+        self._state = "dispatching"
+        self._replies, self._back = [], None
+        self._received = None
+        self.reply_counts_P = np.zeros(d.size, np.int64)
+
+    # ---- accounting ----------------------------------------------------------------------------
+    @property
+    def send_counts_P(self) -> np.ndarray:
+        """Token rows this rank sends to each peer [P]."""
+        return self._plan.counts_P
+
+    @property
+    def back_counts_P(self) -> np.ndarray:
+        """Rows each peer returns to this rank in the combine [P]."""
+        return self._plan.pair_counts_P if self.pairs else self._plan.counts_P
+
+    @property
+    def dispatch_row_bytes(self) -> int:
+        """Bytes per dispatched token: its row and its metadata row."""
+        return self._send[0].shape[1] + self._layout.width
+
+    @property
+    def send_bytes_P(self) -> np.ndarray:
+        """Bytes this rank sends to each peer [P], dispatch + combine (its own entry is a local copy)."""
+        return self.send_counts_P * self.dispatch_row_bytes + self.reply_counts_P * self.hidden * self.dtype.itemsize
+
+    def reduce(self, rows_BD):
+        """The source's sum of the combine rows [B + 1, D] (last row zero) -> y_TD [T, D]: each
+        token's rows in rank order (weighted form), or its pairs weighted in k order (pairs form)."""
+        xp = self._d.backend.xp
+        if self.pairs:
+            return weighted_rows_sum(xp, rows_BD, self._plan.pair_index_TC, np.repeat(self._w_TK, self._d.tp, axis=1),
+                                     self.dtype)
+        return group_rows_sum(xp, rows_BD, self._plan.token_M, self.tokens, self.dtype)
+
+    # ---- progress ------------------------------------------------------------------------------
+    def progress(self) -> bool:
+        """Advance what is in flight without blocking; True once the combine has landed."""
+        if self._state in ("dispatching", "combining") and self._reqs and MPI.Request.Testall(self._reqs):
+            self._landed()
+        return self._state in ("combined", "done")
+
+    def _landed(self) -> None:
+        times = self.dispatch_times if self._state == "dispatching" else self.combine_times
+        times.t_done = time.perf_counter()
+        self._reqs = []
+        self._state = "received" if self._state == "dispatching" else "combined"
+
+    def _block(self, times: ExchangeTimes) -> None:
+        if self._reqs:
+            with self._prof.phase(self.layer, "wait"):
+                t = time.perf_counter()
+                MPI.Request.Waitall(self._reqs)
+                times.blocked += time.perf_counter() - t
+            self._landed()
+
+    # ---- the expert phase --------------------------------------------------------------------
+    def received(self) -> Received:
+        """Wait for the dispatched rows (alltoallv only) -> the rows and pairs to compute."""
+        if self._state == "dispatching":
+            self._block(self.dispatch_times)
+        if self._received is None:
+            self._received = self._unpack(0, int(self.recv_counts_P.sum()))
+            self._d.transport.release(*self._scratch, *self._send)
+        return self._received
+
+    def _post_payload(self) -> None:
+        """Token rows and metadata rows, one Ialltoallv each."""
+        tr, plan = self._d.transport, self._plan
+        self._reqs = [tr.ialltoallv(self._send[0], plan.counts_P, self._recv[0], self.recv_counts_P),
+                      tr.ialltoallv(self._send[1], plan.counts_P, self._recv[1], self.recv_counts_P)]
+
+    def run_experts(self, expert_fn: ExpertFn) -> None:
+        """Compute the rows this rank received with ``expert_fn`` and post the combine."""
+        out = expert_fn(self.received())
+        with self._prof.phase(self.layer, "combine"):
+            self.reply(out)
+
+    def reply(self, out) -> None:
+        """Post the combine of the reply rows: weighted form y_ND [N, D]; pairs form out_QD [Q, D]."""
+        tr, xp = self._d.transport, self._d.backend.xp
+        out = xp.ascontiguousarray(xp.asarray(out).astype(self.dtype, copy=False))
+        send_counts = self.reply_counts_P = self._reply_counts()
+        if out.shape != (int(send_counts.sum()), self.hidden):
+            raise ValueError(f"reply rows {tuple(out.shape)} must be [{int(send_counts.sum())}, {self.hidden}]")
+        self._replies = [tr.to_wire(as_bytes(xp, out))]  # may view the receive buffer: freed at wait()
+        self._back = self._back_buffer()
+        self.combine_times.t_start = self.combine_times.t_post = time.perf_counter()
+        self._reqs = [tr.ialltoallv(self._replies[0], send_counts, self._back, self.back_counts_P)]
+        self._state = "combining"
+
+    def wait(self):
+        """Wait for the combine -> y_TD [T, D] compute dtype."""
+        if self._state == "combining":
+            self._block(self.combine_times)
+        if self._state != "combined":
+            raise RuntimeError(f"wait() on an exchange that is {self._state}")
+        tr = self._d.transport
+        y = self.reduce(tr.from_wire(self._back, int(self.back_counts_P.sum()) + 1).view(self.dtype))
+        self.release()
+        return y
+
+    def release(self) -> None:
+        """Give every buffer back to the transport's pool; the exchange is over (wait() calls it;
+        a caller that only dispatches, such as a benchmark, calls it once the rows are used)."""
+        tr = self._d.transport
+        if self._state == "dispatching":
+            self._block(self.dispatch_times)
+        tr.release(*self._scratch, *self._send, *self._replies, *([self._back] if self._back is not None else []))
+        self._release_recv()
+        self._state = "done"
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _reply_counts(self) -> np.ndarray:
+        """Rows this rank returns to each source [P]."""
+        if not self.pairs:
+            return self.recv_counts_P
+        src_Q = np.repeat(np.arange(self._d.size), self.recv_counts_P)[self.received().row_Q]
+        return np.bincount(src_Q, minlength=self._d.size).astype(np.int64)
+
+    def _back_buffer(self):
+        """The combine's receive buffer, one zero row more: the target of padded table entries."""
+        b = int(self.back_counts_P.sum())
+        back = self._d.transport.empty(b + 1, self.hidden * self.dtype.itemsize)
+        back[b] = 0
+        return back
+
+    def _unpack(self, lo: int, hi: int) -> Received:
+        """Rows [lo, hi) of the receive buffers -> Received (row ids relative to lo)."""
+        d, xp, layout = self._d, self._d.backend.xp, self._layout
+        words = d.transport.from_wire(self._recv[0][lo:hi], hi - lo)
+        meta = self._recv[1][lo:hi]
+        if not isinstance(meta, np.ndarray):  # device buffers: the metadata is small, read it on the host
+            meta = d.backend.to_numpy(meta)
+        local_NK = layout.view(np, meta, "local", np.int32)
+        weight_NK = layout.view(np, meta, "weight", np.float32)
+        if d.options.payload == "fp8":
+            x = fp8_dequantize(xp, words, xp.asarray(layout.view(np, meta, "scale", np.float32)), self.dtype)
+        else:
+            x = words.view(self.dtype)
+        n_Q, k_Q = np.nonzero(local_NK >= 0)
+        return Received(x, n_Q.astype(np.int64), local_NK[n_Q, k_Q].astype(np.int32),
+                        weight_NK[n_Q, k_Q].astype(np.float32))
+
+    def _release_recv(self) -> None:
+        if self._recv is not None:
+            self._d.transport.release(*self._recv)
+            self._recv = None

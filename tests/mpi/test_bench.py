@@ -1,0 +1,52 @@
+"""The benchmarks run at every world size and report what their docs promise.
+
+Run: mpiexec -n R python -m mpi4py -m pytest --with-mpi tests/mpi/test_bench.py (R = 1..16).
+"""
+import json
+from pathlib import Path
+
+import pytest
+from mpi4py import MPI
+
+from hpc_moe.cli import main
+
+pytestmark = pytest.mark.mpi
+WORLD = MPI.COMM_WORLD
+
+
+def out_file(factory, name) -> str:
+    return WORLD.bcast(str(factory.mktemp(name) / "out.json") if WORLD.Get_rank() == 0 else None)
+
+
+@pytest.mark.parametrize("extra", [[], ["--algorithm", "pipelined", "--deterministic"], ["--payload", "fp8"]])
+def test_bench_dispatch_json(tmp_path_factory, extra):
+    path = out_file(tmp_path_factory, "dispatch")
+    assert main(["bench", "dispatch", "--tokens", "24", "--hidden", "256", "--experts", str(max(4, 2 * WORLD.Get_size())),
+                 "--topk", "3", "--iters", "2", "--warmup", "1", "--json", path, *extra]) == 0
+    WORLD.Barrier()
+    if WORLD.Get_rank():
+        return
+    r = json.loads(Path(path).read_text())
+    assert r["config"]["ep_size"] == WORLD.Get_size() and r["pairs_per_rank"] == 24 * 3
+    ops = r["ops"]
+    for name in ("dispatch", "combine", "raw Ialltoallv (dispatch bytes)", "memory pass (dispatch bytes)",
+                 "local: route + pack rows", "local: combine reduce"):
+        assert ops[name]["median_ms"] > 0, name
+    assert r["floor_ms"] > 0 and r["ratio_vs_raw"] > 0
+    assert set(r["overlap"]) == {"dispatch", "raw_dispatch"}
+    # Rows leave once per destination rank: never more than the pairs.
+    assert 0 < r["rows_sent_per_rank"] <= r["pairs_per_rank"]
+
+
+def test_bench_layer_json(tmp_path_factory):
+    path = out_file(tmp_path_factory, "layer")
+    assert main(["bench", "layer", "--tokens", "32", "--hidden", "128", "--inter", "64",
+                 "--experts", str(max(2, WORLD.Get_size())), "--topk", "1", "--iters", "3", "--warmup", "1", "--json", path]) == 0
+    WORLD.Barrier()
+    if WORLD.Get_rank():
+        return
+    r = json.loads(Path(path).read_text())
+    assert r["config"]["world_size"] == WORLD.Get_size()
+    assert set(r["phases_ms"]) == {"gate", "dispatch", "expert", "combine", "wait"}
+    assert r["layer_ms"] > 0 and r["floor_ms"] > 0 and r["expert_floor_ms"] > 0
+    assert r["layer_ms"] >= r["phases_ms"]["expert"]  # the layer contains its expert phase
