@@ -9,8 +9,7 @@ file that is valid up to its last flushed step. ``/steps/step`` is appended last
 the number of committed steps. MemoryTrace keeps the rows in lists of NumPy arrays and makes no
 HDF5 call (``hpc-moe run --trace none``): the baseline the writer's overhead is measured against.
 
-Shape legend: S steps, L layers, M MoE layers, E routed experts, R ranks, P phases,
-K replicas per expert (placement), N timeline events.
+Shape legend: S steps, L layers, M MoE layers, E experts, R ranks, P phases, K replicas, N events.
 """
 from __future__ import annotations
 
@@ -133,20 +132,11 @@ class _Recorder:
         rank, layer, phase (index into ``phases``): int [N] or scalars; t_start_s, t_end_s:
         float [N] seconds since the rank's own start of the step.
         """
-        self._check_open()
-        cols = np.broadcast_arrays(*(np.asarray(a) for a in (rank, layer, phase, t_start_s, t_end_s)))
-        rows = np.empty(np.size(cols[0]), EVENT_DTYPE)
-        rows["step"] = int(step)
-        for name, col in zip(EVENT_DTYPE.names[1:], cols):
-            rows[name] = col.ravel()
-        for name, hi, col in zip(("rank", "layer", "phase"), (self.num_ranks, self.num_layers, len(self.phases)), cols):
-            # Ids may come as float64 columns (timing.Profiler.events_array): they must be whole.
-            if rows.size and not (0 <= rows[name].min() and rows[name].max() < hi
-                                  and np.array_equal(rows[name], col.ravel())):
-                raise TraceError(f"event {name} ids must be integers in [0, {hi})")
-        times = np.stack([rows["t_start_s"], rows["t_end_s"]])
-        if not np.all(np.isfinite(times)) or np.any(times[1] < times[0]):
-            raise TraceError("events need finite times with t_end_s >= t_start_s")
+        rows = self._checked_rows("event", EVENT_DTYPE, step, {"rank": self.num_ranks, "layer": self.num_layers,
+                                                          "phase": len(self.phases)},
+                             rank=rank, layer=layer, phase=phase, t_start_s=t_start_s, t_end_s=t_end_s)
+        if np.any(rows["t_end_s"] < rows["t_start_s"]):
+            raise TraceError("events need t_end_s >= t_start_s")
         self._store_records("events", rows)
 
     def append_exchanges(self, *, step: int, rank, layer, micro_batch, kind, t_start_s, t_post_s, t_done_s,
@@ -156,22 +146,32 @@ class _Recorder:
         exchange started (the dispatch: its count exchange), its payload was posted and it was seen
         complete, seconds since the rank's own start of the step; blocked_s: seconds the rank
         waited for it."""
-        self._check_open()
-        cols = np.broadcast_arrays(*(np.asarray(a) for a in (rank, layer, micro_batch, kind, t_start_s, t_post_s,
-                                                              t_done_s, blocked_s)))
-        rows = np.empty(np.size(cols[0]), EXCHANGE_DTYPE)
-        rows["step"] = int(step)
-        for name, col in zip(EXCHANGE_DTYPE.names[1:], cols):
-            rows[name] = col.ravel()
-        for name, hi, col in zip(("rank", "layer", "kind"), (self.num_ranks, self.num_layers, len(EXCHANGE_KINDS)),
-                                 (cols[0], cols[1], cols[3])):
-            if rows.size and not (0 <= rows[name].min() and rows[name].max() < hi
-                                  and np.array_equal(rows[name], col.ravel())):
-                raise TraceError(f"exchange {name} ids must be integers in [0, {hi})")
-        times = np.stack([rows["t_start_s"], rows["t_post_s"], rows["t_done_s"], rows["blocked_s"]])
-        if not np.all(np.isfinite(times)) or np.any(rows["blocked_s"] < 0):
-            raise TraceError("exchanges need finite times and blocked_s >= 0")
+        rows = self._checked_rows("exchange", EXCHANGE_DTYPE, step, {"rank": self.num_ranks, "layer": self.num_layers,
+                                                                "kind": len(EXCHANGE_KINDS)},
+                             rank=rank, layer=layer, micro_batch=micro_batch, kind=kind, t_start_s=t_start_s,
+                             t_post_s=t_post_s, t_done_s=t_done_s, blocked_s=blocked_s)
+        if np.any(rows["blocked_s"] < 0):
+            raise TraceError("exchanges need blocked_s >= 0")
         self._store_records("exchanges", rows)
+
+    def _checked_rows(self, what: str, dtype: np.dtype, step: int, id_limits: dict, **columns) -> np.ndarray:
+        """Rows of ``dtype`` for one step from columns broadcast to a common length, checked: ids
+        (``id_limits``: name -> upper bound) whole and in range, times finite."""
+        self._check_open()
+        cols = dict(zip(columns, np.broadcast_arrays(*(np.asarray(a) for a in columns.values()))))
+        rows = np.empty(np.size(next(iter(cols.values()))), dtype)
+        rows["step"] = int(step)
+        for name, col in cols.items():
+            rows[name] = col.ravel()
+        for name, hi in id_limits.items():
+            # Ids may come as float64 columns (timing.Profiler.events_array): they must be whole.
+            if rows.size and not (0 <= rows[name].min() and rows[name].max() < hi
+                                  and np.array_equal(rows[name], cols[name].ravel())):
+                raise TraceError(f"{what} {name} ids must be integers in [0, {hi})")
+        times = [rows[n] for n in dtype.names if n.endswith("_s")]
+        if not all(np.all(np.isfinite(c)) for c in times):
+            raise TraceError(f"{what}s need finite times")
+        return rows
 
     def _check_open(self) -> None:
         if self.closed:
