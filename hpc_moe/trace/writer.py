@@ -168,8 +168,7 @@ class _Recorder:
             if rows.size and not (0 <= rows[name].min() and rows[name].max() < hi
                                   and np.array_equal(rows[name], cols[name].ravel())):
                 raise TraceError(f"{what} {name} ids must be integers in [0, {hi})")
-        times = [rows[n] for n in dtype.names if n.endswith("_s")]
-        if not all(np.all(np.isfinite(c)) for c in times):
+        if not all(np.all(np.isfinite(rows[n])) for n in dtype.names if n.endswith("_s")):
             raise TraceError(f"{what}s need finite times")
         return rows
 
