@@ -23,11 +23,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]" $(PARITY)
 	touch $@
 
-# The embedded default: the tiny preset (16 experts) on NP ranks, one expert per rank at NP=16.
+# The embedded default: the tiny preset (16 experts) on NP ranks, one expert per rank at NP=16, on
+# simulated nodes of 4 ranks so that the default job crosses nodes.
 run: install
 	mkdir -p out
 	$(MPIEXEC) -n $(NP) $(PY) -m mpi4py -m hpc_moe run --config tiny --mode mixed --batch 32 \
-	    --seq-len uniform:8,64 --steps 20 --warmup 2 --overlap on --trace out/run.h5 --overwrite
+	    --seq-len uniform:8,64 --steps 20 --warmup 2 --overlap on --ranks-per-node 4 --trace out/run.h5 --overwrite
 	$(PY) -m hpc_moe report out/run.h5 --out out/report
 
 test: test-unit test-mpi

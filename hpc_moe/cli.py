@@ -38,6 +38,8 @@ def _add_generate(sub):
 def _add_parallel_args(p):
     g = p.add_argument_group("parallelism and communication")
     g.add_argument("--dp", type=_positive, default=1, help="model replicas (independent EP groups)")
+    g.add_argument("--ranks-per-node", type=_positive, default=None, metavar="K",
+                   help="simulate nodes of K consecutive ranks (default: the real nodes, from shared memory)")
     g.add_argument("--expert-tp", type=_positive, default=1,
                    help="ranks per expert: each expert's intermediate dimension split over T ranks")
     g.add_argument("--algorithm", default="alltoallv", choices=["alltoallv", "pipelined"],
@@ -102,7 +104,9 @@ def _add_run(sub):
                    "same forms as --batch")
     w.add_argument("--prefill-fraction", type=float, default=0.25, help="share of prefills in a mixed step")
     w.add_argument("--routing", default="model",
-                   help="model (the router), or synthetic: uniform, zipf[:S] or one (all to the same experts)")
+                   help="model (the router), or synthetic: uniform, zipf[:S] (popularity ~ 1/rank^S, the same hot "
+                   "experts all run), zipf:S,drift:R (the hot experts move to a fresh draw every 1/R steps) or one "
+                   "(all to the same experts)")
     s = p.add_argument_group("length and output")
     s.add_argument("--steps", type=int, default=None, help="measured steps (default 20 unless --duration)")
     s.add_argument("--duration", type=float, default=None, help="measure for this many seconds")

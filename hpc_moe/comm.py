@@ -6,14 +6,13 @@ placement, whole nodes); the DP group of a rank holds the ranks with its ep_rank
 An expert slot is ``expert_tp`` consecutive ranks of an EP group (tensor parallel inside the expert).
 
 Topology: ranks that share memory form a node (``Split_type(COMM_TYPE_SHARED)``). On one machine,
-tests and benchmarks can pretend that every k consecutive ranks form a node with ``ranks_per_node=k``
-or the environment variable ``HPC_MOE_RANKS_PER_NODE`` (read only by :meth:`ParallelContext.create`).
+tests, benchmarks and jobs (``--ranks-per-node K``) can pretend that every k consecutive ranks form a
+node with ``ranks_per_node=k``; the topology is recorded in the trace either way.
 
 Legend: W world ranks, P ranks of the EP group.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +20,6 @@ from mpi4py import MPI
 
 from hpc_moe.errors import InputError
 
-RANKS_PER_NODE_ENV = "HPC_MOE_RANKS_PER_NODE"
 _NAME_BYTES = 256  # a fixed width so that host names travel with an uppercase Allgather
 
 
@@ -69,16 +67,10 @@ class ParallelContext:
 
         dp: model replicas (the world size must be divisible by it); expert_tp: ranks per expert
         slot (the EP group size must be divisible by it); ranks_per_node: simulate nodes of k
-        consecutive ranks (default: the env variable HPC_MOE_RANKS_PER_NODE, else the real nodes).
+        consecutive ranks (default: the real nodes, from shared memory).
         """
         comm = MPI.COMM_WORLD if comm is None else comm
         rank, size = comm.Get_rank(), comm.Get_size()
-        if ranks_per_node is None and os.environ.get(RANKS_PER_NODE_ENV):
-            try:
-                ranks_per_node = int(os.environ[RANKS_PER_NODE_ENV])
-            except ValueError:
-                raise ParallelError(f"{RANKS_PER_NODE_ENV} must be a positive integer "
-                                    f"(got {os.environ[RANKS_PER_NODE_ENV]!r})") from None
         # Every rank checks the same numbers, so every rank raises the same error: no hang.
         _check(isinstance(dp, int) and dp >= 1, f"dp must be a positive integer (got {dp!r})")
         _check(isinstance(expert_tp, int) and expert_tp >= 1,

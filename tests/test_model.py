@@ -171,3 +171,26 @@ def test_mixed_batch_of_prefills_and_decodes(tiny):
     logits = tiny.forward(mixed, cache)
     assert rel(logits[:6], want_a) <= 1e-5
     assert rel(logits[6], want_b) <= 1e-5 and rel(logits[7], want_c) <= 1e-5
+
+
+def test_zipf_popularity_persists_across_ranks_and_calls_and_drifts():
+    from hpc_moe.model.router import SyntheticRouting, expert_counts
+    cfg = load_config("small")
+    x = np.zeros((3000, 4), np.float32)
+    a, b = SyntheticRouting.parse("zipf:1.5", seed=3, stream=0), SyntheticRouting.parse("zipf:1.5", seed=3, stream=5)
+    ca = expert_counts(a(x, cfg, layer=1, call=1).topk_idx_TK, cfg.n_routed_experts)
+    cb = expert_counts(b(x, cfg, layer=1, call=40).topk_idx_TK, cfg.n_routed_experts)
+    hot = np.argsort(-a.log_popularity(cfg.n_routed_experts, 1, 1))[:3]
+    assert set(np.argsort(-ca)[:3]) == set(hot) == set(np.argsort(-cb)[:3])  # other rank, later call: same hot experts
+    assert not np.array_equal(a(x, cfg, 1, 1).topk_idx_TK, b(x, cfg, 1, 1).topk_idx_TK)  # but its own tokens
+    other_layer = np.argsort(-a.log_popularity(cfg.n_routed_experts, 2, 1))[:3]
+    assert set(other_layer) != set(hot)
+    d = SyntheticRouting.parse("zipf:1.5,drift:0.1", seed=3)
+    np.testing.assert_array_equal(d.log_popularity(32, 1, 0), a.log_popularity(32, 1, 0))
+    assert not np.array_equal(d.log_popularity(32, 1, 5), d.log_popularity(32, 1, 0))  # halfway to the next draw
+    fresh = d.log_popularity(32, 1, 10)  # 1/drift calls later: a pure new draw, the same Zipf values reshuffled
+    np.testing.assert_allclose(np.sort(fresh), np.sort(a.log_popularity(32, 1, 0)))
+    assert not np.array_equal(fresh, a.log_popularity(32, 1, 0))
+    for bad in ("zipf:1.5,drift:2", "zipf:1.5,speed:1", "zipf:x"):
+        with pytest.raises(UsageError, match="routing must be"):
+            SyntheticRouting.parse(bad)

@@ -123,7 +123,11 @@ def synthetic_step(d: Dims, step: int) -> dict:
     return {"step": step, "kind": kind, "wall_time_s": wall,
             "input_tokens": prompt, "output_tokens": nseq, "num_sequences": nseq,
             "phase_time_s": t, "expert_tokens": counts, "bytes_sent": sent,
-            "exchange_time_s": np.stack([in_flight, blocked], -1)}
+            "exchange_time_s": np.stack([in_flight, blocked], -1),
+            "rank_tokens": rng.integers(1, 100, (len(d.moe_layers), R)),
+            "nodes_reached": np.stack([np.full((len(d.moe_layers), R), tokens // R),
+                                       rng.integers(tokens // R, 2 * tokens // R, (len(d.moe_layers), R)),
+                                       np.full((len(d.moe_layers), R), 2)], -1)}
 
 
 def _timeline(d: Dims, t: np.ndarray) -> np.ndarray:

@@ -71,7 +71,8 @@ def gather_sequences(ctx, local, owner_B, dtype, mpi_type):
 def run_generate(o: GenerateOptions) -> int:
     """Prefill + greedy decode of rank 0's prompts, each rank serving its share of sequences and
     every MoE layer expert-parallel over the EP group; rank 0 writes the output."""
-    ctx = ParallelContext.create(dp=o.layout.dp, expert_tp=o.layout.expert_tp)
+    ctx = ParallelContext.create(dp=o.layout.dp, expert_tp=o.layout.expert_tp,
+                                 ranks_per_node=o.layout.ranks_per_node)
     cfg, weights = open_weights(o)
 
     def read():

@@ -18,7 +18,8 @@ class LayoutOptions:
 
     dp: model replicas; expert_tp: ranks per expert; algorithm / transport / payload: of the
     all-to-all; overlap "on" splits a step in micro_batches parts, "off" runs one; deterministic:
-    logits independent of the layout (bitwise on the CPU); backend / dtype: the array module.
+    logits independent of the layout (bitwise on the CPU); backend / dtype: the array module;
+    ranks_per_node: simulate nodes of k consecutive ranks (None: the real nodes).
     """
 
     dp: int = 1
@@ -31,6 +32,7 @@ class LayoutOptions:
     deterministic: bool = False
     backend: str = "auto"
     dtype: str | None = None
+    ranks_per_node: int | None = None
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(micro_batches=self.micro_batches if self.overlap == "on" else 1,

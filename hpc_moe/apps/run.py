@@ -35,7 +35,8 @@ log = logging.getLogger("hpc_moe")
 def run_job(o: RunOptions) -> int:
     """The run job on every rank. Every rank checks the same inputs, so a bad one ends the job
     with the same one-line InputError everywhere, before any rank waits in a collective."""
-    ctx = ParallelContext.create(dp=o.layout.dp, expert_tp=o.layout.expert_tp)
+    ctx = ParallelContext.create(dp=o.layout.dp, expert_tp=o.layout.expert_tp,
+                                 ranks_per_node=o.layout.ranks_per_node)
     if ctx.rank != 0:
         log.setLevel(logging.WARNING)  # the other ranks speak only of trouble
     cfg, weights = open_weights(o)
@@ -43,13 +44,13 @@ def run_job(o: RunOptions) -> int:
     if not 1 <= layers <= cfg.num_hidden_layers:
         raise UsageError(f"--layers must be in [1, {cfg.num_hidden_layers}] (got {layers})")
     workload = Workload.create(o.mode, o.batch, o.seq_len, o.prefill_fraction, o.seed)
-    synthetic = SyntheticRouting.parse(o.routing, seed=o.seed * 1_000_003 + ctx.rank)
+    synthetic = SyntheticRouting.parse(o.routing, seed=o.seed, stream=ctx.rank)
     loads = on_root(ctx, lambda: _loads_from(o.loads_from, layers, cfg)) if o.loads_from else None
     backend = get_backend(o.layout.backend, o.layout.dtype, ctx.local_rank)
     prof = Profiler(layers, backend.synchronize, enabled=o.profile == "on")
     engine = Engine(cfg, weights, backend, ctx, options=o.layout.engine_options(), num_layers=layers,
                     loads=loads, synthetic_routing=synthetic, profiler=prof)
-    rank_map = ctx.world.gather({"host": ctx.hostnames[ctx.rank], "gpu": backend.device_id,
+    rank_map = ctx.world.gather({"host": ctx.hostnames[ctx.rank], "node": ctx.node_id, "gpu": backend.device_id,
                                  "device": backend.device}, root=0)
     recorder = on_root(ctx, lambda: _open_recorder(o, cfg, layers, ctx, backend, engine,
                                                    workload, rank_map), share=False)
@@ -94,7 +95,7 @@ def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workloa
         backend.synchronize()
         ctx.world.Barrier()
         wall = time.perf_counter() - t0
-        counts, times, sent, exchange = _gather_step(ctx, engine, prof)
+        counts, times, sent, exchange, loads = _gather_step(ctx, engine, prof)
         cumulative += counts
         if o.bias_update_rate:
             engine.update_biases(counts, o.bias_update_rate)
@@ -113,7 +114,7 @@ def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workloa
             recorder.append_step(step=measured, kind=step.kind, wall_time_s=wall,
                                  input_tokens=step.input_tokens, output_tokens=step.output_tokens,
                                  num_sequences=step.num_sequences, phase_time_s=times,
-                                 expert_tokens=counts, bytes_sent=sent, exchange_time_s=exchange)
+                                 expert_tokens=counts, bytes_sent=sent, exchange_time_s=exchange, **loads)
             if events is not None and len(events):
                 recorder.append_events(step=measured, rank=events[:, 0], layer=events[:, 1],
                                        phase=events[:, 2], t_start_s=events[:, 3], t_end_s=events[:, 4])
@@ -173,7 +174,8 @@ def _local_batch(model, cache: KVCache | None, step: Step, owner: np.ndarray, ra
 
 def _gather_step(ctx: ParallelContext, engine: Engine, prof: Profiler):
     """-> (expert tokens int64 [M, E] on every rank; on rank 0: phase times float64 [L, R, F],
-    bytes sent int64 [R, R], exchange times float64 [L, R, 2, 2]). Collective."""
+    bytes sent int64 [R, R], exchange times float64 [L, R, 2, 2], and the trace's rank_tokens
+    [M, R] and nodes_reached [M, R, 3] by name). Collective."""
     stats = engine.step_stats()
     counts = stats.expert_tokens_ME
     times = np.empty((ctx.size,) + prof.times_LP.shape) if ctx.rank == 0 else None
@@ -185,9 +187,15 @@ def _gather_step(ctx: ParallelContext, engine: Engine, prof: Profiler):
     ctx.world.Gather([row, MPI.INT64_T], [sent, MPI.INT64_T], root=0)
     exchange = np.empty((ctx.size,) + prof.exchange_LK2.shape) if ctx.rank == 0 else None
     ctx.world.Gather([np.ascontiguousarray(prof.exchange_LK2), MPI.DOUBLE], [exchange, MPI.DOUBLE], root=0)
+    ex = engine.executor
+    received = np.empty((ctx.size, len(ex.received_M)), np.int64) if ctx.rank == 0 else None
+    ctx.world.Gather([ex.received_M, MPI.INT64_T], [received, MPI.INT64_T], root=0)
+    nodes = np.empty((ctx.size,) + ex.nodes_M3.shape, np.int64) if ctx.rank == 0 else None
+    ctx.world.Gather([ex.nodes_M3, MPI.INT64_T], [nodes, MPI.INT64_T], root=0)
     if ctx.rank != 0:
-        return counts, None, sent, None
-    return counts, times.transpose(1, 0, 2), sent, exchange.transpose(1, 0, 2, 3)
+        return counts, None, sent, None, None
+    return (counts, times.transpose(1, 0, 2), sent, exchange.transpose(1, 0, 2, 3),
+            {"rank_tokens": received.T, "nodes_reached": nodes.transpose(1, 0, 2)})
 
 
 def _gather_rows(ctx: ParallelContext, rows_NC: np.ndarray):

@@ -132,5 +132,8 @@ class Dispatcher:
         m_B, k_B = np.nonzero(local_MK >= 0)
         pair_index_TC = np.full((t, k * tp), len(m_B), dtype=np.int64)
         pair_index_TC[token_M[m_B], k_B * tp + dest_M[m_B] % tp] = np.arange(len(m_B))
+        n_nodes = max(self.placement.node_of_rank) + 1
+        token_node = np.unique(token_M * n_nodes + np.asarray(self.placement.node_of_rank, np.int64)[dest_M])
+        nodes_T = np.bincount(token_node // n_nodes, minlength=t).astype(np.int64)
         return Plan(token_M.astype(np.int64), local_MK, np.bincount(dest_M, minlength=p).astype(np.int64),
-                     np.bincount(dest_M[m_B], minlength=p).astype(np.int64), pair_index_TC)
+                     np.bincount(dest_M[m_B], minlength=p).astype(np.int64), pair_index_TC, nodes_T)

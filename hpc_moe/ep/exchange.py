@@ -82,6 +82,7 @@ class Plan:
     counts_P: np.ndarray   # int64 rows per destination
     pair_counts_P: np.ndarray  # int64 (row, expert) pairs per destination
     pair_index_TC: np.ndarray  # pairs form: row of the combine buffer of (t, k, tp rank j) at column k * tp + j
+    nodes_T: np.ndarray    # int64 nodes each token reaches (0: none of its experts is valid)
 
 
 class Exchange:
@@ -137,6 +138,11 @@ class Exchange:
     def back_counts_P(self) -> np.ndarray:
         """Rows each peer returns to this rank in the combine [P]."""
         return self._plan.pair_counts_P if self.pairs else self._plan.counts_P
+
+    @property
+    def nodes_per_token_T(self) -> np.ndarray:
+        """Nodes each of this rank's tokens reaches [T] (its own node included)."""
+        return self._plan.nodes_T
 
     @property
     def dispatch_row_bytes(self) -> int:

@@ -30,8 +30,9 @@ log = logging.getLogger("hpc_moe")
 
 
 class ExpertParallelExecutor:
-    """Routed experts over MPI. ``bytes_sent_P`` counts the bytes this rank sent to each peer since
-    ``start_step`` ([P], dispatch + combine)."""
+    """Routed experts over MPI. Since ``start_step``: ``bytes_sent_P`` the bytes this rank sent to
+    each peer ([P], dispatch + combine), ``received_M`` the token rows it received per MoE layer,
+    ``nodes_M3`` per MoE layer its tokens, the nodes they reached in all, and the most one reached."""
 
     def __init__(self, cfg: ModelConfig, weights, backend: Backend, ctx: ParallelContext,
                  placement: ExpertPlacement, options: DispatchOptions, moe_layers: list[int], channels: int = 1):
@@ -79,6 +80,9 @@ class ExpertParallelExecutor:
 
     def start_step(self) -> None:
         self.bytes_sent_P = np.zeros(self.ctx.ep_size, np.int64)
+        # Per MoE layer: token rows this rank received; (tokens, nodes they reached, the most one reached).
+        self.received_M = np.zeros(len(self.moe_layers), np.int64)
+        self.nodes_M3 = np.zeros((len(self.moe_layers), 3), np.int64)
 
     def post(self, layer: int, x_TD, routing: Routing, *, micro_batch: int = 0,
              prof: Profiler | None = None) -> PendingExchange:
@@ -125,7 +129,13 @@ class PendingExchange:
         ex, prof, layer = self.exchange, self._prof, self.exchange.layer
         with prof.phase(layer, "combine"):
             y = ex.wait()
-        self._executor.bytes_sent_P += ex.send_bytes_P
+        e = self._executor
+        e.bytes_sent_P += ex.send_bytes_P
+        m = e.moe_layers.index(layer)
+        e.received_M[m] += int(ex.recv_counts_P.sum())
+        nodes = ex.nodes_per_token_T
+        e.nodes_M3[m] += (len(nodes), int(nodes.sum()), 0)
+        e.nodes_M3[m, 2] = max(e.nodes_M3[m, 2], int(nodes.max(initial=0)))
         for kind, t in (("dispatch", ex.dispatch_times), ("combine", ex.combine_times)):
             prof.exchange(layer, self._mb, kind, t.t_start, t.t_post, t.t_done, t.blocked)
         return y

@@ -76,45 +76,69 @@ class SyntheticRouting:
     """Routing decisions drawn from a controlled distribution instead of the model's router, for
     studying the dispatch path under chosen imbalance.
 
-    kind: "uniform" (every expert equally likely), "zipf" (expert popularity ~ 1/rank^s, hot
-    experts picked at random per layer) or "one" (every token's experts are the same K, i.e. all
-    tokens go to one expert group: the worst case). Each token still gets K distinct experts;
-    weights are random, normalised and scaled like the model's.
+    kind: "uniform" (every expert equally likely), "zipf" (expert popularity ~ 1/rank^s) or "one"
+    (every token's experts are the same K, i.e. all tokens go to one expert group: the worst case).
+    Each token still gets K distinct experts; weights are random, normalised and scaled like the
+    model's.
+
+    The Zipf popularity persists, as real MoE loads do: which experts are hot in a layer is drawn
+    once from ``seed``, the same on every rank, so loads measured over a run predict later steps.
+    ``drift`` > 0 lets it wander: after 1/drift calls of a layer the popularity has moved to a
+    fresh draw, blending linearly in log-popularity between draws. ``stream`` (e.g. the rank)
+    seeds the tokens' own draws, which differ per rank and call.
     """
 
     kind: str
     s: float = 1.2
+    drift: float = 0.0
     seed: int = 0
+    stream: int = 0
 
     @classmethod
-    def parse(cls, text: str, seed: int = 0) -> "SyntheticRouting | None":
-        """``model`` -> None; ``uniform``, ``one``, ``zipf`` or ``zipf:S``."""
+    def parse(cls, text: str, seed: int = 0, stream: int = 0) -> "SyntheticRouting | None":
+        """``model`` -> None; ``uniform``, ``one``, ``zipf``, ``zipf:S`` or ``zipf:S,drift:R``."""
         kind, _, arg = text.partition(":")
         if kind == "model" and not arg:
             return None
         if kind in ("uniform", "one") and not arg:
-            return cls(kind, seed=seed)
+            return cls(kind, seed=seed, stream=stream)
         if kind == "zipf":
+            s_text, _, drift_text = arg.partition(",")
             try:
-                s = float(arg) if arg else 1.2
+                s = float(s_text) if s_text else 1.2
+                drift = float(drift_text.removeprefix("drift:")) if drift_text.startswith("drift:") else \
+                    (0.0 if not drift_text else -1.0)
             except ValueError:
-                s = -1.0
-            if s > 0:
-                return cls("zipf", s, seed)
-        raise UsageError(f"routing must be model, uniform, one or zipf[:S] with S > 0 (got {text!r})")
+                s, drift = -1.0, -1.0
+            if s > 0 and 0 <= drift <= 1:
+                return cls("zipf", s, drift, seed, stream)
+        raise UsageError(f"routing must be model, uniform, one, zipf[:S] or zipf:S,drift:R with S > 0 and "
+                         f"0 <= R <= 1 (got {text!r})")
+
+    def log_popularity(self, n_experts: int, layer: int, call: int) -> np.ndarray:
+        """float64 [E] log of each expert's unnormalised popularity at this layer and call."""
+        if self.kind == "uniform":
+            return np.zeros(n_experts)
+
+        def draw(epoch: int) -> np.ndarray:
+            rank_E = np.random.default_rng([self.seed, layer, epoch]).permutation(n_experts)
+            return -self.s * np.log1p(rank_E.astype(np.float64))
+
+        if not self.drift:
+            return draw(0)
+        epoch, frac = divmod(self.drift * call, 1.0)
+        return (1 - frac) * draw(int(epoch)) + frac * draw(int(epoch) + 1)
 
     def __call__(self, x_TD, cfg: ModelConfig, layer: int, call: int) -> Routing:
         """Decisions for x's T tokens at this layer; ``call`` makes successive calls differ."""
         xp = array_module(x_TD)
         T, E, K = x_TD.shape[0], cfg.n_routed_experts, cfg.num_experts_per_tok
-        rng = np.random.default_rng([self.seed, layer, call])
+        rng = np.random.default_rng([self.seed, self.stream, layer, call])
         if self.kind == "one":
             idx = np.broadcast_to(np.arange(K, dtype=np.int64), (T, K))
         else:
-            logp = np.zeros(E) if self.kind == "uniform" else \
-                -self.s * np.log1p(rng.permutation(E).astype(np.float64))
             # Gumbel top-k: K distinct experts drawn without replacement with probability ~ p.
-            keys = logp[None, :] + rng.gumbel(size=(T, E))
+            keys = self.log_popularity(E, layer, call)[None, :] + rng.gumbel(size=(T, E))
             idx = np.argsort(-keys, axis=1)[:, :K].astype(np.int64)
         w = rng.uniform(0.5, 1.0, (T, K))
         w = (w / w.sum(axis=1, keepdims=True) * cfg.routed_scaling_factor).astype(np.float32)

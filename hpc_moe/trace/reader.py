@@ -28,7 +28,7 @@ from hpc_moe.errors import InputError
 from hpc_moe.timing import COMM_PHASES, EXCHANGE_KINDS, PHASES  # noqa: F401 (part of the format: re-exported)
 
 SCHEMA_NAME = "hpc_moe.trace"
-SCHEMA_VERSION = 2  # 2: /steps/exchange_time_s and /exchanges (version 1 files read with them empty)
+SCHEMA_VERSION = 2  # 2: exchange records, rank loads, nodes reached (version 1 files read with them empty)
 KINDS = ("prefill", "decode", "mixed")
 STATES = ("running", "completed", "failed")  # a killed writer leaves "running"
 EVENT_DTYPE = np.dtype([("step", "<i8"), ("rank", "<i4"), ("layer", "<i4"), ("phase", "<i2"),
@@ -38,7 +38,7 @@ EXCHANGE_DTYPE = np.dtype([("step", "<i8"), ("rank", "<i4"), ("layer", "<i4"), (
                            ("blocked_s", "<f8")])
 STATUS_DTYPE = np.dtype([("state", "i1"), ("steps_written", "<i8"), ("elapsed_s", "<f8"),
                          ("end_time_unix", "<f8")])
-UNITS = {"wall_time_s": "s", "input_tokens": "tokens", "output_tokens": "tokens",
+UNITS = {"rank_tokens": "tokens", "nodes_reached": "1", "wall_time_s": "s", "input_tokens": "tokens", "output_tokens": "tokens",
          "num_sequences": "sequences", "input_tokens_per_s": "tokens/s",
          "output_tokens_per_s": "tokens/s", "phase_time_s": "s", "expert_tokens": "tokens",
          "bytes_sent": "B", "events": "s", "exchange_time_s": "s", "exchanges": "s", "elapsed_s": "s",
@@ -150,7 +150,9 @@ class Trace:
     wall_time_s float64 [S], input_tokens / output_tokens / num_sequences int64 [S],
     phase_time_s float64 [S, L, R, P], expert_tokens int64 [S, M, E], bytes_sent int64 [S, R, R],
     exchange_time_s float64 [S, L, R, 2, 2]: per exchange kind (dispatch, combine) the seconds in
-    flight (started to seen complete) and blocked, summed over micro-batches.
+    flight (started to seen complete) and blocked, summed over micro-batches; rank_tokens int64
+    [S, M, R]: token rows each rank received; nodes_reached int64 [S, M, R, 3]: per rank its tokens,
+    the nodes they reached in all, the most nodes one token reached.
     events: EVENT_DTYPE [N] and exchanges: EXCHANGE_DTYPE [X] (only those of the steps above). moe_layers int64 [M];
     placement int32 [M or 1, E, K]; rank_host / rank_device str [R]; rank_node / rank_local_rank /
     rank_gpu int32 [R]. state: "running" (still written, or killed), "completed" or "failed".
@@ -171,6 +173,8 @@ class Trace:
     expert_tokens: np.ndarray
     bytes_sent: np.ndarray
     exchange_time_s: np.ndarray
+    rank_tokens: np.ndarray
+    nodes_reached: np.ndarray
     events: np.ndarray
     exchanges: np.ndarray
     moe_layers: np.ndarray
@@ -258,7 +262,7 @@ class Trace:
 
 
 _PER_STEP = ("step", "kind", "wall_time_s", "input_tokens", "output_tokens", "num_sequences",
-             "phase_time_s", "expert_tokens", "bytes_sent", "exchange_time_s")
+             "phase_time_s", "expert_tokens", "bytes_sent", "exchange_time_s", "rank_tokens", "nodes_reached")
 
 
 def read_trace(path: str | os.PathLike) -> Trace:
@@ -289,9 +293,12 @@ def _read(f: h5py.File, path: str) -> Trace:
     n = min(steps[name].shape[0] for name in steps)  # /steps/step is the shortest unless corrupted
     layout = {name: ds[:] for name, ds in f["layout"].items()}
     rows = {name: steps[name][:n] for name in _PER_STEP if name in steps}
-    if "exchange_time_s" not in rows:  # a version 1 file: no exchange records
-        shape = steps["phase_time_s"].shape[1:3]
-        rows["exchange_time_s"] = np.zeros((n, *shape, len(EXCHANGE_KINDS), 2))
+    L, R = steps["phase_time_s"].shape[1:3]
+    M = len(f["layout/moe_layers"])
+    for name, shape, dtype in (("exchange_time_s", (L, R, len(EXCHANGE_KINDS), 2), np.float64),
+                               ("rank_tokens", (M, R), np.int64), ("nodes_reached", (M, R, 3), np.int64)):
+        if name not in rows:  # an older file (docs/trace-format.md, Versioning)
+            rows[name] = np.zeros((n, *shape), dtype)
     exchanges = f["exchanges"][:] if "exchanges" in f else np.empty(0, EXCHANGE_DTYPE)
     return Trace.from_contents(path, dict(f.attrs), rows, f["events"][:], exchanges, layout,
                                STATES[int(f["status"][()]["state"])])

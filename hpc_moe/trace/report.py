@@ -151,6 +151,12 @@ def summary_table(trace: Trace) -> str:
              f"mean {_num(c['bw_mean'] / 1e9, 3)}, max {_num(c['bw_max'] / 1e9, 3)} GB/s")]
     if len(trace.moe_layers):
         out += ["", overlap_table([trace])]
+    loads = load_stats(trace)
+    if loads["rank_load_max_over_mean"] is not None:
+        out += ["", "Load per rank and nodes per token (token rows received; a token counts once per rank)",
+                f"  rank load max/mean {loads['rank_load_max_over_mean']:.2f} (mean over steps and MoE layers; 1.00 = balanced)",
+                f"  nodes a token reached: mean {loads['nodes_per_token_mean']:.2f}, max {loads['nodes_per_token_max']} "
+                f"of {trace.num_nodes}"]
     imb = st["imbalance"]
     if imb.size and np.isfinite(imb).any():
         worst = int(np.nanargmax(imb))
@@ -185,7 +191,21 @@ def summary_json(trace: Trace) -> dict[str, Any]:
         "exchange_exposed_ms_per_step": ov["total_blocked"],
         "exchange_hidden_fraction": num(ov["total_hidden"]),
         "expert_load_imbalance": num(np.nanmean(imb)) if imb.size and np.isfinite(imb).any() else None,
+        **load_stats(trace),
     }
+
+
+def load_stats(trace: Trace) -> dict[str, float | None]:
+    """rank_load_max_over_mean: max/mean token rows received over ranks, mean over steps and MoE
+    layers (1 = balanced); nodes_per_token_mean / _max: nodes a token reached (its own included)."""
+    rows = trace.rank_tokens.astype(np.float64)  # [S, M, R]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per = rows.max(axis=2) / rows.mean(axis=2)
+    nodes = trace.nodes_reached.sum(axis=(0, 2))  # [M, 3] summed over steps and ranks
+    tokens = nodes[:, 0].sum()
+    return {"rank_load_max_over_mean": float(np.nanmean(per)) if np.isfinite(per).any() else None,
+            "nodes_per_token_mean": float(nodes[:, 1].sum() / tokens) if tokens else None,
+            "nodes_per_token_max": int(trace.nodes_reached[..., 2].max()) if tokens else None}
 
 
 def overlap_table(traces: Sequence[Trace]) -> str:

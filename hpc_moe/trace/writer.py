@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
+from hpc_moe.trace.checks import as_checked, check_moe_layers, check_placement, rank_columns
 from hpc_moe.trace.reader import (
     COMM_PHASES,
     EVENT_DTYPE,
@@ -56,7 +57,7 @@ class _Recorder:
     moe_layers: the model layer index of each MoE layer, ascending; M = len(moe_layers).
     placement: int [M or 1, E, K], expert -> ranks holding a replica, -1 padded; E comes from here.
     rank_map: one mapping per rank (R = len) with "host" (str), "gpu" (int CUDA ordinal, -1 on CPU)
-      and "device" (str name); node ids and node-local ranks are derived from the host names.
+      and "device" (str name), optionally "node" (int, e.g. simulated; default: from the hosts).
     phases: names of the P phase columns; comm_phases: the subset that is communication.
     """
 
@@ -67,9 +68,9 @@ class _Recorder:
                  comm_phases: Sequence[str]) -> None:
         self.phases, self.comm_phases = tuple(phases), tuple(comm_phases)
         self.num_layers = int(num_layers)
-        self._ranks = _rank_columns(rank_map)
-        self.moe_layers = _check_moe_layers(moe_layers, self.num_layers)
-        self.placement = _check_placement(placement, len(self.moe_layers), len(rank_map))
+        self._ranks = rank_columns(rank_map)
+        self.moe_layers = check_moe_layers(moe_layers, self.num_layers)
+        self.placement = check_placement(placement, len(self.moe_layers), len(rank_map))
         self.num_ranks = len(rank_map)
         self.num_experts = self.placement.shape[1]
         if set(self.comm_phases) - set(self.phases) or len(set(self.phases)) != len(self.phases):
@@ -81,6 +82,7 @@ class _Recorder:
         # dtype and row shape of each /steps dataset, in append order: bulk rows first, "step" last.
         self._specs = {"phase_time_s": (np.float64, (L, R, P)), "expert_tokens": (np.int64, (M, E)),
                        "bytes_sent": (np.int64, (R, R)), "exchange_time_s": (np.float64, (L, R, len(EXCHANGE_KINDS), 2)),
+                       "rank_tokens": (np.int64, (M, R)), "nodes_reached": (np.int64, (M, R, 3)),
                        "kind": (np.int8, ()), "wall_time_s": (np.float64, ()),
                        **dict.fromkeys(("input_tokens", "output_tokens", "num_sequences"), (np.int64, ())),
                        **dict.fromkeys(("input_tokens_per_s", "output_tokens_per_s"), (np.float64, ())),
@@ -95,15 +97,17 @@ class _Recorder:
 
     def append_step(self, *, step: int, kind: str, wall_time_s: float, input_tokens: int,
                     output_tokens: int, num_sequences: int, phase_time_s: np.ndarray,
-                    expert_tokens: np.ndarray, bytes_sent: np.ndarray,
-                    exchange_time_s: np.ndarray | None = None) -> None:
+                    expert_tokens: np.ndarray, bytes_sent: np.ndarray, exchange_time_s: np.ndarray | None = None,
+                    rank_tokens: np.ndarray | None = None, nodes_reached: np.ndarray | None = None) -> None:
         """Append one step (TraceWriter: and flush it, readable from then on, also after a crash).
 
         step: increasing step index; kind: "prefill" | "decode" | "mixed"; wall_time_s: > 0;
         phase_time_s: float [L, R, P] seconds; expert_tokens: int [M, E] routed tokens per expert
         (all ranks); bytes_sent: int [R, R] EP bytes sent[src, dst] over the step;
-        exchange_time_s: float [L, R, 2, 2] seconds in flight and blocked per exchange kind
-        (None: no exchanges were recorded, zeros).
+        exchange_time_s: float [L, R, 2, 2] seconds in flight and blocked per exchange kind;
+        rank_tokens: int [M, R] token rows each rank received; nodes_reached: int [M, R, 3] per
+        rank its tokens, the nodes they reached in all, the most one reached (None: not recorded,
+        zeros).
         """
         self._check_open()
         if int(step) <= self._last_step:
@@ -112,10 +116,11 @@ class _Recorder:
             raise TraceError(f"kind {kind!r} is not one of {KINDS}")
         if not (np.isfinite(wall_time_s) and wall_time_s > 0):
             raise TraceError(f"wall_time_s must be a positive number, got {wall_time_s!r}")
-        values = {name: _as_checked(value, name, self._specs[name]) for name, value in
+        values = {name: as_checked(value, name, self._specs[name]) for name, value in
                   (("phase_time_s", phase_time_s), ("expert_tokens", expert_tokens), ("bytes_sent", bytes_sent),
-                   ("exchange_time_s", np.zeros(self._specs["exchange_time_s"][1]) if exchange_time_s is None
-                    else exchange_time_s),
+                   *((name, np.zeros(self._specs[name][1], self._specs[name][0]) if value is None else value) for name, value in
+                     (("exchange_time_s", exchange_time_s), ("rank_tokens", rank_tokens),
+                      ("nodes_reached", nodes_reached))),
                    ("input_tokens", input_tokens), ("output_tokens", output_tokens),
                    ("num_sequences", num_sequences))}
         wall = float(wall_time_s)
@@ -323,7 +328,8 @@ def _create_row_datasets(f: h5py.File, w: TraceWriter) -> None:
     kind_dtype = h5py.enum_dtype({k: i for i, k in enumerate(KINDS)}, basetype="i1")
     labels = {"phase_time_s": ("step", "layer", "rank", "phase"),
               "expert_tokens": ("step", "moe_layer", "expert"), "bytes_sent": ("step", "src", "dst"),
-              "exchange_time_s": ("step", "layer", "rank", "kind", "in_flight|blocked")}
+              "exchange_time_s": ("step", "layer", "rank", "kind", "in_flight|blocked"),
+              "rank_tokens": ("step", "moe_layer", "rank"), "nodes_reached": ("step", "moe_layer", "rank", "tokens|nodes|max")}
     steps = f.create_group("steps")
     for name, (dtype, tail) in w._specs.items():
         # Bulk rows get one chunk per step (one write each); scalar columns share chunks.
@@ -355,46 +361,3 @@ class _Rows:
             space.select_hyperslab((n0,) + (0,) * (rows.ndim - 1), rows.shape)
             self.id.write(h5py.h5s.create_simple(rows.shape), space, rows)
         self.id.flush()
-
-
-def _as_checked(value, name: str, spec: tuple) -> np.ndarray:
-    """value as an array of spec = (dtype, shape), finite and >= 0 (ints must come as ints)."""
-    dtype, shape = spec
-    a = np.asarray(value)
-    if a.shape != shape:
-        raise TraceError(f"{name} has shape {a.shape}, expected {shape}")
-    if np.dtype(dtype).kind == "i" and a.dtype.kind not in "iu":
-        raise TraceError(f"{name} must be integers, got dtype {a.dtype}")
-    a = a.astype(dtype, copy=False)
-    if not np.all(np.isfinite(a)) or np.any(a < 0):
-        raise TraceError(f"{name} must be finite and >= 0")
-    return a
-
-
-def _check_moe_layers(moe_layers: Sequence[int], num_layers: int) -> np.ndarray:
-    ids = np.array(moe_layers, dtype=np.int64).reshape(-1)
-    if num_layers < 1 or np.any(np.diff(ids) <= 0) or (ids.size and not 0 <= ids[0] <= ids[-1] < num_layers):
-        raise TraceError(f"moe_layers must be ascending layer ids in [0, {num_layers}), got {ids.tolist()}")
-    return ids
-
-
-def _check_placement(placement: np.ndarray, num_moe: int, num_ranks: int) -> np.ndarray:
-    p = np.asarray(placement)
-    if p.ndim != 3 or p.shape[0] not in (1, num_moe) or p.dtype.kind not in "iu" or p.shape[1] < 1:
-        raise TraceError(f"placement must be int [1 or {num_moe}, experts, replicas], got {p.dtype} {p.shape}")
-    if num_ranks < 1 or p.min() < -1 or p.max() >= num_ranks or np.any(p[..., 0] < 0):
-        raise TraceError(f"placement ranks must lie in [0, {num_ranks}) with -1 padding after replica 0")
-    return p.astype(np.int32)
-
-
-def _rank_columns(rank_map: Sequence[Mapping]) -> dict[str, np.ndarray]:
-    try:
-        host = [str(r["host"]) for r in rank_map]
-        gpu = np.array([int(r["gpu"]) for r in rank_map], np.int32)
-        device = np.array([str(r["device"]) for r in rank_map])
-    except (KeyError, TypeError, ValueError) as e:
-        raise TraceError(f"rank_map entries need host (str), gpu (int), device (str): {e!r}") from None
-    hosts = list(dict.fromkeys(host))  # node ids in order of first appearance
-    node = np.array([hosts.index(h) for h in host], np.int32)
-    local = np.array([int(np.sum(node[:r] == node[r])) for r in range(len(node))], np.int32)
-    return {"host": np.array(host), "node": node, "local_rank": local, "gpu": gpu, "device": device}

@@ -145,3 +145,30 @@ def test_summary_json_agrees_with_the_trace(tmp_path_factory):
     assert s["intranode_bytes_per_step"] + s["internode_bytes_per_step"] == pytest.approx(s["offrank_bytes_per_step"])
     assert 0 <= s["exchange_exposed_ms_per_step"] and 0 < s["exchange_in_flight_ms_per_step"]
     assert s["expert_load_imbalance"] >= 1.0
+
+
+def test_simulated_nodes_loads_and_nodes_reached_in_the_trace(tmp_path_factory):
+    """--ranks-per-node reaches the trace and the report; per-rank loads and the nodes each token
+    reached add up with the expert counts and the topology."""
+    import json
+    size = WORLD.Get_size()
+    k = max(1, size // 2)
+    d = shared_dir(tmp_path_factory, "nodes")
+    run("--mode", "prefill", "--batch", "6", "--seq-len", "uniform:4,12", "--steps", "2", "--ranks-per-node", str(k),
+        "--routing", "zipf:1.5", "--trace", f"{d}/t.h5", "--summary-json", f"{d}/s.json")
+    if WORLD.Get_rank():
+        return
+    t, s = read_trace(f"{d}/t.h5"), json.loads(Path(f"{d}/s.json").read_text())
+    nodes = -(-size // k)
+    assert t.num_nodes == s["nodes"] == nodes and list(t.rank_node) == [r // k for r in range(size)]
+    cfg = load_config("tiny")
+    tokens = t.nodes_reached[..., 0].sum(axis=2)  # [S, M]: every token of the step, once per MoE layer
+    assert (tokens == t.input_tokens[:, None]).all()
+    rows = t.rank_tokens.sum(axis=2)  # a token counts once per rank it reached: between 1 and top_k
+    assert (rows >= tokens).all() and (rows <= cfg.num_experts_per_tok * tokens).all()
+    reached = t.nodes_reached[..., 1].sum(axis=2)
+    assert (reached >= tokens).all() and (reached <= nodes * tokens).all()
+    assert 1 <= t.nodes_reached[..., 2].max() <= nodes and 1.0 <= s["nodes_per_token_mean"] <= nodes
+    assert s["rank_load_max_over_mean"] >= 1.0
+    if nodes > 1:
+        assert s["internode_bytes_per_step"] > 0
