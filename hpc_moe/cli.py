@@ -42,6 +42,9 @@ def _add_parallel_args(p):
                    help="simulate nodes of K consecutive ranks (default: the real nodes, from shared memory)")
     g.add_argument("--expert-tp", type=_positive, default=1,
                    help="ranks per expert: each expert's intermediate dimension split over T ranks")
+    g.add_argument("--dispatch", default="auto", choices=["auto", "flat", "hierarchical"],
+                   help="flat: one exchange over the EP group; hierarchical: each token crosses to a node once, "
+                   "then is forwarded inside it; auto (default): hierarchical when there is more than one node")
     g.add_argument("--algorithm", default="alltoallv", choices=["alltoallv", "pipelined"],
                    help="one Ialltoallv per direction, or per-peer messages with experts run as tokens land")
     g.add_argument("--transport", default="auto", choices=["auto", "host", "cuda-aware", "nccl"])

@@ -19,7 +19,8 @@ class LayoutOptions:
     dp: model replicas; expert_tp: ranks per expert; algorithm / transport / payload: of the
     all-to-all; overlap "on" splits a step in micro_batches parts, "off" runs one; deterministic:
     logits independent of the layout (bitwise on the CPU); backend / dtype: the array module;
-    ranks_per_node: simulate nodes of k consecutive ranks (None: the real nodes).
+    ranks_per_node: simulate nodes of k consecutive ranks (None: the real nodes); dispatch: the
+    exchange's scheme, "auto" | "flat" | "hierarchical" (hpc_moe.ep.dispatch.DispatchOptions).
     """
 
     dp: int = 1
@@ -33,10 +34,12 @@ class LayoutOptions:
     backend: str = "auto"
     dtype: str | None = None
     ranks_per_node: int | None = None
+    dispatch: str = "auto"
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(micro_batches=self.micro_batches if self.overlap == "on" else 1,
-                             dispatch=DispatchOptions(self.algorithm, self.transport, self.payload, self.deterministic))
+                             dispatch=DispatchOptions(self.algorithm, self.transport, self.payload, self.deterministic,
+                                                      self.dispatch))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ C columns of a reduction table.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,16 +20,19 @@ from mpi4py import MPI
 
 from hpc_moe.backend import Backend
 from hpc_moe.comm import ParallelContext
-from hpc_moe.ep.exchange import Exchange, ExpertFn, Plan
+from hpc_moe.ep.exchange import Exchange, ExpertFn, Plan, plan_rows
+from hpc_moe.ep.hierarchical import HierarchicalExchange
 from hpc_moe.ep.pipelined import PipelinedExchange
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.ep.transport import TRANSPORTS, make_transport
 from hpc_moe.ep.wire import RowLayout, as_bytes
+from hpc_moe.errors import UsageError
 from hpc_moe.fp8 import fp8_quantize
 from hpc_moe.rowops import take_rows
 from hpc_moe.timing import NullProfiler, Profiler
 
 ALGORITHMS = ("alltoallv", "pipelined")
+SCHEMES = ("auto", "flat", "hierarchical")
 PAYLOADS = ("native", "fp8")
 
 
@@ -36,17 +41,40 @@ class DispatchOptions:
     """algorithm: "alltoallv" (one Ialltoallv per direction) | "pipelined" (per-peer messages,
     experts run as sources land); transport: "auto" | "host" | "cuda-aware" | "nccl"; payload:
     "native" (the compute dtype) | "fp8" (e4m3 + one float32 scale per 128 values; combine stays
-    native); deterministic: combine in the placement-independent ``pairs`` form."""
+    native); deterministic: combine in the placement-independent ``pairs`` form; scheme: "flat"
+    (one exchange over the EP group), "hierarchical" (each token crosses to a node once:
+    hpc_moe.ep.hierarchical) or "auto" (hierarchical when there is more than one node and the
+    layout allows it)."""
 
     algorithm: str = "alltoallv"
     transport: str = "auto"
     payload: str = "native"
     deterministic: bool = False
+    scheme: str = "auto"
 
     def __post_init__(self):
-        for name, allowed in (("algorithm", ALGORITHMS), ("transport", TRANSPORTS), ("payload", PAYLOADS)):
+        for name, allowed in (("algorithm", ALGORITHMS), ("transport", TRANSPORTS), ("payload", PAYLOADS),
+                              ("scheme", SCHEMES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+
+
+def _hierarchical(o: DispatchOptions, placement: ExpertPlacement, expert_tp: int) -> bool:
+    """Whether to run the two-stage exchange; "hierarchical" asked for where it cannot run is an
+    input error (every rank sees the same layout, so every rank raises alike)."""
+    if o.scheme == "flat":
+        return False
+    node_P = np.asarray(placement.node_of_rank)
+    n = int(node_P.max()) + 1
+    why = ("there is one node" if n == 1 else
+           "nodes differ in size or do not hold consecutive ranks" if not np.array_equal(
+               node_P, np.repeat(np.arange(n), len(node_P) // n)) or len(node_P) % n else
+           "expert_tp > 1" if expert_tp > 1 else
+           "the pipelined algorithm is flat" if o.algorithm == "pipelined" else None)
+    if why is not None and o.scheme == "hierarchical":
+        raise UsageError(f"--dispatch hierarchical cannot run here: {why}")
+    # With one rank per node there is nothing to forward inside a node: auto stays flat.
+    return why is None and (o.scheme == "hierarchical" or len(node_P) > n)
 
 
 class Dispatcher:
@@ -61,10 +89,19 @@ class Dispatcher:
         self.placement, self.backend = placement, backend
         self.options = options or DispatchOptions()
         self.comm = ctx.ep_comm if comm is None else comm
-        self.rank, self.size, self.tp = ctx.ep_rank, ctx.ep_size, ctx.expert_tp
+        self.rank, self.size, self.tp = self.comm.Get_rank(), self.comm.Get_size(), ctx.expert_tp
         self.transport = make_transport(self.comm, backend, self.options.transport,
                                         need_p2p=self.options.algorithm == "pipelined", logger=logger)
         self._seq = 0  # pipelined exchanges posted, for message tags: the same on every rank
+        self.hierarchical = _hierarchical(self.options, placement, ctx.expert_tp)
+        self.rail = self.node = None
+        if self.hierarchical:  # a rail (same local index, across nodes) and a node communicator
+            self.ranks_per_node = self.size // (max(placement.node_of_rank) + 1)
+            self.node_id, self.local_index = divmod(self.rank, self.ranks_per_node)
+            flat = dataclasses.replace(self.options, scheme="flat")
+            quiet = logging.getLogger("hpc_moe.channel")  # the EP channel's choice is logged once
+            self.rail = Dispatcher(ctx, placement, backend, flat, self.comm.Split(self.local_index, self.node_id), quiet)
+            self.node = Dispatcher(ctx, placement, backend, flat, self.comm.Split(self.node_id, self.local_index), quiet)
 
     def next_tags(self) -> int:
         """The first of 4 message tags no exchange in flight on this channel uses (the same on
@@ -76,15 +113,18 @@ class Dispatcher:
         return self.placement.local_experts(self.rank, layer)
 
     def meta_layout(self, hidden: int, topk: int) -> RowLayout:
+        """The metadata row: local expert id and weight per k, FP8 scales."""
+        fields = {"local": 4 * topk, "weight": 4 * topk}
         if self.options.payload == "fp8":
-            return RowLayout.of(local=4 * topk, weight=4 * topk, scale=4 * -(-hidden // 128))
-        return RowLayout.of(local=4 * topk, weight=4 * topk)
+            fields["scale"] = 4 * -(-hidden // 128)
+        return RowLayout.of(**fields)
 
     def post(self, layer: int | None, x_TD, topk_idx_TK, topk_weight_TK, prof: Profiler | None = None) -> Exchange:
         """Start an exchange: x [T, D] compute dtype, topk_idx_TK int [T, K] global expert ids
         (-1: none), topk_weight_TK float32 [T, K]. Collective over the channel. prof: where the
         time blocked in waits (phase "wait") and the combine's local work (phase "combine") go."""
-        cls = PipelinedExchange if self.options.algorithm == "pipelined" else Exchange
+        cls = HierarchicalExchange if self.hierarchical else \
+            PipelinedExchange if self.options.algorithm == "pipelined" else Exchange
         return cls(self, layer, x_TD, topk_idx_TK, topk_weight_TK, prof or NullProfiler())
 
     def exchange(self, layer: int | None, x_TD, topk_idx_TK, topk_weight_TK, expert_fn: ExpertFn):
@@ -94,7 +134,12 @@ class Dispatcher:
         return ex.wait()
 
     def close(self) -> None:
+        """Release the transport (and the stage communicators, collectively)."""
         self.transport.close()
+        for sub in (self.rail, self.node):
+            if sub is not None:
+                sub.close()
+                sub.comm.Free()
 
     def pack(self, plan: Plan, x_TD, weight_TK: np.ndarray, layout: RowLayout):
         """The send buffers: token rows [M, row bytes] by one contiguous take, and metadata rows
@@ -115,25 +160,22 @@ class Dispatcher:
         layout.pack_into(xp, meta, **fields)
         return rows, meta
 
-    def plan(self, layer, topk_TK: np.ndarray) -> Plan:
-        """Routing -> send layout (host, vectorised). Rows go to every rank of each slot a token
-        uses, once per rank; pairs come back in (row, k) order."""
-        t, k = topk_TK.shape
-        p, tp = self.size, self.tp
-        s = p // tp
+    def route(self, layer, topk_TK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global expert ids [T, K] (-1: none) -> (the slot serving each, the expert's local index
+        there), int64 [T, K] host, -1 where there is no expert."""
         valid = topk_TK >= 0
         e_TK = np.where(valid, topk_TK, 0)
-        slot_TK = np.where(valid, self.placement.route(e_TK, self.rank, layer), s)  # s: a dummy column
-        local_TK = np.where(valid, self.placement.local_index_table(layer)[np.minimum(slot_TK, s - 1), e_TK], -1)
-        in_slot_TS = np.zeros((t, s + 1), dtype=bool)
-        in_slot_TS[np.arange(t)[:, None], slot_TK] = True
-        dest_M, token_M = np.nonzero(np.repeat(in_slot_TS[:, :s], tp, axis=1).T)  # sorted by (dest, t)
-        local_MK = np.where(slot_TK[token_M] == (dest_M // tp)[:, None], local_TK[token_M], -1).astype(np.int32)
-        m_B, k_B = np.nonzero(local_MK >= 0)
-        pair_index_TC = np.full((t, k * tp), len(m_B), dtype=np.int64)
-        pair_index_TC[token_M[m_B], k_B * tp + dest_M[m_B] % tp] = np.arange(len(m_B))
-        n_nodes = max(self.placement.node_of_rank) + 1
-        token_node = np.unique(token_M * n_nodes + np.asarray(self.placement.node_of_rank, np.int64)[dest_M])
-        nodes_T = np.bincount(token_node // n_nodes, minlength=t).astype(np.int64)
-        return Plan(token_M.astype(np.int64), local_MK, np.bincount(dest_M, minlength=p).astype(np.int64),
-                     np.bincount(dest_M[m_B], minlength=p).astype(np.int64), pair_index_TC, nodes_T)
+        slot_TK = np.where(valid, self.placement.route(e_TK, self.rank, layer), -1)
+        local_TK = np.where(valid, self.placement.local_index_table(layer)[np.maximum(slot_TK, 0), e_TK], -1)
+        return slot_TK, local_TK
+
+    def plan(self, layer, topk_TK: np.ndarray) -> Plan:
+        """Routing -> send layout (host, vectorised): every rank of each slot a token uses gets its
+        row once. nodes_T counts the nodes a token reaches."""
+        slot_TK, local_TK = self.route(layer, topk_TK)
+        plan = plan_rows(slot_TK, local_TK, self.size // self.tp, self.tp)
+        node_P = np.asarray(self.placement.node_of_rank, np.int64)
+        dest_M = np.repeat(np.arange(self.size), plan.counts_P)
+        n_nodes = int(node_P.max()) + 1
+        token_node = np.unique(plan.token_M * n_nodes + node_P[dest_M])
+        return dataclasses.replace(plan, nodes_T=np.bincount(token_node // n_nodes, minlength=len(slot_TK)))

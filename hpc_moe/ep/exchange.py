@@ -38,7 +38,7 @@ from mpi4py import MPI
 
 from hpc_moe.ep.wire import as_bytes
 from hpc_moe.fp8 import fp8_dequantize
-from hpc_moe.rowops import group_rows_sum, weighted_rows_sum
+from hpc_moe.rowops import group_rows_sum, take_rows, weighted_rows_sum
 from hpc_moe.timing import Profiler
 
 
@@ -55,6 +55,7 @@ class Received:
     row_Q: np.ndarray
     local_expert_Q: np.ndarray
     weight_Q: np.ndarray
+    k_Q: np.ndarray | None = None  # which of the token's top-k each pair is
 
 
 # expert_fn(received) -> reply rows: weighted form y_ND [N, D]; pairs form out_QD [Q, D]
@@ -82,29 +83,50 @@ class Plan:
     counts_P: np.ndarray   # int64 rows per destination
     pair_counts_P: np.ndarray  # int64 (row, expert) pairs per destination
     pair_index_TC: np.ndarray  # pairs form: row of the combine buffer of (t, k, tp rank j) at column k * tp + j
-    nodes_T: np.ndarray    # int64 nodes each token reaches (0: none of its experts is valid)
+    nodes_T: np.ndarray | None  # int64 nodes each token reaches (0: none of its experts is valid)
+
+
+def plan_rows(slot_TK: np.ndarray, local_TK: np.ndarray, n_slots: int, tp: int = 1) -> Plan:
+    """Where rows go, given each (token, k)'s destination slot (int [T, K], -1: none; slot s is
+    ranks [s * tp, (s + 1) * tp)) and the expert's local index there: each token's row once to
+    every rank of each slot it uses, grouped by rank and in token order within; its pairs come
+    back in (row, k) order. -> Plan with counts over n_slots * tp ranks (nodes_T not set)."""
+    t, k = slot_TK.shape
+    s = n_slots
+    slot = np.where(slot_TK >= 0, slot_TK, s)  # s: a dummy column
+    in_slot_TS = np.zeros((t, s + 1), dtype=bool)
+    in_slot_TS[np.arange(t)[:, None], slot] = True
+    dest_M, token_M = np.nonzero(np.repeat(in_slot_TS[:, :s], tp, axis=1).T)  # sorted by (dest, t)
+    local_MK = np.where(slot[token_M] == (dest_M // tp)[:, None], local_TK[token_M], -1).astype(np.int32)
+    m_B, k_B = np.nonzero(local_MK >= 0)
+    pair_index_TC = np.full((t, k * tp), len(m_B), dtype=np.int64)
+    pair_index_TC[token_M[m_B], k_B * tp + dest_M[m_B] % tp] = np.arange(len(m_B))
+    p = s * tp
+    return Plan(token_M.astype(np.int64), local_MK, np.bincount(dest_M, minlength=p).astype(np.int64),
+                np.bincount(dest_M[m_B], minlength=p).astype(np.int64), pair_index_TC, None)
 
 
 class Exchange:
     """One MoE exchange in flight (see the module docstring for its phases)."""
 
-    def __init__(self, d, layer, x_TD, topk_idx_TK, topk_weight_TK, prof: Profiler):
-        """d: the hpc_moe.ep.dispatch.Dispatcher of the channel (its plan, pack, transport, comm)."""
+    def __init__(self, d, layer, x_TD, topk_idx_TK, topk_weight_TK, prof: Profiler, plan: Plan | None = None):
+        """d: the hpc_moe.ep.dispatch.Dispatcher of the channel (its plan, pack, transport, comm).
+        plan: where the rows go, when the caller planned them (then topk_idx_TK only gives K)."""
         be, tr = d.backend, d.transport
         topk = np.asarray(be.to_numpy(topk_idx_TK), dtype=np.int64)
         if x_TD.ndim != 2 or topk.ndim != 2 or topk.shape[0] != x_TD.shape[0]:
             raise ValueError(f"x_TD {tuple(x_TD.shape)} and topk_idx_TK {topk.shape} must be [T, D] and [T, K]")
-        if topk.size and (topk.max() >= d.placement.n_experts or topk.min() < -1):
+        if plan is None and topk.size and (topk.max() >= d.placement.n_experts or topk.min() < -1):
             raise ValueError(f"topk_idx_TK holds ids outside [-1, {d.placement.n_experts})")
         w_TK = np.asarray(be.to_numpy(topk_weight_TK), dtype=np.float32)
         if w_TK.shape != topk.shape:
             raise ValueError(f"topk_weight_TK {w_TK.shape} must match topk_idx_TK {topk.shape}")
         self._d, self.layer, self._prof = d, layer, prof
         self.pairs = d.options.deterministic
-        self.dtype, self.hidden, self.tokens = np.dtype(x_TD.dtype), x_TD.shape[1], x_TD.shape[0]
+        self.dtype, self.hidden, self.tokens, self.topk = np.dtype(x_TD.dtype), x_TD.shape[1], x_TD.shape[0], topk.shape[1]
         self.dispatch_times, self.combine_times = ExchangeTimes(), ExchangeTimes()
         self._w_TK = w_TK
-        plan = self._plan = d.plan(layer, topk)
+        plan = self._plan = d.plan(layer, topk) if plan is None else plan
         self.recv_counts_P = np.zeros(d.size, dtype=np.int64)
         self.dispatch_times.t_start = time.perf_counter()
         counts_req = d.comm.Ialltoall([plan.counts_P, MPI.INT64_T], [self.recv_counts_P, MPI.INT64_T])
@@ -219,14 +241,21 @@ class Exchange:
         self._reqs = [tr.ialltoallv(self._replies[0], send_counts, self._back, self.back_counts_P)]
         self._state = "combining"
 
-    def wait(self):
-        """Wait for the combine -> y_TD [T, D] compute dtype."""
+    def wait(self, pair_rows: bool = False):
+        """Wait for the combine -> y_TD [T, D] compute dtype. pair_rows (pairs form): instead of
+        the weighted sum, the rows that came back, one per valid (token, k) in token-major order
+        [Q, D] (a forwarding rank passes them on unreduced)."""
         if self._state == "combining":
             self._block(self.combine_times)
         if self._state != "combined":
             raise RuntimeError(f"wait() on an exchange that is {self._state}")
-        tr = self._d.transport
-        y = self.reduce(tr.from_wire(self._back, int(self.back_counts_P.sum()) + 1).view(self.dtype))
+        n = int(self.back_counts_P.sum())
+        rows = self._d.transport.from_wire(self._back, n + 1).view(self.dtype)
+        if pair_rows:
+            index = self._plan.pair_index_TC[self._plan.pair_index_TC < n]  # row-major: token, then k
+            y = take_rows(self._d.backend.xp, rows, index)
+        else:
+            y = self.reduce(rows)
         self.release()
         return y
 
@@ -270,7 +299,7 @@ class Exchange:
             x = words.view(self.dtype)
         n_Q, k_Q = np.nonzero(local_NK >= 0)
         return Received(x, n_Q.astype(np.int64), local_NK[n_Q, k_Q].astype(np.int32),
-                        weight_NK[n_Q, k_Q].astype(np.float32))
+                        weight_NK[n_Q, k_Q].astype(np.float32), k_Q.astype(np.int32))
 
     def _release_recv(self) -> None:
         if self._recv is not None:

@@ -31,6 +31,7 @@ from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions
 from hpc_moe.ep.exchange import Exchange, Received
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.ep.transport import TransportError, make_transport
+from hpc_moe.errors import InputError
 from hpc_moe.fp8 import _e4m3_bits, fp8_dequantize, fp8_quantize
 from hpc_moe.model.moe import combine_pairs, weigh_pairs
 
@@ -44,6 +45,8 @@ POLL_LIMIT = 10_000_000
 
 @pytest.fixture(scope="module")
 def ctx():
+    # Simulated nodes of 2; the tests of the flat wire layout ask for scheme="flat" (auto would
+    # pick the two-stage exchange on more than one node: its own tests are at the end).
     c = ParallelContext.create(ranks_per_node=2)
     yield c
     c.free()
@@ -227,7 +230,7 @@ def run_exchange(ctx, n_experts, batch, alg="alltoallv", payload="native", deter
                  layer=None, placement=None):
     """One exchange of this rank's batch, checked by check_exchange -> (x, idx, w, y, exchange, dispatcher)."""
     pl = placement or ExpertPlacement.build(n_experts, ctx.ep_size, ctx.expert_tp, ctx.node_of_ep_rank)
-    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(algorithm=alg, payload=payload, deterministic=deterministic))
+    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(scheme="flat", algorithm=alg, payload=payload, deterministic=deterministic))
     x, idx, w = batch(ctx.ep_rank)
     calls: list[Received] = []
     ex = d.post(layer, x, idx, w)
@@ -263,7 +266,7 @@ def test_two_step_received_then_reply(ctx, alg, deterministic):
     run_experts(), for the pipelined exchange too: received() waits for every source."""
     e = 2 * ctx.ep_size
     pl = ExpertPlacement.build(e, ctx.ep_size, 1, ctx.node_of_ep_rank)
-    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(algorithm=alg, deterministic=deterministic))
+    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(scheme="flat", algorithm=alg, deterministic=deterministic))
     x, idx, w = batches(e, lambda r: 5 + r, k=3, seed=11)(ctx.ep_rank)
     ex = d.post(None, x, idx, w)
     ex.reply(expert_fn_for(d)(ex.received()))
@@ -301,7 +304,7 @@ def test_rows_are_tagged_deduplicated_and_grouped(ctx, alg, deterministic):
     weights (derived here directly: no replicas, so each expert has one owner)."""
     e, k, p = 3 * ctx.ep_size, 5, ctx.ep_size
     pl = ExpertPlacement.build(e, p, 1, ctx.node_of_ep_rank)
-    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(algorithm=alg, deterministic=deterministic))
+    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(scheme="flat", algorithm=alg, deterministic=deterministic))
     x, idx, w = tokens(ctx.ep_rank, 9, k, e, seed=4)
     mine = np.array(pl.local_experts(ctx.ep_rank))
     want = {}  # src -> (rows [N, D], pairs [(row, local expert, weight)])
@@ -417,7 +420,7 @@ def poll(*exchanges, until) -> int:
 def test_exchanges_in_flight_with_polling(ctx, alg, deterministic):
     e = 2 * ctx.ep_size
     pl = ExpertPlacement.build(e, ctx.ep_size, 1, ctx.node_of_ep_rank)
-    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(algorithm=alg, deterministic=deterministic))
+    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(scheme="flat", algorithm=alg, deterministic=deterministic))
     x, idx, w = tokens(ctx.ep_rank, 8, 3, e, seed=8)
     fn = expert_fn_for(d)
 
@@ -478,7 +481,7 @@ def test_per_layer_placement_and_masked_topk(ctx, alg, deterministic):
         assert_matches_reference(d, x, idx, w, y)
         ys.append(y)
     # the convenience form: post -> run_experts -> wait
-    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(algorithm=alg, deterministic=deterministic))
+    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(scheme="flat", algorithm=alg, deterministic=deterministic))
     y = d.exchange(4, x, idx, w, expert_fn_for(d, 4))
     np.testing.assert_array_equal(y, ys[1])
     d.close()
@@ -525,7 +528,7 @@ def test_gpu_transports(ctx, transport):
     x, idx, w = tokens(ctx.ep_rank, 8, 2, e, seed=10)
     for deterministic in (False, True):
         try:
-            d = Dispatcher(ctx, pl, be, DispatchOptions(transport=transport, deterministic=deterministic))
+            d = Dispatcher(ctx, pl, be, DispatchOptions(scheme="flat", transport=transport, deterministic=deterministic))
         except TransportError as err:
             pytest.skip(str(err))
         glob = be.xp.asarray(np.array(d.local_experts(), dtype=np.float32))
@@ -562,3 +565,61 @@ def test_context_layout():
         ParallelContext.create(dp=size + 1)
     with pytest.raises(ParallelError, match="expert_tp"):
         ParallelContext.create(expert_tp=size + 1)
+
+
+# ---- the two-stage exchange --------------------------------------------------------------------
+def node_layouts(size: int) -> list[int]:
+    """ranks_per_node values giving 2 and 4 equal nodes where the world allows."""
+    return [size // n for n in (2, 4) if size % n == 0]
+
+
+@FORMS
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_hierarchical_matches_flat_and_crosses_nodes_less(shape, deterministic):
+    size = MPI.COMM_WORLD.Get_size()
+    if size < 2:
+        pytest.skip("one rank is one node")
+    e = SHAPES[shape](size)
+    batch = batches(e, lambda r: 0 if r == 1 else 6 + r, k=min(4, e), seed=13)  # rank 1: no tokens
+    for k in node_layouts(size):
+        c = ParallelContext.create(ranks_per_node=k)
+        pl = ExpertPlacement.build(e, c.ep_size, 1, c.node_of_ep_rank)
+        x, idx, w = batch(c.ep_rank)
+        out, sent = {}, {}
+        for scheme in ("flat", "hierarchical"):
+            d = Dispatcher(c, pl, NUMPY, DispatchOptions(deterministic=deterministic, scheme=scheme))
+            assert d.hierarchical == (scheme == "hierarchical")
+            ex = d.post(None, x, idx, w)
+            ex.run_experts(expert_fn_for(d))
+            out[scheme] = ex.wait()
+            other = np.asarray(c.node_of_ep_rank) != c.node_id
+            sent[scheme] = int(ex.send_bytes_P[other].sum())
+            assert (ex.nodes_per_token_T <= len(set(c.node_of_ep_rank))).all()
+            d.close()
+        assert_matches_reference(d, x, idx, w, out["hierarchical"])
+        if deterministic:
+            np.testing.assert_array_equal(out["hierarchical"], out["flat"])
+        total = c.ep_comm.allreduce(np.array([sent["flat"], sent["hierarchical"]]))
+        if k > 1:  # a token crosses to a node once, however many of the node's ranks it uses
+            assert total[1] <= total[0]
+        c.free()
+
+
+def test_hierarchical_all_tokens_to_one_expert_and_bad_layouts():
+    size = MPI.COMM_WORLD.Get_size()
+    if size < 2 or size % 2:
+        pytest.skip("needs 2 equal nodes")
+    c = ParallelContext.create(ranks_per_node=size // 2)
+    pl = ExpertPlacement.build(size, c.ep_size, 1, c.node_of_ep_rank)
+    x, idx, w = batches(size, lambda r: 5, k=1, seed=14, idx_of_rank=lambda i: np.zeros_like(i))(c.ep_rank)
+    d = Dispatcher(c, pl, NUMPY, DispatchOptions(scheme="hierarchical"))
+    assert_matches_reference(d, x, idx, w, d.exchange(None, x, idx, w, expert_fn_for(d)))
+    d.close()
+    with pytest.raises(InputError, match="expert_tp > 1"):
+        c2 = ParallelContext.create(expert_tp=2, ranks_per_node=size // 2)
+        try:
+            Dispatcher(c2, ExpertPlacement.build(size, size, 2, c2.node_of_ep_rank), NUMPY,
+                       DispatchOptions(scheme="hierarchical"))
+        finally:
+            c2.free()
+    c.free()

@@ -47,8 +47,8 @@ def my_prompts(rank: int, vocab: int):
     return [rng.integers(0, vocab, int(rng.integers(1, 9))) for _ in range(n)]
 
 
-def check_against_reference(cfg, options: EngineOptions, dp=1, expert_tp=1, new_tokens=4):
-    ctx = ParallelContext.create(WORLD, dp=dp, expert_tp=expert_tp)
+def check_against_reference(cfg, options: EngineOptions, dp=1, expert_tp=1, new_tokens=4, ranks_per_node=None):
+    ctx = ParallelContext.create(WORLD, dp=dp, expert_tp=expert_tp, ranks_per_node=ranks_per_node)
     weights = SyntheticWeights(cfg, seed=7)
     be = get_backend("numpy")
     engine = Engine(cfg, weights, be, ctx, options=options)
@@ -78,6 +78,24 @@ def test_overlap_and_pipelined_match_reference(micro_batches, algorithm):
     cfg = tiny_with_experts(max(2, WORLD.Get_size()))
     check_against_reference(cfg, EngineOptions(micro_batches=micro_batches,
                                                dispatch=DispatchOptions(algorithm=algorithm)))
+
+
+@pytest.mark.parametrize("case", ["E>R", "E==R", "E<R"])
+def test_hierarchical_dispatch_matches_reference(case):
+    """Two-stage dispatch on 2 and 4 simulated nodes (auto picks it), with overlap, equals the
+    single-process reference; the flat scheme on the same nodes too."""
+    size = WORLD.Get_size()
+    cases = expert_counts_for(size)
+    if case not in cases:
+        pytest.skip(f"no valid {case} config at {size} ranks")
+    cfg = tiny_with_experts(cases[case])
+    for n in (2, 4):
+        if size % n or size == n:
+            continue
+        for scheme in ("auto", "flat"):
+            engine = check_against_reference(cfg, EngineOptions(micro_batches=2, dispatch=DispatchOptions(scheme=scheme)),
+                                             ranks_per_node=size // n)
+            assert engine.executor.channels[0].hierarchical == (scheme == "auto")
 
 
 def test_expert_tensor_parallel_and_data_parallel():
@@ -185,9 +203,10 @@ def test_deterministic_logits_are_bitwise_the_reference(case):
     first = sum(len(ps) for ps in every[:WORLD.Get_rank()])
     mine = slice(first, first + len(every[WORLD.Get_rank()]))
     want = ref.prefill_logits[mine]
-    layouts = [dict(micro_batches=m) for m in (1, 2, 3)] + [dict(dp=2)] * (size % 2 == 0)
+    layouts = [dict(micro_batches=m) for m in (1, 2, 3)] + [dict(dp=2)] * (size % 2 == 0) + \
+        [dict(ranks_per_node=size // n, micro_batches=2) for n in (2, 4) if size % n == 0 and size > n]  # hierarchical
     for lay in layouts:
-        ctx = ParallelContext.create(WORLD, dp=lay.get("dp", 1))
+        ctx = ParallelContext.create(WORLD, dp=lay.get("dp", 1), ranks_per_node=lay.get("ranks_per_node"))
         options = EngineOptions(micro_batches=lay.get("micro_batches", 1), dispatch=DispatchOptions(deterministic=True))
         engine = Engine(cfg, weights, be, ctx, options=options)
         got = generate(engine.model, every[ctx.rank], 3, forward=engine.forward)
