@@ -14,6 +14,9 @@ Definitions (every time is the max over ranks of one iteration; median and p99 o
   host where ranks share the memory bus, each pass over the payload costs about that much.
 * MB/rank: bytes each rank sends to other ranks (mean over ranks; its own rows are a local copy).
 * overlap (as osu_ialltoallv): see hpc_moe.apps.benchkit.osu_overlap.
+* schemes (with ``--ranks-per-node`` giving more than one node): the one-call exchange flat and
+  hierarchical (hpc_moe.ep.hierarchical), and the bytes each sends across and inside nodes.
+  The rows above are the flat exchange's.
 """
 from __future__ import annotations
 
@@ -75,7 +78,7 @@ def run_bench_dispatch(o: BenchDispatchOptions) -> int:
     ctx = ParallelContext.create(ranks_per_node=o.ranks_per_node)
     be = get_backend(o.backend, o.dtype, ctx.local_rank)
     pl = ExpertPlacement.build(o.experts, ctx.ep_size, 1, ctx.node_of_ep_rank)
-    d = Dispatcher(ctx, pl, be, DispatchOptions(o.algorithm, o.transport, o.payload, o.deterministic))
+    d = Dispatcher(ctx, pl, be, DispatchOptions(o.algorithm, o.transport, o.payload, o.deterministic, "flat"))
     rng = np.random.default_rng(o.seed * 100_003 + ctx.rank)
     k = min(o.topk, o.experts)
     x = be.asarray(rng.standard_normal((o.tokens, o.hidden)).astype(np.float32))
@@ -127,6 +130,7 @@ def run_bench_dispatch(o: BenchDispatchOptions) -> int:
     sent = {"dispatch": mean_over_ranks(comm, float((ex.send_counts_P * ex.dispatch_row_bytes)[remote].sum())),
             "combine": mean_over_ranks(comm, float((ex.reply_counts_P * out_row)[remote].sum()))}
     result = _figures(o, ctx, d, times, sent, mean_over_ranks(comm, float(ex.send_counts_P.sum())), overlap)
+    result["schemes"] = _schemes(o, ctx, pl, be, x, idx, w, identity) if ctx.num_nodes > 1 else {}
     if ctx.rank == 0:
         print(_table(result))
         if o.json:
@@ -136,6 +140,34 @@ def run_bench_dispatch(o: BenchDispatchOptions) -> int:
     d.close()
     ctx.free()
     return 0
+
+
+def _schemes(o: BenchDispatchOptions, ctx, pl, be, x, idx, w, identity) -> dict:
+    """Flat against hierarchical on the simulated nodes: the one-call exchange (median ms, max over
+    ranks) and the bytes each rank sends across nodes and inside its node (mean over ranks, MB)."""
+    out = {}
+    other = np.asarray(ctx.node_of_ep_rank) != ctx.node_id
+    for scheme in ("flat", "hierarchical") if o.algorithm == "alltoallv" else ("flat",):
+        d = Dispatcher(ctx, pl, be, DispatchOptions(o.algorithm, o.transport, o.payload, o.deterministic, scheme))
+
+        def one(d=d):
+            ex = d.post(None, x, idx, w)
+            ex.run_experts(identity)
+            ex.wait()
+            return ex
+
+        seconds, bytes_P = [], None
+        for it in range(o.warmup + o.iters):
+            t, ex = timed(ctx.ep_comm, be.synchronize, one)
+            if it >= o.warmup:
+                seconds.append(t)
+            bytes_P = ex.send_bytes_P
+        own = np.arange(ctx.ep_size) == ctx.ep_rank
+        out[scheme] = {"exchange_ms": 1e3 * float(np.median(max_over_ranks(ctx.ep_comm, seconds))),
+                       "internode_mb_per_rank": mean_over_ranks(ctx.ep_comm, float(bytes_P[other].sum())) / 1e6,
+                       "intranode_mb_per_rank": mean_over_ranks(ctx.ep_comm, float(bytes_P[~other & ~own].sum())) / 1e6}
+        d.close()
+    return out
 
 
 def _dispatched(d: Dispatcher, x, idx, w):
@@ -203,6 +235,9 @@ def _table(r: dict) -> str:
                      f"{op['mb_per_rank']:>10.1f}{op['algbw_gbps']:>12.2f}")
     lines.append(f"(dispatch + combine) / raw floor: {r['ratio_vs_raw']:.2f}; "
                  f"exchange / raw floor: {r['ratio_exchange_vs_raw']:.2f}")
+    for name, s in r["schemes"].items():
+        lines.append(f"{name + ' exchange':<34}{s['exchange_ms']:>11.2f}   across nodes {s['internode_mb_per_rank']:.1f} MB/rank,"
+                     f" inside nodes {s['intranode_mb_per_rank']:.1f} MB/rank")
     for name, op in r["overlap"].items():
         lines.append(f"overlap {name:<13} {op['overlap_pct']:5.1f} % (min over ranks {op['overlap_pct_min']:.1f}; "
                      f"pure {op['t_pure_ms']:.1f} ms, compute {op['t_cpu_ms']:.1f} ms, overlapped "

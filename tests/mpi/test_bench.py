@@ -18,7 +18,8 @@ def out_file(factory, name) -> str:
     return WORLD.bcast(str(factory.mktemp(name) / "out.json") if WORLD.Get_rank() == 0 else None)
 
 
-@pytest.mark.parametrize("extra", [[], ["--algorithm", "pipelined", "--deterministic"], ["--payload", "fp8"]])
+@pytest.mark.parametrize("extra", [[], ["--algorithm", "pipelined", "--deterministic"], ["--payload", "fp8"],
+                                   ["--ranks-per-node", "2", "--no-overlap"]])
 def test_bench_dispatch_json(tmp_path_factory, extra):
     path = out_file(tmp_path_factory, "dispatch")
     assert main(["bench", "dispatch", "--tokens", "24", "--hidden", "256", "--experts", str(max(4, 2 * WORLD.Get_size())),
@@ -33,7 +34,11 @@ def test_bench_dispatch_json(tmp_path_factory, extra):
                  "local: route + pack rows", "local: combine reduce"):
         assert ops[name]["median_ms"] > 0, name
     assert r["floor_ms"] > 0 and r["ratio_vs_raw"] > 0
-    assert set(r["overlap"]) == {"dispatch", "raw_dispatch"}
+    assert set(r["overlap"]) == ({"dispatch", "raw_dispatch"} if "--no-overlap" not in extra else set())
+    if r["config"]["nodes"] > 1:  # both schemes, and the two-stage one crosses nodes no more than the flat one
+        s = r["schemes"]
+        assert s["hierarchical"]["internode_mb_per_rank"] <= s["flat"]["internode_mb_per_rank"]
+        assert s["hierarchical"]["exchange_ms"] > 0
     # Rows leave once per destination rank: never more than the pairs.
     assert 0 < r["rows_sent_per_rank"] <= r["pairs_per_rank"]
 
