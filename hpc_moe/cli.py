@@ -128,6 +128,11 @@ def _add_run(sub):
                    help="place experts (replicas, colocation) by the loads an earlier run measured")
     b.add_argument("--replan-every", type=int, default=0,
                    help="re-place experts from the loads measured so far every N steps (outputs unchanged)")
+    b.add_argument("--eplb", default="auto", choices=["auto", "hierarchical", "global"],
+                   help="how loads place experts: DeepSeek EPLB's hierarchical (groups packed onto nodes, replicas "
+                   "inside them) or global (replicas anywhere) policy; auto: hierarchical when nodes divide the groups")
+    b.add_argument("--redundant-experts", type=int, default=0, metavar="N",
+                   help="replicas beyond one per expert when experts are colocated (more experts than ranks)")
     b.add_argument("--bias-update-rate", type=float, default=0.0,
                    help="aux-loss-free gating bias adjustment per step (changes the model's outputs)")
     _add_backend_args(p)

@@ -147,3 +147,46 @@ def test_errors_and_format():
         ExpertPlacement.build(8, 4, loads=[1.0] * 7)
     text = ExpertPlacement.build(4, 8, node_of_rank=nodes(2, 4)).format(hostnames=["h0"] * 4 + ["h1"] * 4)
     assert "replicas" in text and "h1" in text
+
+
+def _slot_loads(p: ExpertPlacement, loads: np.ndarray) -> np.ndarray:
+    """Expected load per slot when each expert's load splits evenly over its replicas."""
+    reps = np.array([len(p.owners(e)) for e in range(p.n_experts)])
+    out = np.zeros(p.n_slots)
+    for s in range(p.n_slots):
+        for e in p.local_experts(s * p.expert_tp):
+            out[s] += loads[e] / reps[e]
+    return out
+
+
+def test_global_policy_replicates_hot_experts_across_nodes():
+    loads = np.array([40.0, 1, 1, 1, 1, 1, 1, 1])  # one very hot expert
+    p = ExpertPlacement.build(8, 16, 1, [r // 4 for r in range(16)], n_group=1, loads=loads, policy="global")
+    owners = p.owners(0)
+    assert len(owners) == 16 - 7 and len({s // 4 for s in owners}) == 4  # its replicas reach every node
+    assert all(len(p.owners(e)) == 1 for e in range(1, 8))
+    # The best split: 40 / 9 per replica against a mean of 47 / 16 per slot (1.51); one slot each: 13.6.
+    assert _slot_loads(p, loads).max() / _slot_loads(p, loads).mean() == pytest.approx((40 / 9) / (47 / 16))
+
+
+def test_redundant_experts_split_the_hot_ones_when_colocated():
+    rng = np.random.default_rng(0)
+    loads = 1.0 / (1 + rng.permutation(32)) ** 1.2  # Zipf
+    nodes = [r // 4 for r in range(16)]
+    imbalance = {}
+    for policy in ("hierarchical", "global"):
+        for red in (0, 16):
+            p = ExpertPlacement.build(32, 16, 1, nodes, n_group=8, loads=loads, policy=policy, redundant=red)
+            per = _slot_loads(p, loads)
+            imbalance[policy, red] = per.max() / per.mean()
+            held = [len(p.local_experts(r)) for r in range(16)]
+            assert sum(held) == 32 + red and max(held) - min(held) <= 1  # floor/ceil per slot
+            assert all(len(set(p.local_experts(r))) == len(p.local_experts(r)) for r in range(16))
+            if policy == "hierarchical":  # each routing group's experts stay on one node
+                for g in range(8):
+                    assert len({s // 4 for e in range(4 * g, 4 * g + 4) for s in p.owners(e)}) == 1
+    for policy in ("hierarchical", "global"):
+        assert imbalance[policy, 16] < 0.8 * imbalance[policy, 0]
+    assert p.from_loads(loads).policy == "global" and p.from_loads(loads).redundant == 16
+    with pytest.raises(PlacementError, match="policy"):
+        ExpertPlacement.build(8, 8, policy="random")

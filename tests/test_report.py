@@ -184,7 +184,7 @@ def test_make_report_writes_pngs(synthetic, tmp_path):
     files = make_report([path, small], tmp_path / "out")
     names = sorted(Path(f).name for f in files)
     assert names == sorted([f"{s}_{k}.png" for s in ("synth", "small")
-                            for k in ("phases", "timeline", "expert_load", "steps", "traffic")] + ["scaling.png"])
+                            for k in ("phases", "timeline", "expert_load", "rank_load", "steps", "traffic")] + ["scaling.png"])
     for f in files:
         _check_png(f)
     assert matplotlib.get_backend() == backend  # no global backend switch
@@ -196,7 +196,7 @@ def test_run_report_cli(synthetic, tmp_path, capsys):
     add_report_args(parser)
     assert run_report(parser.parse_args([str(path), "--out", str(tmp_path / "o"), "--skip-steps", "2"])) == 0
     out = capsys.readouterr().out
-    assert "4 steps, completed" in out and out.count("wrote ") == 5
+    assert "4 steps, completed" in out and out.count("wrote ") == 6
     assert run_report(parser.parse_args([str(tmp_path / "nope.h5"), "--no-plots"])) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such file" in err

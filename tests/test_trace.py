@@ -194,6 +194,8 @@ def feed(recorder: TraceWriter | MemoryTrace, d: Dims, steps: list[dict]) -> Non
         if s["step"] in d.event_steps:
             recorder.append_events(**synthetic_events(d, s))
             recorder.append_exchanges(**synthetic_exchanges(d, s))
+        if s["step"] == 3:  # a re-placement from step 4 on: the experts' owners rotated
+            recorder.append_placement(step=4, placement=np.roll(placement(d), 1, axis=1))
 
 
 def assert_same_trace(got: Trace, want: Trace) -> None:
@@ -327,7 +329,7 @@ def _doc_tables() -> tuple[dict, dict]:
 def test_schema_matches_doc(tmp_path):
     d = Dims()
     write_synthetic(tmp_path / "t.h5", d)
-    sizes = {"S": 6, "L": d.num_layers, "X": None, "M": len(d.moe_layers), "E": d.num_experts, "R": d.num_ranks,
+    sizes = {"S": 6, "L": d.num_layers, "X": None, "H": None, "M": len(d.moe_layers), "E": d.num_experts, "R": d.num_ranks,
              "P": len(PHASES), "K": 2, "M1": 1}
     doc_ds, doc_attrs = _doc_tables()
     found = {}
@@ -342,7 +344,7 @@ def test_schema_matches_doc(tmp_path):
             dims = [s.strip() for s in shape.strip("[]()").split(",") if s.strip()]
             assert len(dims) == ds.ndim, name
             for n, sym in zip(ds.shape, dims):
-                if sym not in ("N", "X") and not sym.isdigit():
+                if sym not in ("N", "X", "H") and not sym.isdigit():
                     assert n == sizes[sym], (name, sym)
                 elif sym.isdigit():
                     assert n == int(sym), (name, sym)
@@ -354,6 +356,11 @@ def test_schema_matches_doc(tmp_path):
             assert isinstance(f.attrs[key], types[typ]), key
             if typ == "json":
                 json.loads(f.attrs[key])
+    tr = read_trace(tmp_path / "t.h5")
+    assert tr.placements["step"].tolist() == [4]
+    p = tr.placements["placement"][0]
+    np.testing.assert_array_equal(p[..., :placement(d).shape[2]], np.roll(placement(d), 1, axis=1))
+    assert (p[..., placement(d).shape[2]:] == -1).all()
 
 
 def test_refuses_to_overwrite(tmp_path):

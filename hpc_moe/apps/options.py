@@ -71,6 +71,8 @@ class RunOptions:
     loads_from: str | None = None
     replan_every: int = 0
     bias_update_rate: float = 0.0
+    eplb: str = "auto"
+    redundant_experts: int = 0
 
     def __post_init__(self):
         if (self.steps is None) == (self.duration is None):
@@ -80,6 +82,8 @@ class RunOptions:
         for name in ("warmup", "events_every", "replan_every"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if self.redundant_experts < 0:
+            raise UsageError(f"--redundant-experts must be >= 0 (got {self.redundant_experts})")
         if not 0.0 <= self.prefill_fraction <= 1.0:
             raise UsageError(f"--prefill-fraction must be in [0, 1] (got {self.prefill_fraction})")
 

@@ -48,7 +48,8 @@ def run_job(o: RunOptions) -> int:
     loads = on_root(ctx, lambda: _loads_from(o.loads_from, layers, cfg)) if o.loads_from else None
     backend = get_backend(o.layout.backend, o.layout.dtype, ctx.local_rank)
     prof = Profiler(layers, backend.synchronize, enabled=o.profile == "on")
-    engine = Engine(cfg, weights, backend, ctx, options=o.layout.engine_options(), num_layers=layers,
+    options = dataclasses.replace(o.layout.engine_options(), eplb=o.eplb, redundant_experts=o.redundant_experts)
+    engine = Engine(cfg, weights, backend, ctx, options=options, num_layers=layers,
                     loads=loads, synthetic_routing=synthetic, profiler=prof)
     rank_map = ctx.world.gather({"host": ctx.hostnames[ctx.rank], "node": ctx.node_id, "gpu": backend.device_id,
                                  "device": backend.device}, root=0)
@@ -96,15 +97,17 @@ def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workloa
         ctx.world.Barrier()
         wall = time.perf_counter() - t0
         counts, times, sent, exchange, loads = _gather_step(ctx, engine, prof)
-        cumulative += counts
         if o.bias_update_rate:
             engine.update_biases(counts, o.bias_update_rate)
         index += 1
-        if o.replan_every and index % o.replan_every == 0:
-            engine.replan(cumulative)
-            log.info("after step %d: experts re-placed from the loads measured so far", index - 1)
         if warm:
             continue
+        cumulative += counts  # loads of measured steps only
+        if o.replan_every and (measured + 1) % o.replan_every == 0:
+            engine.replan(cumulative)
+            if ctx.rank == 0:
+                recorder.append_placement(step=measured + 1, placement=_placement_ranks(engine.placement))
+            log.info("after measured step %d: experts re-placed from the loads measured so far", measured)
         t_rec = time.perf_counter()
         # The timeline only goes to a trace file (--trace none keeps just the summary's numbers).
         sample = o.trace is not None and bool(o.events_every) and measured % o.events_every == 0

@@ -32,10 +32,15 @@ log = logging.getLogger("hpc_moe")
 @dataclass(frozen=True)
 class EngineOptions:
     """micro_batches: a step's sequences in this many parts whose exchanges overlap each other's
-    compute (1: no split); dispatch: algorithm / transport / payload / deterministic combine."""
+    compute (1: no split); dispatch: algorithm / transport / payload / combine form / scheme;
+    eplb: the placement policy for loads, "hierarchical", "global" or "auto" (hierarchical when the
+    nodes divide the routing groups, as DeepSeek's EPLB chooses); redundant_experts: replicas
+    beyond one per expert when experts are colocated."""
 
     micro_batches: int = 1
     dispatch: DispatchOptions = field(default_factory=DispatchOptions)
+    eplb: str = "auto"
+    redundant_experts: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,8 +65,11 @@ class Engine:
         n = cfg.num_hidden_layers if num_layers is None else num_layers
         self.cfg, self.backend, self.ctx, self.options = cfg, backend, ctx, options
         self.moe_layers = [i for i in range(n) if cfg.is_moe_layer(i)]
+        nodes = len(set(ctx.node_of_ep_rank))
+        policy = options.eplb if options.eplb != "auto" else "hierarchical" if cfg.n_group % nodes == 0 else "global"
         placement = ExpertPlacement.build(cfg.n_routed_experts, ctx.ep_size, ctx.expert_tp, ctx.node_of_ep_rank,
-                                          cfg.n_group, loads=loads, layers=self.moe_layers or None)
+                                          cfg.n_group, loads=loads, layers=self.moe_layers or None, policy=policy,
+                                          redundant=options.redundant_experts)
         self.executor = ExpertParallelExecutor(cfg, weights, backend, ctx, placement, options.dispatch,
                                                self.moe_layers, channels=options.micro_batches)
         if placement.colocated and ctx.rank == 0:

@@ -29,6 +29,8 @@ import numpy as np
 
 from hpc_moe.errors import InputError
 
+POLICIES = ("hierarchical", "global")
+
 
 class PlacementError(InputError):
     """The placement asked for is impossible (the message says why)."""
@@ -42,6 +44,10 @@ class ExpertPlacement:
     layer_ids: the model layer of each map, or None when one map serves every layer; every method
     takes ``layer`` (a model layer id, ignored for a shared map). Slot s is EP ranks
     [s * expert_tp, (s + 1) * expert_tp). node_of_rank: node id of every EP rank [ep_size].
+    policy: how loads place experts (EPLB's two): "hierarchical" (routing groups packed onto nodes
+    by load, then replicas and packing inside each node) or "global" (replicas of the hot experts
+    anywhere, packed over all slots); redundant: replicas beyond one per expert when experts are
+    colocated (E > slots), as DeepSeek's redundant experts; both are kept for re-placement.
     """
 
     n_experts: int
@@ -51,6 +57,8 @@ class ExpertPlacement:
     n_group: int
     slot_experts: tuple[tuple[tuple[int, ...], ...], ...]
     layer_ids: tuple[int, ...] | None = None
+    policy: str = "hierarchical"
+    redundant: int = 0
     _tables: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -59,14 +67,17 @@ class ExpertPlacement:
     # ---- construction ----------------------------------------------------------------------
     @classmethod
     def build(cls, n_experts: int, ep_size: int, expert_tp: int = 1, node_of_rank=None,
-              n_group: int = 1, loads=None, layers=None) -> ExpertPlacement:
+              n_group: int = 1, loads=None, layers=None, policy: str = "hierarchical",
+              redundant: int = 0) -> ExpertPlacement:
         """Place E experts on ep_size ranks in slots of expert_tp ranks.
 
         node_of_rank: node id per EP rank [ep_size] (default: one node); n_group: routing groups
         (E / n_group consecutive experts each); loads: expected tokens per expert, float [E] (one
         map) or [L, E] (one map per layer, needs ``layers``); layers: model layer ids for per-layer
-        maps (default: one map shared by all layers).
+        maps (default: one map shared by all layers); policy, redundant: see the class.
         """
+        _need(policy in POLICIES, f"policy must be one of {', '.join(POLICIES)} (got {policy!r})")
+        _need(redundant >= 0, f"redundant must be >= 0 (got {redundant})")
         node_of_rank = tuple(int(n) for n in (node_of_rank if node_of_rank is not None
                                                else [0] * ep_size))
         _need(n_experts >= 1, f"n_experts must be >= 1 (got {n_experts})")
@@ -81,9 +92,9 @@ class ExpertPlacement:
         n_maps = 1 if layer_ids is None else len(layer_ids)
         loads_LE = _loads(loads, n_experts, n_maps)
         node_of_slot = node_of_rank[::expert_tp]
-        maps = tuple(_place_layer(n_experts, node_of_slot, n_group, loads_LE[i])
+        maps = tuple(_place_layer(n_experts, node_of_slot, n_group, loads_LE[i], policy, redundant)
                      for i in range(n_maps))
-        return cls(n_experts, ep_size, expert_tp, node_of_rank, n_group, maps, layer_ids)
+        return cls(n_experts, ep_size, expert_tp, node_of_rank, n_group, maps, layer_ids, policy, redundant)
 
     def from_loads(self, loads, layer: int | None = None) -> ExpertPlacement:
         """Re-place from measured tokens per expert: [E] for one layer (``layer`` given) or for all
@@ -95,13 +106,14 @@ class ExpertPlacement:
             _need(self.layer_ids is not None, "this placement has one shared map; build it "
                   "with layers=... to re-place layers one by one")
             _need(loads.shape == (self.n_experts,), f"loads must have shape ({self.n_experts},)")
-            maps[self._index(layer)] = _place_layer(self.n_experts, node_of_slot, self.n_group, loads)
+            maps[self._index(layer)] = _place_layer(self.n_experts, node_of_slot, self.n_group, loads,
+                                                    self.policy, self.redundant)
         else:
             loads_LE = _loads(loads, self.n_experts, len(maps))
-            maps = [_place_layer(self.n_experts, node_of_slot, self.n_group, loads_LE[i])
+            maps = [_place_layer(self.n_experts, node_of_slot, self.n_group, loads_LE[i], self.policy, self.redundant)
                     for i in range(len(maps))]
         return ExpertPlacement(self.n_experts, self.ep_size, self.expert_tp, self.node_of_rank,
-                               self.n_group, tuple(maps), self.layer_ids)
+                               self.n_group, tuple(maps), self.layer_ids, self.policy, self.redundant)
 
     # ---- queries ---------------------------------------------------------------------------
     @property
@@ -223,9 +235,13 @@ def _loads(loads, n_experts: int, n_maps: int) -> np.ndarray:
     return a + 1e-9  # a zero-load expert still ranks, and load / replicas stays defined
 
 
-def _place_layer(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray):
+def _place_layer(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray, policy: str = "hierarchical",
+                 redundant: int = 0):
     """-> tuple over slots of sorted expert tuples."""
     s_total = len(node_of_slot)
+    if policy == "global":
+        counts = _replicate(loads_E, max(s_total, n_experts + redundant), s_total)
+        return tuple(tuple(sorted(x)) for x in _pack(counts, loads_E, list(range(s_total)), node_of_slot))
     nodes = sorted(set(node_of_slot))
     slots_by_node = [[s for s in range(s_total) if node_of_slot[s] == n] for n in nodes]
     # Node n gets a contiguous share of the expert order proportional to its slots.
@@ -242,6 +258,11 @@ def _place_layer(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray
             counts = _replicate(loads_E[ex], len(slots))
             for s, e in zip(slots, np.repeat(ex, counts)):
                 result[s] = [int(e)]
+        elif redundant:  # colocated with spare replicas: this node's share of them
+            counts = np.zeros(n_experts, np.int64)
+            counts[ex] = _replicate(loads_E[ex], len(ex) + redundant * len(slots) // s_total, len(slots))
+            for s, held in zip(slots, _pack(counts, loads_E, slots, node_of_slot)):
+                result[s] = held
         else:
             for s, group in zip(slots, _colocate(ex, loads_E, len(slots))):
                 result[s] = group
@@ -276,12 +297,37 @@ def _group_order(n_experts: int, n_group: int, per_node, loads_E) -> np.ndarray:
     return np.concatenate([natural[g * gs:(g + 1) * gs] for m in members for g in sorted(m)])
 
 
-def _replicate(loads_m: np.ndarray, n_slots: int) -> np.ndarray:
-    """EPLB: one replica each, then each spare slot to the expert with the highest load/replicas."""
+def _replicate(loads_m: np.ndarray, n_physical: int, max_each: int | None = None) -> np.ndarray:
+    """EPLB: one replica each, then each spare physical expert to the expert with the highest
+    load / replicas (at most max_each replicas: one per slot)."""
     counts = np.ones(len(loads_m), dtype=np.int64)
-    for _ in range(n_slots - len(loads_m)):
-        counts[int(np.argmax(loads_m / counts))] += 1
+    for _ in range(n_physical - len(loads_m)):
+        per = np.where(counts < (max_each or n_physical), loads_m / counts, -1.0)
+        counts[int(np.argmax(per))] += 1
     return counts
+
+
+def _pack(counts_E: np.ndarray, loads_E: np.ndarray, slots: list[int], node_of_slot) -> list[list[int]]:
+    """EPLB's balanced packing: the replicas (expert e counts_E[e] times, each carrying
+    load / counts) onto ``slots``, floor/ceil(replicas / slots) each, heaviest first onto the least
+    loaded slot that has room and does not hold that expert yet; ties go to a node that does not
+    hold it, so that replicas spread over nodes (a token uses one on its own node)."""
+    e_R = np.repeat(np.arange(len(counts_E)), counts_E)
+    load_R = loads_E[e_R] / counts_E[e_R]
+    q, r = divmod(len(e_R), len(slots))
+    held: list[list[int]] = [[] for _ in slots]
+    load = np.zeros(len(slots))
+    big = 0
+    for i in np.argsort(-load_R, kind="stable"):
+        e = int(e_R[i])
+        nodes_with_e = {node_of_slot[slots[j]] for j in range(len(slots)) if e in held[j]}
+        ok = [j for j in range(len(slots)) if e not in held[j]
+              and (len(held[j]) < q or (len(held[j]) == q and big < r))]
+        j = min(ok, key=lambda j: (load[j], node_of_slot[slots[j]] in nodes_with_e, len(held[j]), j))
+        big += len(held[j]) == q
+        held[j].append(e)
+        load[j] += load_R[i]
+    return held
 
 
 def _colocate(ex: np.ndarray, loads_E: np.ndarray, n_slots: int) -> list[list[int]]:

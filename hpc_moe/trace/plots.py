@@ -204,6 +204,37 @@ def plot_expert_load(trace: Trace):
     return fig
 
 
+def plot_rank_load(trace: Trace):
+    """Token rows each rank received per step (summed over MoE layers, mean over steps), before the
+    first re-placement and after the last one when the run re-placed experts; None without loads.
+
+    Data: trace.rank_tokens [S, M, R] summed over M; split at trace.placements["step"].
+    """
+    per_step = trace.rank_tokens.sum(axis=1).astype(np.float64)  # [S, R]
+    if not trace.num_steps or not per_step.any():
+        return None
+    fig = _figure(10, 4)
+    ax = fig.subplots()
+    ranks = np.arange(trace.num_ranks)
+    series = [("all steps", np.ones(trace.num_steps, bool))]
+    if len(trace.placements):
+        first, last = int(trace.placements["step"].min()), int(trace.placements["step"].max())
+        series = [(f"before re-placement (steps < {first})", trace.step < first),
+                  (f"after the last re-placement (steps >= {last})", trace.step >= last)]
+    width = 0.8 / len(series)
+    for i, (label, keep) in enumerate(series):
+        if keep.any():
+            load = per_step[keep].mean(axis=0)
+            ax.bar(ranks + (i - (len(series) - 1) / 2) * width, load, width,
+                   label=f"{label}: max/mean {load.max() / load.mean():.2f}")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("token rows received per step")
+    ax.legend(fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{trace.name}: load per rank")
+    return fig
+
+
 def plot_step_throughput(trace: Trace):
     """Input and output tokens/s of every step (log scale), marker per step kind.
 

@@ -36,6 +36,11 @@ EVENT_DTYPE = np.dtype([("step", "<i8"), ("rank", "<i4"), ("layer", "<i4"), ("ph
 EXCHANGE_DTYPE = np.dtype([("step", "<i8"), ("rank", "<i4"), ("layer", "<i4"), ("micro_batch", "<i2"),
                            ("kind", "i1"), ("t_start_s", "<f8"), ("t_post_s", "<f8"), ("t_done_s", "<f8"),
                            ("blocked_s", "<f8")])
+def placement_dtype(maps: int, experts: int, ranks: int) -> np.dtype:
+    """A re-placement record: the step it took effect from and the placement, replicas padded to R."""
+    return np.dtype([("step", "<i8"), ("placement", "<i4", (maps, experts, ranks))])
+
+
 STATUS_DTYPE = np.dtype([("state", "i1"), ("steps_written", "<i8"), ("elapsed_s", "<f8"),
                          ("end_time_unix", "<f8")])
 UNITS = {"rank_tokens": "tokens", "nodes_reached": "1", "wall_time_s": "s", "input_tokens": "tokens", "output_tokens": "tokens",
@@ -153,7 +158,9 @@ class Trace:
     flight (started to seen complete) and blocked, summed over micro-batches; rank_tokens int64
     [S, M, R]: token rows each rank received; nodes_reached int64 [S, M, R, 3]: per rank its tokens,
     the nodes they reached in all, the most nodes one token reached.
-    events: EVENT_DTYPE [N] and exchanges: EXCHANGE_DTYPE [X] (only those of the steps above). moe_layers int64 [M];
+    events: EVENT_DTYPE [N] and exchanges: EXCHANGE_DTYPE [X] (only those of the steps above);
+    placements: every re-placement (placement_dtype [H]: the step it took effect from, the
+    placement padded to R); ``placement`` is the one the run started with. moe_layers int64 [M];
     placement int32 [M or 1, E, K]; rank_host / rank_device str [R]; rank_node / rank_local_rank /
     rank_gpu int32 [R]. state: "running" (still written, or killed), "completed" or "failed".
     path: the file, or "<memory>" for a hpc_moe.trace.MemoryTrace.
@@ -177,6 +184,7 @@ class Trace:
     nodes_reached: np.ndarray
     events: np.ndarray
     exchanges: np.ndarray
+    placements: np.ndarray
     moe_layers: np.ndarray
     placement: np.ndarray
     rank_host: np.ndarray
@@ -188,7 +196,8 @@ class Trace:
 
     @classmethod
     def from_contents(cls, path: str, attrs: Mapping, steps: Mapping[str, np.ndarray], events: np.ndarray,
-                      exchanges: np.ndarray, layout: Mapping[str, np.ndarray], state: str) -> Trace:
+                      exchanges: np.ndarray, placements: np.ndarray, layout: Mapping[str, np.ndarray],
+                      state: str) -> Trace:
         """The Trace of a trace file's contents, whether read from HDF5 or held in memory.
 
         attrs: root attributes as stored (JSON ones as strings); steps: the committed rows of the
@@ -200,7 +209,7 @@ class Trace:
         rows = {name: steps[name] for name in _PER_STEP}
         rows["kind"] = np.array(KINDS)[rows["kind"].astype(np.int64)] if len(rows["step"]) else np.array([], "<U7")
         arrays = {**rows, "events": events[np.isin(events["step"], rows["step"])],
-                  "exchanges": exchanges[np.isin(exchanges["step"], rows["step"])],
+                  "exchanges": exchanges[np.isin(exchanges["step"], rows["step"])], "placements": placements,
                   **{k: layout[k] for k in ("moe_layers", "placement")},
                   **{f"rank_{k}": layout[f"rank_{k}"] for k in RANK_COLUMNS}}
         for k in ("rank_host", "rank_device"):
@@ -300,7 +309,8 @@ def _read(f: h5py.File, path: str) -> Trace:
         if name not in rows:  # an older file (docs/trace-format.md, Versioning)
             rows[name] = np.zeros((n, *shape), dtype)
     exchanges = f["exchanges"][:] if "exchanges" in f else np.empty(0, EXCHANGE_DTYPE)
-    return Trace.from_contents(path, dict(f.attrs), rows, f["events"][:], exchanges, layout,
+    placements = f["placements"][:] if "placements" in f else np.empty(0, placement_dtype(*layout["placement"].shape[:2], R))
+    return Trace.from_contents(path, dict(f.attrs), rows, f["events"][:], exchanges, placements, layout,
                                STATES[int(f["status"][()]["state"])])
 
 

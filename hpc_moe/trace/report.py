@@ -286,6 +286,7 @@ def write_plots(traces: Sequence[Trace], out_dir: str | os.PathLike, *, step: in
         save(plots.plot_phase_breakdown(trace), f"{stem}_phases.png")
         save(plots.plot_timeline(trace, step), f"{stem}_timeline.png")
         save(plots.plot_expert_load(trace), f"{stem}_expert_load.png")
+        save(plots.plot_rank_load(trace), f"{stem}_rank_load.png")
         save(plots.plot_step_throughput(trace), f"{stem}_steps.png")
         save(plots.plot_traffic(trace), f"{stem}_traffic.png")
     if len({t.num_ranks for t in traces if t.num_steps}) > 1:
@@ -298,7 +299,8 @@ def make_report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     """Read traces, drop ``skip_steps`` warm-up steps of each and write the PNGs into ``out_dir``.
 
     Returns the written paths: per trace <stem>_phases, _timeline (when it has events),
-    _expert_load, _steps, _traffic; scaling.png when the traces have different rank counts.
+    _expert_load, _rank_load (when it has per-rank loads), _steps, _traffic; scaling.png when the
+    traces have different rank counts.
     """
     traces = [read_trace(p).subset(slice(skip_steps, None)) for p in paths]
     return write_plots(traces, out_dir, step=step)

@@ -36,6 +36,7 @@ from hpc_moe.trace.reader import (
     Trace,
     TraceError,
     _one_line,
+    placement_dtype,
     read_trace,
     root_attributes,
 )
@@ -87,6 +88,8 @@ class _Recorder:
                        **dict.fromkeys(("input_tokens", "output_tokens", "num_sequences"), (np.int64, ())),
                        **dict.fromkeys(("input_tokens_per_s", "output_tokens_per_s"), (np.float64, ())),
                        "step": (np.int64, ())}
+        # Every placement with the step it took effect from (replicas padded with -1 to R ranks).
+        self._placement_dtype = placement_dtype(self.placement.shape[0], E, R)
         self._last_step = -1
 
     def __enter__(self) -> Self:
@@ -159,6 +162,17 @@ class _Recorder:
             raise TraceError("exchanges need blocked_s >= 0")
         self._store_records("exchanges", rows)
 
+    def append_placement(self, *, step: int, placement: np.ndarray) -> None:
+        """Record a re-placement that takes effect from ``step`` (int [M or 1, E, K] as at open)."""
+        self._check_open()
+        p = check_placement(placement, len(self.moe_layers), self.num_ranks)
+        row = np.full(1, -1, self._placement_dtype)
+        row["step"] = int(step)
+        if p.shape[:2] != row["placement"].shape[1:3]:
+            raise TraceError(f"placement {p.shape} does not match the trace's {self.placement.shape}")
+        row["placement"][0, :, :, :p.shape[2]] = p
+        self._store_records("placements", row)
+
     def _checked_rows(self, what: str, dtype: np.dtype, step: int, id_limits: dict, **columns) -> np.ndarray:
         """Rows of ``dtype`` for one step from columns broadcast to a common length, checked: ids
         (``id_limits``: name -> upper bound) whole and in range, times finite."""
@@ -198,7 +212,7 @@ class MemoryTrace(_Recorder):
         super().__init__(meta, num_layers=num_layers, moe_layers=moe_layers, placement=placement,
                          rank_map=rank_map, phases=phases, comm_phases=comm_phases)
         self._steps: dict[str, list[np.ndarray]] = {name: [] for name in self._specs}
-        self._records: dict[str, list[np.ndarray]] = {"events": [], "exchanges": []}
+        self._records: dict[str, list[np.ndarray]] = {"events": [], "exchanges": [], "placements": []}
         self._state = "running"  # until close()
 
     @property
@@ -214,11 +228,12 @@ class MemoryTrace(_Recorder):
         """The steps and events appended so far; state "running" until closed."""
         steps = {name: np.stack(rows) if rows else np.empty((0, *shape), dtype)
                  for (name, rows), (dtype, shape) in zip(self._steps.items(), self._specs.values())}
-        events, exchanges = (np.concatenate(self._records[name]) if self._records[name] else np.empty(0, dtype)
-                             for name, dtype in (("events", EVENT_DTYPE), ("exchanges", EXCHANGE_DTYPE)))
+        events, exchanges, placements = (
+            np.concatenate(self._records[name]) if self._records[name] else np.empty(0, dtype)
+            for name, dtype in (("events", EVENT_DTYPE), ("exchanges", EXCHANGE_DTYPE), ("placements", self._placement_dtype)))
         layout = {"moe_layers": self.moe_layers.copy(), "placement": self.placement.copy(),
                   **{f"rank_{name}": col.copy() for name, col in self._ranks.items()}}
-        return Trace.from_contents(self.path, self._attrs, steps, events, exchanges, layout, self._state)
+        return Trace.from_contents(self.path, self._attrs, steps, events, exchanges, placements, layout, self._state)
 
     def _store_step(self, rows: dict[str, np.ndarray]) -> None:
         for name, row in rows.items():
@@ -251,8 +266,8 @@ class TraceWriter(_Recorder):
             self._file.swmr_mode = True  # from here on: no new objects or attributes
             # h5py name lookups cost ~0.1 ms each: resolve the appended datasets once.
             self._rows = {name: _Rows(self._file[f"steps/{name}"]) for name in self._specs}
-            self._rows["events"] = _Rows(self._file["events"])
-            self._rows["exchanges"] = _Rows(self._file["exchanges"])
+            for name in ("events", "exchanges", "placements"):
+                self._rows[name] = _Rows(self._file[name])
         except (OSError, ValueError, TypeError, KeyError) as e:  # what h5py raises
             self._file.close()
             os.unlink(self.path)
@@ -339,9 +354,9 @@ def _create_row_datasets(f: h5py.File, w: TraceWriter) -> None:
         ds.attrs["units"] = UNITS.get(name, "1")
         for axis, label in enumerate(labels.get(name, ("step",))):
             ds.dims[axis].label = label
-    for name, dtype in (("events", EVENT_DTYPE), ("exchanges", EXCHANGE_DTYPE)):
-        ds = f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
-        ds.attrs["units"] = UNITS[name]
+    for name, dtype in (("events", EVENT_DTYPE), ("exchanges", EXCHANGE_DTYPE), ("placements", w._placement_dtype)):
+        ds = f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096 if name != "placements" else 1,))
+        ds.attrs["units"] = UNITS.get(name, "1")
 
 
 class _Rows:
