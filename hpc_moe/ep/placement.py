@@ -303,6 +303,8 @@ def _replicate(loads_m: np.ndarray, n_physical: int, max_each: int | None = None
     counts = np.ones(len(loads_m), dtype=np.int64)
     for _ in range(n_physical - len(loads_m)):
         per = np.where(counts < (max_each or n_physical), loads_m / counts, -1.0)
+        if per.max() < 0:  # every expert has a replica on every slot
+            break
         counts[int(np.argmax(per))] += 1
     return counts
 
@@ -323,6 +325,8 @@ def _pack(counts_E: np.ndarray, loads_E: np.ndarray, slots: list[int], node_of_s
         nodes_with_e = {node_of_slot[slots[j]] for j in range(len(slots)) if e in held[j]}
         ok = [j for j in range(len(slots)) if e not in held[j]
               and (len(held[j]) < q or (len(held[j]) == q and big < r))]
+        # Late in the packing every slot with room may hold e already: then one slot takes one more.
+        ok = ok or [j for j in range(len(slots)) if e not in held[j]]
         j = min(ok, key=lambda j: (load[j], node_of_slot[slots[j]] in nodes_with_e, len(held[j]), j))
         big += len(held[j]) == q
         held[j].append(e)
