@@ -6,8 +6,9 @@ executor): sigmoid gate and top-k, dispatch, SwiGLU experts (gate and up as one 
 shared expert, random weights, routing by the gate. ``--experts`` equal to the rank count is one
 expert per rank. Times are the max over ranks of one iteration, medians over iterations:
 layer_ms is start to finish of the layer; the phases are the profiler's exclusive phase times
-(``wait`` is time blocked on the network). Two floors, measured in the same run: floor_ms, a bare
-Ialltoallv of the dispatch's bytes plus one of the combine's on the same transport; and
+(``wait`` is time blocked on the network). With ``--ranks-per-node`` the layer runs on simulated
+nodes (``--dispatch`` picks the scheme). Two floors, measured in the same run: floor_ms, a bare
+Ialltoallv of the flat dispatch's bytes plus one of its combine's on the same transport; and
 expert_floor_ms, this rank's expert GEMMs alone on the rows it received (all ranks at once, the
 slowest sets it). layer_ms / (expert_floor_ms + floor_ms) is what the code adds to the machine.
 """
@@ -24,7 +25,7 @@ from hpc_moe.apps.common import write_json
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.config import load_config
-from hpc_moe.ep.dispatch import DispatchOptions
+from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions
 from hpc_moe.ep.exchange import Received
 from hpc_moe.ep.executor import ExpertParallelExecutor
 from hpc_moe.ep.placement import ExpertPlacement
@@ -48,6 +49,8 @@ class BenchLayerOptions:
     transport: str = "auto"
     payload: str = "native"
     deterministic: bool = False
+    ranks_per_node: int | None = None
+    dispatch: str = "auto"
     iters: int = 20
     warmup: int = 3
     seed: int = 0
@@ -61,6 +64,8 @@ def add_layer_args(p) -> None:
     p.add_argument("--experts", type=int, default=8, help="routed experts (= ranks: one per rank)")
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--ranks-per-node", type=int, default=None, help="simulate nodes of k ranks")
+    p.add_argument("--dispatch", default="auto", choices=["auto", "flat", "hierarchical"])
     add_common_args(p)
 
 
@@ -84,13 +89,14 @@ def layer_config(o: BenchLayerOptions):
 
 def run_bench_layer(o: BenchLayerOptions) -> int:
     check(o)
-    ctx = ParallelContext.create()
+    ctx = ParallelContext.create(ranks_per_node=o.ranks_per_node)
     be = get_backend(o.backend, o.dtype, ctx.local_rank)
     cfg = layer_config(o)
     weights = SyntheticWeights(cfg, o.seed)
     placement = ExpertPlacement.build(o.experts, ctx.ep_size, 1, ctx.node_of_ep_rank, layers=[0])
-    options = DispatchOptions(transport=o.transport, payload=o.payload, deterministic=o.deterministic)
+    options = DispatchOptions(transport=o.transport, payload=o.payload, deterministic=o.deterministic, scheme=o.dispatch)
     executor = ExpertParallelExecutor(cfg, weights, be, ctx, placement, options, [0])
+    flat = Dispatcher(ctx, placement, be, dataclasses.replace(options, scheme="flat"))
     block = MoEBlock(cfg, 0, weights, be, executor)
     x = be.asarray(np.random.default_rng([o.seed, ctx.rank]).standard_normal((o.tokens, o.hidden), np.float32))
     prof = Profiler(1, be.synchronize)
@@ -106,7 +112,7 @@ def run_bench_layer(o: BenchLayerOptions) -> int:
         prof.start_step()
         t, _ = timed(comm, sync, layer)
         if exchange is None:  # the bytes and rows of this routing, for the floors
-            exchange = _last_exchange(executor, block, x)
+            exchange = _last_exchange(executor, block, x, flat)
             floors = (RawFloor(exchange.transport, *exchange.dispatch),
                       RawFloor(exchange.transport, *exchange.combine))
         td, _ = timed(comm, sync, floors[0].run)
@@ -137,6 +143,7 @@ def run_bench_layer(o: BenchLayerOptions) -> int:
             write_json(o.json, result)
     for f in floors:
         f.close()
+    flat.close()
     executor.close()
     ctx.free()
     return 0
@@ -150,18 +157,16 @@ class _Bytes:
     received: Received  # a copy of the rows this rank computed
 
 
-def _last_exchange(executor: ExpertParallelExecutor, block: MoEBlock, x) -> _Bytes:
-    """The per-peer rows of this input's dispatch and combine and the rows this rank computes
-    (one more exchange, outside timing)."""
+def _last_exchange(executor: ExpertParallelExecutor, block: MoEBlock, x, flat: Dispatcher) -> _Bytes:
+    """The per-peer rows of this input's flat dispatch and combine and the rows this rank computes
+    (one more exchange, outside timing, on a flat channel: the floor of either scheme)."""
     routing = block.route(x)
-    pending = executor.post(0, x, routing)
-    ex = pending.exchange
+    ex = flat.post(0, x, routing.topk_idx_TK, routing.topk_weight_TK)
     rec = ex.received()
     rec = dataclasses.replace(rec, x_ND=rec.x_ND.copy())  # the receive buffer goes back to the pool
-    pending.run_experts()
-    pending.finish()
-    return _Bytes(executor.channels[0].transport,
-                  (ex.send_counts_P, ex.recv_counts_P, ex.dispatch_row_bytes),
+    ex.run_experts(lambda r: executor.compute(0, r, flat.options.deterministic))
+    ex.wait()
+    return _Bytes(flat.transport, (ex.send_counts_P, ex.recv_counts_P, ex.dispatch_row_bytes),
                   (ex.reply_counts_P, ex.back_counts_P, ex.hidden * ex.dtype.itemsize), rec)
 
 

@@ -103,7 +103,7 @@ def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workloa
         if warm:
             continue
         cumulative += counts  # loads of measured steps only
-        if o.replan_every and (measured + 1) % o.replan_every == 0:
+        if o.replan_every and (measured + 1) % o.replan_every == 0 and measured + 1 != o.steps:  # not after the last
             engine.replan(cumulative)
             if ctx.rank == 0:
                 recorder.append_placement(step=measured + 1, placement=_placement_ranks(engine.placement))

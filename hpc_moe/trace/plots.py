@@ -205,8 +205,8 @@ def plot_expert_load(trace: Trace):
 
 
 def plot_rank_load(trace: Trace):
-    """Token rows each rank received per step (summed over MoE layers, mean over steps), before the
-    first re-placement and after the last one when the run re-placed experts; None without loads.
+    """Token rows each rank received per step (summed over MoE layers, mean over steps), before and
+    after the first re-placement when the run re-placed experts; None without loads.
 
     Data: trace.rank_tokens [S, M, R] summed over M; split at trace.placements["step"].
     """
@@ -218,9 +218,9 @@ def plot_rank_load(trace: Trace):
     ranks = np.arange(trace.num_ranks)
     series = [("all steps", np.ones(trace.num_steps, bool))]
     if len(trace.placements):
-        first, last = int(trace.placements["step"].min()), int(trace.placements["step"].max())
+        first = int(trace.placements["step"].min())
         series = [(f"before re-placement (steps < {first})", trace.step < first),
-                  (f"after the last re-placement (steps >= {last})", trace.step >= last)]
+                  (f"after (steps >= {first}, {len(trace.placements)} re-placements)", trace.step >= first)]
     width = 0.8 / len(series)
     for i, (label, keep) in enumerate(series):
         if keep.any():
@@ -228,7 +228,7 @@ def plot_rank_load(trace: Trace):
             ax.bar(ranks + (i - (len(series) - 1) / 2) * width, load, width,
                    label=f"{label}: max/mean {load.max() / load.mean():.2f}")
     ax.set_xlabel("rank")
-    ax.set_ylabel("token rows received per step")
+    ax.set_ylabel("token rows received per step\n(all MoE layers)")
     ax.legend(fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{trace.name}: load per rank")
