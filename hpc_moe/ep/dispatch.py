@@ -2,9 +2,10 @@
 
 The Dispatcher plans where rows go (each token's row once to every rank that runs one of its
 experts, grouped by destination), packs them, and starts an :class:`~hpc_moe.ep.exchange.Exchange`
-(one Ialltoallv per direction) or a :class:`~hpc_moe.ep.pipelined.PipelinedExchange` (per-peer
-messages); hpc_moe.ep.exchange documents the phases of an exchange and the two forms of the
-combine.
+(one Ialltoallv per direction), a :class:`~hpc_moe.ep.pipelined.PipelinedExchange` (per-peer
+messages) or, across nodes, a :class:`~hpc_moe.ep.hierarchical.HierarchicalExchange` (each token
+crosses to a node once); hpc_moe.ep.exchange documents the phases of an exchange and the two
+forms of the combine.
 
 Legend: T tokens of this rank, K top-k, D hidden, P EP ranks, S expert slots, M rows sent,
 C columns of a reduction table.
