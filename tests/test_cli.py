@@ -43,6 +43,8 @@ def hpc_moe(*args, ranks=0, timeout=120):
     (["run", "--duration", "-1"], "--duration > 0"),
     (["run", "--warmup", "-1"], "--warmup must be >= 0"),
     (["run", "--seed", "-1"], "seed must be a non-negative integer"),
+    (["run", "--seq-len", "600"], "--seq-len reaches 600 tokens, but the model has max_position_embeddings 512"),
+    (["run", "--mode", "decode", "--seq-len", "uniform:8,512"], "(a decode adds a token)"),
     (["bench", "layer", "--topk", "9"], "--topk 9 is more than --experts 8"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(args, message):
@@ -110,3 +112,14 @@ def test_a_failing_rank_aborts_the_job(tmp_path):
     assert r.returncode != 0 and time.monotonic() - t < 60
     assert "experts.15.up_proj.weight" in r.stderr
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_workload_lengths_fit_the_model(tmp_path):
+    from hpc_moe.apps.workload import Workload, WorkloadError
+    w = Workload.create("decode", "64", "normal:500,100", seed=1, max_positions=512)
+    ctx = np.concatenate([s.decode_ctx for s in w.steps(5)])
+    assert ctx.max() == 511 and ctx.min() >= 1  # clipped: a decode adds its token at position 511
+    assert Workload.create("prefill", "4", "512", max_positions=512).steps(1)[0].prefill_lens.max() == 512
+    (tmp_path / "lens.txt").write_text("8 512")
+    with pytest.raises(WorkloadError, match="max_position_embeddings 512"):
+        Workload.create("mixed", "4", f"file:{tmp_path / 'lens.txt'}", max_positions=512)

@@ -43,7 +43,7 @@ def run_job(o: RunOptions) -> int:
     layers = o.layers or cfg.num_hidden_layers
     if not 1 <= layers <= cfg.num_hidden_layers:
         raise UsageError(f"--layers must be in [1, {cfg.num_hidden_layers}] (got {layers})")
-    workload = Workload.create(o.mode, o.batch, o.seq_len, o.prefill_fraction, o.seed)
+    workload = Workload.create(o.mode, o.batch, o.seq_len, o.prefill_fraction, o.seed, cfg.max_position_embeddings)
     synthetic = SyntheticRouting.parse(o.routing, seed=o.seed, stream=ctx.rank)
     loads = on_root(ctx, lambda: _loads_from(o.loads_from, layers, cfg)) if o.loads_from else None
     backend = get_backend(o.layout.backend, o.layout.dtype, ctx.local_rank)

@@ -125,16 +125,24 @@ class Workload:
     seq_len: Distribution
     prefill_fraction: float = 0.25
     seed: int = 0
+    max_len: int | None = None  # the longest draw: a decode's context leaves room for its new token
 
     @classmethod
     def create(cls, mode: str, batch: str, seq_len: str, prefill_fraction: float = 0.25,
-               seed: int = 0) -> "Workload":
+               seed: int = 0, max_positions: int | None = None) -> "Workload":
+        """max_positions: the model's max_position_embeddings. A bounded length distribution that
+        reaches past it is an input error; normal and lognormal draws are clipped to it."""
         if mode not in MODES:
             raise WorkloadError(f"workload mode must be one of {', '.join(MODES)} (got {mode!r})")
         if not 0 <= prefill_fraction <= 1:
             raise WorkloadError(f"prefill fraction must be in [0, 1] (got {prefill_fraction})")
-        return cls(mode, Distribution.parse(batch, "batch size"), Distribution.parse(seq_len, "sequence length"),
-                   prefill_fraction, seed)
+        lengths = Distribution.parse(seq_len, "sequence length")
+        max_len = None if max_positions is None else max_positions - (mode != "prefill")
+        if max_len is not None and lengths.kind in ("fixed", "file", "uniform") and lengths.upper() > max_len:
+            raise WorkloadError(f"--seq-len reaches {lengths.upper()} tokens, but the model has "
+                                f"max_position_embeddings {max_positions}" + (" (a decode adds a token)"
+                                                                              if mode != "prefill" else ""))
+        return cls(mode, Distribution.parse(batch, "batch size"), lengths, prefill_fraction, seed, max_len)
 
     def stream(self):
         """Steps without end, the same for a given seed whatever the number of ranks."""
@@ -143,6 +151,8 @@ class Workload:
         while True:
             b = int(self.batch.draw(rng, 1, bc)[0])
             lens = self.seq_len.draw(rng, b, lc)
+            if self.max_len is not None:
+                lens = np.minimum(lens, self.max_len)
             if self.mode == "prefill":
                 yield Step(lens, np.zeros(0, np.int64))
             elif self.mode == "decode":

@@ -317,7 +317,7 @@ class TraceWriter(_Recorder):
 
 def _create_file(path: str, overwrite: bool) -> h5py.File:
     if os.path.exists(path) and not overwrite:
-        raise TraceError(f"trace {path} exists; refusing to overwrite it (pass overwrite=True)")
+        raise TraceError(f"trace {path} exists; refusing to overwrite it (--overwrite replaces it)")
     try:
         return h5py.File(path, "w" if overwrite else "x", libver="latest")
     except (OSError, ValueError) as e:
