@@ -119,6 +119,9 @@ def _add_run(sub):
     s.add_argument("--overwrite", action="store_true", help="replace an existing trace file")
     s.add_argument("--events-every", type=int, default=10,
                    help="record the per-rank timeline every N measured steps (0: never)")
+    s.add_argument("--watchdog", type=float, default=600.0, metavar="SECONDS",
+                   help="a rank that waits in communication this long ends the job, naming the ranks that do not "
+                   "answer (exit status 4; 0: off)")
     s.add_argument("--profile", default="on", choices=["on", "off"],
                    help="time every phase (on a GPU this synchronises the device at each phase)")
     s.add_argument("--baseline", metavar="TRACE.h5", help="a smaller run of the same scaling series: "

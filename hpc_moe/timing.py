@@ -10,7 +10,7 @@ Shape legend: L layers, P phases, X exchanges, K exchange kinds (dispatch, combi
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -30,10 +30,12 @@ class Profiler:
     and blocked per kind.
     """
 
-    def __init__(self, num_layers: int, synchronize=None, enabled: bool = True):
+    def __init__(self, num_layers: int, synchronize=None, enabled: bool = True, watchdog=None):
+        """watchdog: a hpc_moe.watchdog.Watchdog told of every "wait" phase (with phases off too)."""
         self.num_layers = num_layers
         self.synchronize = synchronize if synchronize is not None else (lambda: None)
         self.enabled = enabled
+        self.watchdog = watchdog
         self.start_step()
 
     def start_step(self) -> None:
@@ -45,10 +47,18 @@ class Profiler:
         self.t0 = time.perf_counter()
 
     @contextmanager
-    def phase(self, layer: int, name: str):
-        if not self.enabled:
-            yield
-            return
+    def phase(self, layer: int, name: str, what: str | None = None):
+        """Time a phase of ``layer``; what: for a "wait", what it waits for (the watchdog says it)."""
+        watched = self.watchdog is not None and name == "wait"
+        with self.watchdog.waiting(f"{what or 'an exchange'} of layer {layer}") if watched else nullcontext():
+            if not self.enabled:
+                yield
+                return
+            with self._timed(layer, name):
+                yield
+
+    @contextmanager
+    def _timed(self, layer: int, name: str):
         t = time.perf_counter()
         self._inner.append(0.0)
         try:

@@ -94,6 +94,82 @@ def test_run_killed_with_sigkill_leaves_a_readable_trace(tmp_path):
     assert len(list(out.glob("*.png"))) >= 4
 
 
+def _start_run(trace, ranks: int, *args) -> subprocess.Popen:
+    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "hpc_moe", "run", "--steps",
+           "100000", "--warmup", "0", "--trace", str(trace), *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_steps(trace, job, n: int = 3, limit: float = 90) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        try:
+            if trace.exists() and read_trace(trace).num_steps >= n:
+                return
+        except Exception:  # the file may be between creation and its first flush
+            pass
+    os.killpg(job.pid, signal.SIGKILL)
+    pytest.fail(f"the run wrote no {n} steps in {limit} s")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_stop_signal_ends_the_step_closes_the_trace_and_prints_the_summary(tmp_path, sig):
+    trace = tmp_path / "stopped.h5"
+    job = _start_run(trace, 2)
+    _wait_for_steps(trace, job)
+    os.kill(job.pid, sig)  # to mpiexec, as Slurm's --signal and scancel do: it forwards it to the ranks
+    try:
+        out, err = job.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        pytest.fail("the job did not stop within 60 s of the signal")
+    assert job.returncode == 3, err  # EXIT_STOPPED
+    t = read_trace(trace)
+    assert t.state == "stopped" and 3 <= t.num_steps < 100000
+    assert "Throughput" in out and "stopped early by a signal" in out and f"stopped by {sig.name}" in err
+
+
+def test_the_watchdog_names_a_stopped_rank(tmp_path):
+    """One rank of 4 stopped with SIGSTOP mid-run: the others' watchdogs end the job within the
+    limit + 30 s, naming it; the trace stays readable."""
+    trace = tmp_path / "hung.h5"
+    job = _start_run(trace, 4, "--watchdog", "3")
+    _wait_for_steps(trace, job)
+    parent = {}
+    for line in subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.splitlines():
+        pid, ppid = map(int, line.split())
+        parent[pid] = ppid
+    ranks = [p for p, pp in parent.items() if parent.get(pp) == job.pid]  # mpiexec -> proxy -> rank
+    assert len(ranks) == 4, ranks
+    victim = max(ranks)
+    env = dict(x.split("=", 1) for x in open(f"/proc/{victim}/environ").read().split("\0") if "=" in x)
+    rank = int(env["PMI_RANK"])  # Hydra's rank of that process
+    started = time.monotonic()
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        out, err = job.communicate(timeout=3 + 30)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        pytest.fail("the watchdog did not end the job within its limit + 30 s")
+    finally:
+        os.kill(victim, signal.SIGCONT) if _alive(victim) else None
+    assert job.returncode != 0 and time.monotonic() - started < 33
+    line = next(x for x in err.splitlines() if "watchdog:" in x)
+    assert f"rank(s) {rank} did not answer" in line and "aborting the job" in line
+    assert sum("watchdog:" in x for x in err.splitlines()) == 1  # one message
+    assert read_trace(trace).num_steps >= 3
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
 def test_a_failing_rank_aborts_the_job(tmp_path):
     """A checkpoint missing one expert: only the rank that owns it fails, and the job ends."""
     from hpc_moe.config import load_config

@@ -73,6 +73,7 @@ class RunOptions:
     bias_update_rate: float = 0.0
     eplb: str = "auto"
     redundant_experts: int = 0
+    watchdog: float = 600.0
 
     def __post_init__(self):
         if (self.steps is None) == (self.duration is None):
@@ -82,6 +83,8 @@ class RunOptions:
         for name in ("warmup", "events_every", "replan_every"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if self.watchdog < 0:
+            raise UsageError(f"--watchdog must be >= 0 seconds (0: off; got {self.watchdog})")
         if self.redundant_experts < 0:
             raise UsageError(f"--redundant-experts must be >= 0 (got {self.redundant_experts})")
         if not 0.0 <= self.prefill_fraction <= 1.0:

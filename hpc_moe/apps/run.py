@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
 import time
+from contextlib import contextmanager
 
 import numpy as np
 from mpi4py import MPI
@@ -28,8 +31,10 @@ from hpc_moe.errors import UsageError
 from hpc_moe.model.kvcache import Batch, KVCache
 from hpc_moe.model.router import SyntheticRouting
 from hpc_moe.timing import COMM_PHASES, PHASES, Profiler
+from hpc_moe.watchdog import Watchdog
 
 log = logging.getLogger("hpc_moe")
+EXIT_STOPPED = 3  # documented in the README: stopped by SIGTERM/SIGUSR1, trace closed as "stopped"
 
 
 def run_job(o: RunOptions) -> int:
@@ -47,7 +52,8 @@ def run_job(o: RunOptions) -> int:
     synthetic = SyntheticRouting.parse(o.routing, seed=o.seed, stream=ctx.rank)
     loads = on_root(ctx, lambda: _loads_from(o.loads_from, layers, cfg)) if o.loads_from else None
     backend = get_backend(o.layout.backend, o.layout.dtype, ctx.local_rank)
-    prof = Profiler(layers, backend.synchronize, enabled=o.profile == "on")
+    watchdog = Watchdog(ctx.world, o.watchdog)
+    prof = Profiler(layers, backend.synchronize, enabled=o.profile == "on", watchdog=watchdog)
     options = dataclasses.replace(o.layout.engine_options(), eplb=o.eplb, redundant_experts=o.redundant_experts)
     engine = Engine(cfg, weights, backend, ctx, options=options, num_layers=layers,
                     loads=loads, synthetic_routing=synthetic, profiler=prof)
@@ -57,23 +63,53 @@ def run_job(o: RunOptions) -> int:
                                                    workload, rank_map), share=False)
     if ctx.rank == 0:
         _announce(cfg, layers, ctx, engine, workload, o)
+    stop = StopRequest()
     try:
-        steps = _loop(o, ctx, engine, workload, backend, prof, recorder)
+        with stop.installed():
+            steps = _loop(o, ctx, engine, workload, backend, prof, recorder, watchdog, stop)
     except BaseException:
         if recorder is not None:
             recorder.close(failed=True)
         raise
     engine.close()
+    watchdog.close()
     if ctx.rank == 0:
-        recorder.close()
+        recorder.close(stopped=stop.signal is not None)
+        if stop.signal is not None:
+            log.warning("stopped by %s after %d measured steps: the trace holds them", stop.signal.name, steps)
         _finish(o, recorder, steps)
-    return 0
+    ctx.world.Barrier()  # a non-zero exit ends the job (MPI_Abort): not before rank 0 has closed the trace
+    return EXIT_STOPPED if stop.signal is not None else 0
+
+
+class StopRequest:
+    """SIGTERM or SIGUSR1 (Slurm's --signal before the time limit): the first asks the job to stop
+    after the step in flight, every rank together; a second ends this process at once."""
+
+    def __init__(self):
+        self.signal: signal.Signals | None = None
+
+    @contextmanager
+    def installed(self):
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # the second signal: the default action, now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signal = signal.Signals(signum)
 
 
 # ---- the step loop -----------------------------------------------------------------------------
 def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workload, backend, prof: Profiler,
-          recorder) -> int:
-    """Warm-up steps, then measured steps until --steps or --duration; returns measured steps."""
+          recorder, watchdog: Watchdog, stop: StopRequest) -> int:
+    """Warm-up steps, then measured steps until --steps, --duration or a stop request; returns
+    measured steps."""
     draw = workload.stream()
     cache = None
     rng = np.random.default_rng([o.seed, ctx.rank])
@@ -85,18 +121,25 @@ def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workloa
         if index == o.warmup:
             started = time.perf_counter()
         over = ctx.rank == 0 and not warm and bool(o.duration) and time.perf_counter() - started >= o.duration
-        if ctx.world.bcast(over, root=0):
-            break
-        step, owner = _broadcast_step(ctx, next(draw) if ctx.rank == 0 else None)
+        # Every rank learns of a stop signal any rank got, and all leave after the same step.
+        with watchdog.waiting("the step's start (an Allreduce)"):
+            if ctx.world.allreduce(int(over or stop.signal is not None), op=MPI.MAX):
+                break
+        watchdog.step = measured
+        with watchdog.waiting("the step's requests from rank 0"):
+            step, owner = _broadcast_step(ctx, next(draw) if ctx.rank == 0 else None)
         batch, cache = _local_batch(engine.model, cache, step, owner, ctx.rank, rng)
         engine.start_step()
-        ctx.world.Barrier()
+        with watchdog.waiting("the barrier before the step"):
+            ctx.world.Barrier()
         t0 = time.perf_counter()
         engine.forward(batch, cache)
         backend.synchronize()
-        ctx.world.Barrier()
+        with watchdog.waiting("the barrier after the step"):
+            ctx.world.Barrier()
         wall = time.perf_counter() - t0
-        counts, times, sent, exchange, loads = _gather_step(ctx, engine, prof)
+        with watchdog.waiting("the step's accounting (Allreduce, Gathers)"):
+            counts, times, sent, exchange, loads = _gather_step(ctx, engine, prof)
         if o.bias_update_rate:
             engine.update_biases(counts, o.bias_update_rate)
         index += 1
@@ -111,8 +154,9 @@ def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workloa
         t_rec = time.perf_counter()
         # The timeline only goes to a trace file (--trace none keeps just the summary's numbers).
         sample = o.trace is not None and bool(o.events_every) and measured % o.events_every == 0
-        events = _gather_rows(ctx, prof.events_array()) if sample else None
-        exchanges = _gather_rows(ctx, prof.exchanges_array()) if sample else None
+        with watchdog.waiting("the timeline gather"):
+            events = _gather_rows(ctx, prof.events_array()) if sample else None
+            exchanges = _gather_rows(ctx, prof.exchanges_array()) if sample else None
         if ctx.rank == 0:
             recorder.append_step(step=measured, kind=step.kind, wall_time_s=wall,
                                  input_tokens=step.input_tokens, output_tokens=step.output_tokens,

@@ -136,7 +136,7 @@ class Exchange:
         rows, meta = d.pack(plan, x_TD, w_TK, layout)
         self._send = (tr.to_wire(rows), tr.to_wire(meta))
         self._scratch = (rows, meta)
-        with prof.phase(layer, "wait"):
+        with prof.phase(layer, "wait", what="the dispatch's count exchange"):
             t = time.perf_counter()
             counts_req.Wait()
             self.dispatch_times.blocked += time.perf_counter() - t
@@ -200,7 +200,8 @@ class Exchange:
 
     def _block(self, times: ExchangeTimes) -> None:
         if self._reqs:
-            with self._prof.phase(self.layer, "wait"):
+            what = "the dispatch" if times is self.dispatch_times else "the combine"
+            with self._prof.phase(self.layer, "wait", what=what):
                 t = time.perf_counter()
                 MPI.Request.Waitall(self._reqs)
                 times.blocked += time.perf_counter() - t

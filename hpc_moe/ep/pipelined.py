@@ -49,7 +49,7 @@ class PipelinedExchange(Exchange):
         replies, reply_counts = [], np.zeros(d.size, np.int64)
         pending = list(range(len(self._srcs)))
         while pending:
-            with self._prof.phase(self.layer, "wait"):
+            with self._prof.phase(self.layer, "wait", what="the dispatch (per-peer messages)"):
                 t = time.perf_counter()
                 done = MPI.Request.Waitsome(self._recv_reqs) or []
                 self.dispatch_times.blocked += time.perf_counter() - t

@@ -30,7 +30,7 @@ from hpc_moe.timing import COMM_PHASES, EXCHANGE_KINDS, PHASES  # noqa: F401 (pa
 SCHEMA_NAME = "hpc_moe.trace"
 SCHEMA_VERSION = 2  # 2: exchange records, rank loads, nodes reached (version 1 files read with them empty)
 KINDS = ("prefill", "decode", "mixed")
-STATES = ("running", "completed", "failed")  # a killed writer leaves "running"
+STATES = ("running", "completed", "failed", "stopped")  # a killed writer leaves "running"; stopped: by a signal
 EVENT_DTYPE = np.dtype([("step", "<i8"), ("rank", "<i4"), ("layer", "<i4"), ("phase", "<i2"),
                         ("t_start_s", "<f8"), ("t_end_s", "<f8")])
 EXCHANGE_DTYPE = np.dtype([("step", "<i8"), ("rank", "<i4"), ("layer", "<i4"), ("micro_batch", "<i2"),

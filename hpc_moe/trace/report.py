@@ -110,6 +110,7 @@ def _header(trace: Trace) -> list[str]:
     m = trace.meta
     gpus = ", ".join(m.get("device_names", [])) if trace.num_gpus else "no GPUs"
     state = {"completed": "completed", "failed": "FAILED (closed after an error)",
+             "stopped": "stopped early by a signal (the steps written are complete)",
              "running": "still running, or killed (valid up to the last flushed step)"}[trace.state]
     slurm = f", Slurm job {m['slurm_job_id']}" if m.get("slurm_job_id") else ""
     return [f"== {trace.name} ({trace.path}) ==",

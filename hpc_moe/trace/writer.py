@@ -219,10 +219,11 @@ class MemoryTrace(_Recorder):
     def closed(self) -> bool:
         return self._state != "running"
 
-    def close(self, *, failed: bool = False) -> None:
-        """Record the end state ("completed", or "failed" when ``failed``); idempotent."""
+    def close(self, *, failed: bool = False, stopped: bool = False) -> None:
+        """Record the end state ("completed", "failed" when ``failed``, "stopped" when ``stopped``:
+        ended early by a signal); idempotent."""
         if not self.closed:
-            self._state = "failed" if failed else "completed"
+            self._state = end_state(failed, stopped)
 
     def trace(self) -> Trace:
         """The steps and events appended so far; state "running" until closed."""
@@ -282,12 +283,12 @@ class TraceWriter(_Recorder):
         self._check_open()
         self._file.flush()
 
-    def close(self, *, failed: bool = False) -> None:
-        """Record the end state ("completed", or "failed" when ``failed``) and close; idempotent."""
+    def close(self, *, failed: bool = False, stopped: bool = False) -> None:
+        """Record the end state (as MemoryTrace.close) and close the file; idempotent."""
         if self.closed:
             return
         status = np.zeros((), STATUS_DTYPE)
-        status["state"] = STATES.index("failed" if failed else "completed")
+        status["state"] = STATES.index(end_state(failed, stopped))
         status["steps_written"] = self._file["steps/step"].shape[0]
         status["elapsed_s"] = time.monotonic() - self._t0
         status["end_time_unix"] = time.time()
@@ -313,6 +314,10 @@ class TraceWriter(_Recorder):
             self._file.flush()
         except (OSError, ValueError) as e:
             raise TraceError(f"cannot append {name} to trace {self.path}: {_one_line(e)}") from None
+
+
+def end_state(failed: bool, stopped: bool) -> str:
+    return "failed" if failed else "stopped" if stopped else "completed"
 
 
 def _create_file(path: str, overwrite: bool) -> h5py.File:
