@@ -54,6 +54,7 @@ def _add_parallel_args(p):
                    help="on: split each step's sequences into micro-batches and overlap one's all-to-all "
                    "with another's compute; off: one batch per step (the baseline of the comparison)")
     g.add_argument("--micro-batches", type=_positive, default=2, help="micro-batches per step with --overlap on")
+    g.add_argument("--allow-shared-gpu", action="store_true", help="let ranks of a node share a GPU (tests on one GPU)")
     g.add_argument("--deterministic", action="store_true",
                    help="logits bitwise identical at any rank count, placement, DP and micro-batching (the combine "
                    "returns one row per (token, expert) and the source sums them in k order; more combine bytes)")
@@ -171,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_dispatch_args(bsub.add_parser("dispatch", help="dispatch/combine against the raw Ialltoallv floor"))
     add_layer_args(bsub.add_parser("layer", help="one MoE layer forward, phase by phase, against the raw floor"))
     add_report_args(sub.add_parser("report", help="summary tables and PNG plots from traces"))
+    st = sub.add_parser("selftest", help="check MPI, the GPUs, the dispatch transport and the trace path on every rank")
+    _add_backend_args(st)
+    st.add_argument("--transport", default="auto", choices=["auto", "host", "cuda-aware", "nccl"])
+    st.add_argument("--trace", help="check that this trace's directory is writable")
+    st.add_argument("--allow-shared-gpu", action="store_true", help="let ranks of a node share a GPU")
     return parser
 
 
@@ -206,6 +212,9 @@ def _dispatch(args) -> int:
     if args.command == "bench":
         from hpc_moe.apps.bench_layer import BenchLayerOptions, run_bench_layer
         return run_bench_layer(options_from(BenchLayerOptions, args))
+    if args.command == "selftest":
+        from hpc_moe.apps.selftest import SelftestOptions, run_selftest
+        return run_selftest(options_from(SelftestOptions, args))
     if args.command == "report":
         from hpc_moe.trace.report import run_report
         return run_report(args)

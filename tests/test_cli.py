@@ -46,6 +46,8 @@ def hpc_moe(*args, ranks=0, timeout=120):
     (["run", "--seq-len", "600"], "--seq-len reaches 600 tokens, but the model has max_position_embeddings 512"),
     (["run", "--mode", "decode", "--seq-len", "uniform:8,512"], "(a decode adds a token)"),
     (["bench", "layer", "--topk", "9"], "--topk 9 is more than --experts 8"),
+    (["selftest", "--trace", "/nonexistent/t.h5"], "trace: cannot write in /nonexistent"),
+    (["selftest", "--transport", "cuda-aware", "--backend", "numpy"], "transport cuda-aware needs the cupy backend"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(args, message):
     r = hpc_moe(*args)

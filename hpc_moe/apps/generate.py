@@ -9,6 +9,7 @@ from mpi4py import MPI
 
 from hpc_moe.apps.common import on_root, open_weights, write_npz
 from hpc_moe.apps.options import GenerateOptions
+from hpc_moe.apps.selftest import run_checks
 from hpc_moe.apps.workload import assign
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
@@ -86,6 +87,7 @@ def run_generate(o: GenerateOptions) -> int:
     mine = scatter_sequences(ctx, ids, owner, shape[1])
     backend = get_backend(o.layout.backend, o.layout.dtype, ctx.local_rank)
     engine = Engine(cfg, weights, backend, ctx, options=o.layout.engine_options())
+    run_checks(ctx, backend, engine.executor.channels[0].transport, o.layout.allow_shared_gpu)
     gen = generate(engine.model, list(mine), o.max_new_tokens, forward=engine.forward)
     local_logits = np.stack(gen.prefill_logits) if len(mine) else np.zeros((0, shape[1], cfg.vocab_size), np.float32)
     logits = gather_sequences(ctx, local_logits, owner, np.float32, MPI.FLOAT)

@@ -20,7 +20,8 @@ class LayoutOptions:
     all-to-all; overlap "on" splits a step in micro_batches parts, "off" runs one; deterministic:
     logits independent of the layout (bitwise on the CPU); backend / dtype: the array module;
     ranks_per_node: simulate nodes of k consecutive ranks (None: the real nodes); dispatch: the
-    exchange's scheme, "auto" | "flat" | "hierarchical" (hpc_moe.ep.dispatch.DispatchOptions).
+    exchange's scheme, "auto" | "flat" | "hierarchical" (hpc_moe.ep.dispatch.DispatchOptions);
+    allow_shared_gpu: let ranks of a node share a GPU (the start-up self-test refuses it otherwise).
     """
 
     dp: int = 1
@@ -35,6 +36,7 @@ class LayoutOptions:
     dtype: str | None = None
     ranks_per_node: int | None = None
     dispatch: str = "auto"
+    allow_shared_gpu: bool = False
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(micro_batches=self.micro_batches if self.overlap == "on" else 1,

@@ -23,6 +23,7 @@ from mpi4py import MPI
 from hpc_moe.apps.common import on_root, open_weights, write_json
 from hpc_moe.apps.options import RunOptions
 from hpc_moe.apps.progress import Progress
+from hpc_moe.apps.selftest import run_checks
 from hpc_moe.apps.workload import Step, Workload, assign
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
@@ -57,6 +58,8 @@ def run_job(o: RunOptions) -> int:
     options = dataclasses.replace(o.layout.engine_options(), eplb=o.eplb, redundant_experts=o.redundant_experts)
     engine = Engine(cfg, weights, backend, ctx, options=options, num_layers=layers,
                     loads=loads, synthetic_routing=synthetic, profiler=prof)
+    for line in run_checks(ctx, backend, engine.executor.channels[0].transport, o.layout.allow_shared_gpu):
+        log.debug("selftest: %s", line)
     rank_map = ctx.world.gather({"host": ctx.hostnames[ctx.rank], "node": ctx.node_id, "gpu": backend.device_id,
                                  "device": backend.device}, root=0)
     recorder = on_root(ctx, lambda: _open_recorder(o, cfg, layers, ctx, backend, engine,

@@ -197,3 +197,32 @@ def test_replan_records_each_placement_and_both_eplb_policies_run(tmp_path_facto
                 assert (held == min(e + 4, e * size)).all()
             else:  # replicas stay on their group's node
                 assert ((e <= held) & (held <= e + 4)).all()
+
+
+def test_selftest_passes_and_catches_a_transport_that_misroutes():
+    from hpc_moe.apps.selftest import SelftestError, check_transport
+    from hpc_moe.backend import get_backend
+    from hpc_moe.comm import ParallelContext
+    from hpc_moe.ep.transport import make_transport
+    assert main(["selftest"]) == 0
+    ctx = ParallelContext.create(WORLD)
+    be = get_backend("numpy")
+    tr = make_transport(ctx.ep_comm, be, "host")
+
+    class Misrouting:  # delivers, then garbles the first row rank 0 received
+        name, device_buffers = "misrouting", False
+
+        def __getattr__(self, name):
+            return getattr(tr, name)
+
+        def ialltoallv(self, send, send_counts, recv, recv_counts):
+            tr.ialltoallv(send, send_counts, recv, recv_counts).Wait()
+            if ctx.rank == 0 and recv_counts.sum():
+                recv[0, 0] ^= 0xFF
+            return MPI.REQUEST_NULL
+
+    assert "host moves" in check_transport(ctx, be, tr)
+    with pytest.raises(SelftestError, match="misrouting delivered wrong rows"):
+        check_transport(ctx, be, Misrouting())
+    tr.close()
+    ctx.free()
