@@ -13,7 +13,7 @@ NP     ?= 16
 # against the other ranks (20x slower steps with 8 ranks on 2 cores).
 MPIEXEC ?= OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(VENV)/bin/mpiexec
 
-.PHONY: install run test test-unit test-mpi lint clean
+.PHONY: install run test test-unit test-mpi test-slurm lint clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ test: test-unit test-mpi
 
 test-unit: install
 	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/mpi
+
+# The job scripts of jobs/ on a one-node Slurm started here (installed with apt when root; skipped,
+# with the reason, where it cannot be). test-unit runs it too.
+test-slurm: install
+	$(PY) -m pytest -q -p no:cacheprovider -rs tests/test_slurm.py
 
 # The same MPI test files at several world sizes (oversubscribed on small machines is fine).
 test-mpi: install

@@ -11,7 +11,7 @@ import logging
 import sys
 
 from hpc_moe import __version__
-from hpc_moe.errors import InputError, UsageError
+from hpc_moe.errors import EXIT_INPUT, EXIT_STOPPED, InputError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -187,11 +187,15 @@ def main(argv=None) -> int:
     # The extra dispatch channels of --overlap on repeat channel 0's transport choice.
     logging.getLogger("hpc_moe.channel").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
     except InputError as e:
-        return _fail(f"error: {e}", 2)
+        return _fail(f"error: {e}", EXIT_INPUT)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    if code == EXIT_STOPPED:  # an orderly non-zero end: finalize, or `python -m mpi4py` aborts the job on it
+        from mpi4py import MPI
+        MPI.Finalize()
+    return code
 
 
 def _dispatch(args) -> int:

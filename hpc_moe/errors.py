@@ -7,6 +7,10 @@ it propagates, and under ``python -m mpi4py`` aborts every rank instead of leavi
 """
 from __future__ import annotations
 
+EXIT_INPUT = 2     # bad input: one line on stderr
+EXIT_STOPPED = 3   # stopped by SIGTERM/SIGUSR1 after a whole step; the trace is closed as "stopped"
+EXIT_WATCHDOG = 4  # a rank waited in communication longer than --watchdog
+
 
 class InputError(Exception):
     """Bad input found after argument parsing; the message is the one line the user sees."""

@@ -21,7 +21,8 @@ from contextlib import contextmanager
 import numpy as np
 from mpi4py import MPI
 
-EXIT_WATCHDOG = 4  # documented in the README: a rank waited longer than --watchdog
+from hpc_moe.errors import EXIT_WATCHDOG
+
 _ASK, _ANSWER = 71, 72  # message tags on the watchdog's own communicator
 
 

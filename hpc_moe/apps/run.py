@@ -28,14 +28,13 @@ from hpc_moe.apps.workload import Step, Workload, assign
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.ep.engine import Engine
-from hpc_moe.errors import UsageError
+from hpc_moe.errors import EXIT_STOPPED, UsageError
 from hpc_moe.model.kvcache import Batch, KVCache
 from hpc_moe.model.router import SyntheticRouting
 from hpc_moe.timing import COMM_PHASES, PHASES, Profiler
 from hpc_moe.watchdog import Watchdog
 
 log = logging.getLogger("hpc_moe")
-EXIT_STOPPED = 3  # documented in the README: stopped by SIGTERM/SIGUSR1, trace closed as "stopped"
 
 
 def run_job(o: RunOptions) -> int:
