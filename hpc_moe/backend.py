@@ -85,6 +85,20 @@ class Backend:
     def pointer_is_device(self, a) -> bool:
         return self.is_gpu and isinstance(a, _cupy.ndarray)
 
+    def free_bytes(self) -> int:
+        """Memory this process could still allocate: the GPU's free memory, or the host's
+        MemAvailable (shared by the ranks of the node)."""
+        if self.is_gpu:
+            return int(_cupy.cuda.runtime.memGetInfo()[0])
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
     def describe(self) -> dict:
         return {"backend": self.name, "dtype": str(self.dtype), "device": self.device,
                 "device_id": self.device_id}

@@ -45,6 +45,7 @@ def hpc_moe(*args, ranks=0, timeout=120):
     (["run", "--seed", "-1"], "seed must be a non-negative integer"),
     (["run", "--seq-len", "600"], "--seq-len reaches 600 tokens, but the model has max_position_embeddings 512"),
     (["run", "--mode", "decode", "--seq-len", "uniform:8,512"], "(a decode adds a token)"),
+    (["run", "--config", "deepseek-v3"], "GiB per rank (weights and KV cache) but"),
     (["bench", "layer", "--topk", "9"], "--topk 9 is more than --experts 8"),
     (["selftest", "--trace", "/nonexistent/t.h5"], "trace: cannot write in /nonexistent"),
     (["selftest", "--transport", "cuda-aware", "--backend", "numpy"], "transport cuda-aware needs the cupy backend"),
@@ -131,6 +132,22 @@ def test_a_stop_signal_ends_the_step_closes_the_trace_and_prints_the_summary(tmp
     t = read_trace(trace)
     assert t.state == "stopped" and 3 <= t.num_steps < 100000
     assert "Throughput" in out and "stopped early by a signal" in out and f"stopped by {sig.name}" in err
+
+
+def test_a_second_stop_signal_ends_the_job_at_once(tmp_path):
+    trace = tmp_path / "twice.h5"
+    job = _start_run(trace, 2, "--config", "small", "--seq-len", "512", "--batch", "48")  # steps of seconds
+    _wait_for_steps(trace, job, n=1)
+    os.kill(job.pid, signal.SIGUSR1)
+    time.sleep(0.5)  # the first is handled (a stop after this step), the second ends the job
+    os.kill(job.pid, signal.SIGUSR1)
+    try:
+        job.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        pytest.fail("the job did not end within 30 s of the second signal")
+    assert job.returncode not in (0, 3)  # ended by the signal, not by the orderly stop
+    assert read_trace(trace).num_steps >= 1  # what was flushed stays readable
 
 
 def test_the_watchdog_names_a_stopped_rank(tmp_path):

@@ -52,6 +52,7 @@ def run_job(o: RunOptions) -> int:
     synthetic = SyntheticRouting.parse(o.routing, seed=o.seed, stream=ctx.rank)
     loads = on_root(ctx, lambda: _loads_from(o.loads_from, layers, cfg)) if o.loads_from else None
     backend = get_backend(o.layout.backend, o.layout.dtype, ctx.local_rank)
+    _check_fits(cfg, layers, workload, ctx, backend)
     watchdog = Watchdog(ctx.world, o.watchdog)
     prof = Profiler(layers, backend.synchronize, enabled=o.profile == "on", watchdog=watchdog)
     options = dataclasses.replace(o.layout.engine_options(), eplb=o.eplb, redundant_experts=o.redundant_experts)
@@ -82,6 +83,27 @@ def run_job(o: RunOptions) -> int:
         _finish(o, recorder, steps)
     ctx.world.Barrier()  # a non-zero exit ends the job (MPI_Abort): not before rank 0 has closed the trace
     return EXIT_STOPPED if stop.signal is not None else 0
+
+
+def _check_fits(cfg, layers: int, workload: Workload, ctx: ParallelContext, backend) -> None:
+    """Refuse, before allocating, a model and workload that cannot fit this rank's memory: the
+    replicated weights, this rank's share of the experts and the latent KV cache of its sequences
+    (the largest batch spread over the ranks), estimated from the shapes (every rank alike)."""
+    from hpc_moe.weights.checkpoint import tensor_shapes
+    shapes = tensor_shapes(cfg, range(layers))
+    expert = sum(int(np.prod(s)) for n, s in shapes.items() if ".mlp.experts." in n)
+    dense = sum(int(np.prod(s)) for n, s in shapes.items() if ".mlp.experts." not in n)
+    slots = ctx.ep_size // ctx.expert_tp
+    weights = (dense + expert * -(-cfg.n_routed_experts // slots) / max(cfg.n_routed_experts, 1) / ctx.expert_tp)
+    seqs = -(-workload.batch.upper() // ctx.size) + 1
+    cache = seqs * (workload.seq_len.upper() + 1) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * layers
+    need = int((weights + cache) * backend.dtype.itemsize)
+    have = backend.free_bytes() // (1 if backend.is_gpu else ctx.local_size)
+    verdict = ctx.world.allreduce(int(need > have), op=MPI.MAX)
+    if verdict:
+        raise UsageError(f"the model and workload need about {need / 2**30:.1f} GiB per rank (weights and KV cache) "
+                         f"but {have / 2**30:.1f} GiB are free: truncate with --layers, lower --batch or --seq-len, "
+                         f"or use more ranks")
 
 
 class StopRequest:
