@@ -33,6 +33,7 @@ from hpc_moe.model.kvcache import Batch, KVCache
 from hpc_moe.model.router import SyntheticRouting
 from hpc_moe.timing import COMM_PHASES, PHASES, Profiler
 from hpc_moe.watchdog import Watchdog
+from hpc_moe.weights.checkpoint import tensor_shapes
 
 log = logging.getLogger("hpc_moe")
 
@@ -81,7 +82,7 @@ def run_job(o: RunOptions) -> int:
         if stop.signal is not None:
             log.warning("stopped by %s after %d measured steps: the trace holds them", stop.signal.name, steps)
         _finish(o, recorder, steps)
-    ctx.world.Barrier()  # a non-zero exit ends the job (MPI_Abort): not before rank 0 has closed the trace
+    ctx.world.Barrier()  # the ranks leave together, once rank 0 has closed the trace and printed the summary
     return EXIT_STOPPED if stop.signal is not None else 0
 
 
@@ -89,7 +90,6 @@ def _check_fits(cfg, layers: int, workload: Workload, ctx: ParallelContext, back
     """Refuse, before allocating, a model and workload that cannot fit this rank's memory: the
     replicated weights, this rank's share of the experts and the latent KV cache of its sequences
     (the largest batch spread over the ranks), estimated from the shapes (every rank alike)."""
-    from hpc_moe.weights.checkpoint import tensor_shapes
     shapes = tensor_shapes(cfg, range(layers))
     expert = sum(int(np.prod(s)) for n, s in shapes.items() if ".mlp.experts." in n)
     dense = sum(int(np.prod(s)) for n, s in shapes.items() if ".mlp.experts." not in n)
