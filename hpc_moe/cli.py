@@ -144,14 +144,24 @@ def _add_run(sub):
 
 
 def _add_plan(sub):
-    p = sub.add_parser("plan", help="print the expert placement of a config on a number of ranks")
+    p = sub.add_parser("plan", help="a deployment before it runs: parameters, memory per GPU and whether it "
+                       "fits, the expert placement")
     p.add_argument("--config", default="deepseek-v3", help="preset name or config.json")
     p.add_argument("--ranks", type=_positive, required=True, help="world size")
     p.add_argument("--ranks-per-node", type=_positive, default=8)
     p.add_argument("--dp", type=_positive, default=1)
     p.add_argument("--expert-tp", type=_positive, default=1)
     p.add_argument("--loads-from", metavar="TRACE.h5", help="place by the loads of an earlier run")
-    p.add_argument("--layers", type=_positive, default=None, help="layers (with --loads-from)")
+    p.add_argument("--layers", type=_positive, default=None, help="the first N layers only (default: all)")
+    p.add_argument("--experts-dtype", default="auto", choices=["auto", "fp8", "bf16"],
+                   help="routed experts in FP8 e4m3 with 128x128 block scales or BF16 (auto: as the config's "
+                   "quantization_config says)")
+    p.add_argument("--sequences", type=_positive, default=8, help="sequences per GPU (their latent KV cache)")
+    p.add_argument("--context", type=_positive, default=4096, help="positions per sequence")
+    p.add_argument("--tokens", type=_positive, default=4096, help="tokens per GPU through a layer at once")
+    p.add_argument("--hbm-gib", type=float, default=80.0, help="GPU memory, GiB (H100 SXM: 80, H200: 141)")
+    p.add_argument("--placement", action="store_true", help="also print the expert placement, slot by slot")
+    p.add_argument("--json", metavar="OUT", help="write the figures as JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,12 +272,36 @@ def _plan(args) -> int:
         loads = _loads_from(args.loads_from, args.layers or cfg.num_hidden_layers, cfg).mean(axis=0)
     p = ExpertPlacement.build(cfg.n_routed_experts, ep, args.expert_tp,
                               [r // args.ranks_per_node for r in range(ep)], cfg.n_group, loads=loads)
-    print(f"{cfg.n_routed_experts} experts, {ep} EP ranks in {p.n_slots} slots of {args.expert_tp}, "
-          f"{args.ranks_per_node} ranks per node, {args.dp} replicas")
+    from hpc_moe.apps.common import write_json
+    from hpc_moe.perf.footprint import Layout, Workload, memory_per_gpu, parameter_counts
+    layers = args.layers or cfg.num_hidden_layers
+    params = parameter_counts(cfg, layers)
+    load = Workload(args.sequences, args.context, args.tokens)
+    mem = memory_per_gpu(cfg, Layout(ep, args.dp, args.expert_tp, args.ranks_per_node), load,
+                         expert_dtype=args.experts_dtype, layers=layers)
+    hbm = args.hbm_gib * 2**30
+    per_seq = mem["kv_cache"] / args.sequences
+    most = int((hbm - (mem["total"] - mem["kv_cache"])) // per_seq) if per_seq else 0
+    print(f"{args.config}: {layers} of {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts (top-"
+          f"{cfg.num_experts_per_tok}); {args.ranks} GPUs: EP {ep} x DP {args.dp}, expert TP {args.expert_tp}, "
+          f"{args.ranks_per_node} per node")
+    print(f"\nparameters (billions)  {'total':>10} {'activated/token':>16}")
+    for kind, v in params.items():
+        print(f"  {kind:<21}{v['total'] / 1e9:>10.3f} {v['activated'] / 1e9:>16.3f}")
+    print(f"\nmemory per GPU (GiB), {args.sequences} sequences of {args.context} positions, {args.tokens} tokens a layer")
+    for item, v in mem.items():
+        print(f"  {item:<21}{v / 2**30:>10.2f}")
+    print(f"  {'fits in':<21}{args.hbm_gib:>10.2f}: {'yes' if mem['total'] <= hbm else 'NO'}; "
+          f"at most {max(most, 0)} sequences of {args.context} per GPU")
     if p.colocated:
-        print("note: more experts than slots: ranks hold several experts per layer "
+        print("\nnote: more experts than slots: ranks hold several experts per layer "
               "(breaks the one-expert-per-GPU principle)")
-    print(p.format())
+    if args.placement:
+        print("\n" + p.format())
+    if args.json:
+        write_json(args.json, {"params_total": params["all"]["total"], "params_activated": params["all"]["activated"],
+                               "params": params, "memory_per_gpu_bytes": mem, "fits": bool(mem["total"] <= hbm),
+                               "max_sequences_per_gpu": max(most, 0), "hbm_bytes": hbm})
     return 0
 
 
