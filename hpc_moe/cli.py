@@ -11,7 +11,7 @@ import logging
 import sys
 
 from hpc_moe import __version__
-from hpc_moe.errors import EXIT_INPUT, EXIT_STOPPED, InputError, UsageError
+from hpc_moe.errors import EXIT_INPUT, EXIT_STOPPED, InputError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -233,7 +233,8 @@ def _dispatch(args) -> int:
         from hpc_moe.trace.report import run_report
         return run_report(args)
     if args.command == "plan":
-        return _plan(args)
+        from hpc_moe.apps.plan import PlanOptions, run_plan
+        return run_plan(options_from(PlanOptions, args))
     if args.command == "checkpoint":
         return _checkpoint(args)
     raise AssertionError(args.command)
@@ -255,53 +256,6 @@ def _checkpoint(args) -> int:
         return 0
     Checkpoint.open(args.dir).validate()
     print(f"{args.dir}: ok")
-    return 0
-
-
-def _plan(args) -> int:
-    from hpc_moe.config import load_config
-    from hpc_moe.ep.placement import ExpertPlacement
-    cfg = load_config(args.config)
-    if args.ranks % args.dp or (args.ranks // args.dp) % args.expert_tp:
-        raise UsageError(f"--ranks {args.ranks} must be divisible by --dp {args.dp} and the EP group by "
-                         f"--expert-tp {args.expert_tp}")
-    ep = args.ranks // args.dp
-    loads = None
-    if args.loads_from:
-        from hpc_moe.apps.run import _loads_from
-        loads = _loads_from(args.loads_from, args.layers or cfg.num_hidden_layers, cfg).mean(axis=0)
-    p = ExpertPlacement.build(cfg.n_routed_experts, ep, args.expert_tp,
-                              [r // args.ranks_per_node for r in range(ep)], cfg.n_group, loads=loads)
-    from hpc_moe.apps.common import write_json
-    from hpc_moe.perf.footprint import Layout, Workload, memory_per_gpu, parameter_counts
-    layers = args.layers or cfg.num_hidden_layers
-    params = parameter_counts(cfg, layers)
-    load = Workload(args.sequences, args.context, args.tokens)
-    mem = memory_per_gpu(cfg, Layout(ep, args.dp, args.expert_tp, args.ranks_per_node), load,
-                         expert_dtype=args.experts_dtype, layers=layers)
-    hbm = args.hbm_gib * 2**30
-    per_seq = mem["kv_cache"] / args.sequences
-    most = int((hbm - (mem["total"] - mem["kv_cache"])) // per_seq) if per_seq else 0
-    print(f"{args.config}: {layers} of {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts (top-"
-          f"{cfg.num_experts_per_tok}); {args.ranks} GPUs: EP {ep} x DP {args.dp}, expert TP {args.expert_tp}, "
-          f"{args.ranks_per_node} per node")
-    print(f"\nparameters (billions)  {'total':>10} {'activated/token':>16}")
-    for kind, v in params.items():
-        print(f"  {kind:<21}{v['total'] / 1e9:>10.3f} {v['activated'] / 1e9:>16.3f}")
-    print(f"\nmemory per GPU (GiB), {args.sequences} sequences of {args.context} positions, {args.tokens} tokens a layer")
-    for item, v in mem.items():
-        print(f"  {item:<21}{v / 2**30:>10.2f}")
-    print(f"  {'fits in':<21}{args.hbm_gib:>10.2f}: {'yes' if mem['total'] <= hbm else 'NO'}; "
-          f"at most {max(most, 0)} sequences of {args.context} per GPU")
-    if p.colocated:
-        print("\nnote: more experts than slots: ranks hold several experts per layer "
-              "(breaks the one-expert-per-GPU principle)")
-    if args.placement:
-        print("\n" + p.format())
-    if args.json:
-        write_json(args.json, {"params_total": params["all"]["total"], "params_activated": params["all"]["activated"],
-                               "params": params, "memory_per_gpu_bytes": mem, "fits": bool(mem["total"] <= hbm),
-                               "max_sequences_per_gpu": max(most, 0), "hbm_bytes": hbm})
     return 0
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from hpc_moe.apps.options import GenerateOptions, RunOptions
 from hpc_moe.config import load_config
 from hpc_moe.errors import InputError, UsageError
+from hpc_moe.trace.reader import read_trace
 
 
 def open_weights(o: RunOptions | GenerateOptions):
@@ -57,3 +58,13 @@ def on_root(ctx, fn, share: bool = True):
     if error is not None:
         raise UsageError(error)
     return shared if share else result
+
+
+def loads_from_trace(path: str, layers: int, cfg) -> np.ndarray:
+    """Mean tokens per expert per MoE layer [M, E] measured by an earlier run's trace."""
+    t = read_trace(path)
+    want = [i for i in range(layers) if cfg.is_moe_layer(i)]
+    if t.num_steps == 0 or list(t.moe_layers) != want or t.num_experts != cfg.n_routed_experts:
+        raise UsageError(f"--loads-from {path}: needs steps of the same MoE layers {want} and "
+                         f"{cfg.n_routed_experts} experts")
+    return t.expert_tokens.mean(axis=0)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import numpy as np
 from mpi4py import MPI
 
-from hpc_moe.apps.common import on_root, open_weights, write_json
+from hpc_moe.apps.common import loads_from_trace, on_root, open_weights, write_json
 from hpc_moe.apps.options import RunOptions
 from hpc_moe.apps.progress import Progress
 from hpc_moe.apps.selftest import run_checks
@@ -51,7 +51,7 @@ def run_job(o: RunOptions) -> int:
         raise UsageError(f"--layers must be in [1, {cfg.num_hidden_layers}] (got {layers})")
     workload = Workload.create(o.mode, o.batch, o.seq_len, o.prefill_fraction, o.seed, cfg.max_position_embeddings)
     synthetic = SyntheticRouting.parse(o.routing, seed=o.seed, stream=ctx.rank)
-    loads = on_root(ctx, lambda: _loads_from(o.loads_from, layers, cfg)) if o.loads_from else None
+    loads = on_root(ctx, lambda: loads_from_trace(o.loads_from, layers, cfg)) if o.loads_from else None
     backend = get_backend(o.layout.backend, o.layout.dtype, ctx.local_rank)
     _check_fits(cfg, layers, workload, ctx, backend)
     watchdog = Watchdog(ctx.world, o.watchdog)
@@ -281,17 +281,6 @@ def _gather_rows(ctx: ParallelContext, rows_NC: np.ndarray):
 
 
 # ---- rank 0: trace, announcement, summary ------------------------------------------------------
-def _loads_from(path: str, layers: int, cfg) -> np.ndarray:
-    """Mean tokens per expert per MoE layer [M, E] measured by an earlier run's trace."""
-    from hpc_moe.trace.reader import read_trace
-    t = read_trace(path)
-    want = [i for i in range(layers) if cfg.is_moe_layer(i)]
-    if t.num_steps == 0 or list(t.moe_layers) != want or t.num_experts != cfg.n_routed_experts:
-        raise UsageError(f"--loads-from {path}: needs steps of the same MoE layers {want} and "
-                         f"{cfg.n_routed_experts} experts")
-    return t.expert_tokens.mean(axis=0)
-
-
 def _placement_ranks(placement) -> np.ndarray:
     """The placement as EP ranks [M, E, K * expert_tp] (every rank of each replica's slot), -1 padded."""
     slots = placement.to_array()
