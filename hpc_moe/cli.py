@@ -70,6 +70,10 @@ def _positive(text: str) -> int:
     return v
 
 
+def _positive_list(text: str) -> tuple[int, ...]:
+    return tuple(_positive(t) for t in text.split(","))
+
+
 def _add_backend_args(p):
     p.add_argument("--backend", default="auto", choices=["auto", "numpy", "cupy"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
@@ -145,10 +149,10 @@ def _add_run(sub):
 
 def _add_plan(sub):
     p = sub.add_parser("plan", help="a deployment before it runs: parameters, memory per GPU and whether it "
-                       "fits, the expert placement")
+                       "fits, the expert placement, the predicted prefill and decode step (a projection)")
     p.add_argument("--config", default="deepseek-v3", help="preset name or config.json")
-    p.add_argument("--ranks", type=_positive, required=True, help="world size")
-    p.add_argument("--ranks-per-node", type=_positive, default=8)
+    p.add_argument("--ranks", type=_positive, help="world size")
+    p.add_argument("--ranks-per-node", type=_positive, default=None, help="default: the hardware's GPUs per node")
     p.add_argument("--dp", type=_positive, default=1)
     p.add_argument("--expert-tp", type=_positive, default=1)
     p.add_argument("--loads-from", metavar="TRACE.h5", help="place by the loads of an earlier run")
@@ -159,9 +163,20 @@ def _add_plan(sub):
     p.add_argument("--sequences", type=_positive, default=8, help="sequences per GPU (their latent KV cache)")
     p.add_argument("--context", type=_positive, default=4096, help="positions per sequence")
     p.add_argument("--tokens", type=_positive, default=4096, help="tokens per GPU through a layer at once")
-    p.add_argument("--hbm-gib", type=float, default=80.0, help="GPU memory, GiB (H100 SXM: 80, H200: 141)")
+    p.add_argument("--hardware", default="h100-sxm", metavar="NAME|FILE",
+                   help="a GPU and its links: a name from data/hardware (seeds-h100, h100-sxm, h200) or such a JSON file")
+    p.add_argument("--hbm-gib", type=float, default=None, help="GPU memory, GiB (default: the hardware's)")
+    p.add_argument("--dispatch", default="auto", choices=["auto", "flat", "hierarchical"],
+                   help="the all-to-all to predict (auto: hierarchical across nodes, as run does)")
+    p.add_argument("--micro-batches", type=_positive, default=1,
+                   help="micro-batches whose attention hides another's all-to-all (run --overlap on)")
     p.add_argument("--placement", action="store_true", help="also print the expert placement, slot by slot")
     p.add_argument("--json", metavar="OUT", help="write the figures as JSON")
+    p.add_argument("--sweep-ep", type=_positive_list, default=(), metavar="N,N,...",
+                   help="instead of one layout: predict these EP sizes (x --dp) at each --sweep-sequences")
+    p.add_argument("--sweep-sequences", type=_positive_list, default=(32, 64, 128, 256), metavar="N,N,...",
+                   help="decode batches per GPU of the sweep")
+    p.add_argument("--sweep-plot", metavar="OUT.png", help="plot the sweep: throughput per GPU and scaling efficiency")
 
 
 def build_parser() -> argparse.ArgumentParser:

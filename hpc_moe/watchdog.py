@@ -80,13 +80,16 @@ class Watchdog:
             self._ask.Cancel()
             self._ask.Wait()
 
-    def _answer(self) -> None:
-        """Tell a rank that asked what this one is doing (its step, and how long it has waited)."""
-        status = MPI.Status()
+    def _answer(self) -> int:
+        """Tell the ranks that asked what this one is doing (its step, and how long it has waited);
+        -> the lowest of them (self.size: none)."""
+        status, lowest = MPI.Status(), self.size
         while self._ask is not None and self._ask.Test(status):
             self._asked_at = time.monotonic()
+            lowest = min(lowest, status.Get_source())
             self.comm.Send([self._state(), MPI.INT64_T], status.Get_source(), _ANSWER)
             self._ask = self.comm.Irecv([self._ask_buf, MPI.INT64_T], MPI.ANY_SOURCE, _ASK)
+        return lowest
 
     def _fire(self, waited: float) -> None:
         where = f"rank {self.rank} waited {waited:.0f} s for {self._what} (step {self.step})"
@@ -98,10 +101,15 @@ class Watchdog:
         reqs = [self.comm.Irecv([answers[p], MPI.INT64_T], p, _ANSWER) for p in peers]
         for p in peers:
             self.comm.Send([np.zeros(1, np.int64), MPI.INT64_T], p, _ASK)
-        deadline = time.monotonic() + self.answer_s
+        deadline, lower_fired = time.monotonic() + self.answer_s, False
         while time.monotonic() < deadline and not MPI.Request.Testall(reqs):
-            self._answer()  # a rank that fired at the same moment asks us too
+            lower_fired |= self._answer() < self.rank  # a rank that fired at the same moment asks us too
             time.sleep(0.05)
+        if lower_fired:  # the lowest of the ranks that fired together reports: one message
+            deadline = time.monotonic() + 2 * self.answer_s
+            while time.monotonic() < deadline:  # it aborts the job meanwhile, unless it died
+                self._answer()
+                time.sleep(0.05)
         silent = [p for p in peers if answers[p][0] == -2]
         busy = [p for p in peers if answers[p][0] != -2 and answers[p][1] < 0]
         parts = [where]
@@ -112,6 +120,7 @@ class Watchdog:
         if not silent and not busy:
             parts.append("every rank is waiting: a collective that some rank never entered")
         _say("watchdog: " + "; ".join(parts) + "; aborting the job")
+        time.sleep(1.0)  # the abort tears the launcher's stderr forwarding down: let the line through first
         MPI.COMM_WORLD.Abort(EXIT_WATCHDOG)
 
 

@@ -175,7 +175,7 @@ def test_the_watchdog_names_a_stopped_rank(tmp_path):
     finally:
         os.kill(victim, signal.SIGCONT) if _alive(victim) else None
     assert job.returncode != 0 and time.monotonic() - started < 33
-    line = next(x for x in err.splitlines() if "watchdog:" in x)
+    line = next((x for x in err.splitlines() if "watchdog:" in x), err)
     assert f"rank(s) {rank} did not answer" in line and "aborting the job" in line
     assert sum("watchdog:" in x for x in err.splitlines()) == 1  # one message
     assert read_trace(trace).num_steps >= 3

@@ -1,12 +1,15 @@
 """hpc-moe plan's arithmetic: parameters by kind and memory per GPU, against numbers derived here
 from the config's fields (not from the code under test) and the published DeepSeek-V3 figures."""
 import json
+from dataclasses import replace
 
 import pytest
 
 from hpc_moe.cli import main
 from hpc_moe.config import load_config
 from hpc_moe.perf.footprint import Layout, Workload, memory_per_gpu, parameter_counts
+from hpc_moe.perf.hardware import load_hardware
+from hpc_moe.perf.predict import predict_step
 
 
 def by_hand(c) -> tuple[int, int]:
@@ -54,10 +57,75 @@ def test_memory_per_gpu_items():
 
 def test_plan_json(tmp_path):
     out = tmp_path / "plan.json"
-    assert main(["plan", "--config", "paper", "--ranks", "16", "--experts-dtype", "bf16", "--hbm-gib", "80",
+    assert main(["plan", "--config", "paper", "--ranks", "16", "--experts-dtype", "bf16", "--hardware", "h100-sxm",
                  "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["params_total"] == parameter_counts(load_config("paper"))["all"]["total"]
     assert r["fits"] is False and r["memory_per_gpu_bytes"]["total"] > 80 * 2**30  # 16 experts of 58 layers in BF16
     assert main(["plan", "--config", "paper", "--ranks", "256", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["fits"] is True
+    r = json.loads(out.read_text())
+    assert r["fits"] is True and r["hardware"] == "h100-sxm"
+    for mode, key in (("prefill", "predicted_input_tokens_per_s"), ("decode", "predicted_output_tokens_per_s")):
+        pred = r["predicted"][mode]
+        assert r["predicted_step_ms"][mode] == pred["step_ms"] > 0
+        assert r[key] == pytest.approx(256 * pred["tokens_per_gpu"] / pred["step_ms"] * 1e3)
+
+
+def test_predicted_flops_are_twice_the_activated_parameters():
+    """A decode token against a one-position cache does ~2 FLOPs per activated parameter (all but the
+    embedding lookup), plus the attention scores; independent of the EP size."""
+    c = load_config("deepseek-v3")
+    hw = load_hardware("h100-sxm")
+    _, active = by_hand(c)
+    scores = c.num_hidden_layers * 2 * c.num_attention_heads * (2 * c.kv_lora_rank + c.qk_rope_head_dim)
+    for ep in (16, 256):
+        r = predict_step(c, Layout(ep), hw, mode="decode", tokens=1, sequences=4, context=1, expert_fp8=True)
+        flops = r["head"]["flops"] + sum(L["count"] * ph["flops"] for L in r["layers"].values()
+                                          for ph in L["phases"].values())
+        expect = 4 * (2 * (active - c.vocab_size * c.hidden_size - c.hidden_size) + scores)
+        assert flops == pytest.approx(expect, rel=1e-9)
+
+
+def test_predicted_regimes_and_links():
+    c, hw = load_config("paper"), load_hardware("seeds-h100")
+    kw = dict(tokens=4096, sequences=8, context=4096, expert_fp8=True)
+    dec = predict_step(c, Layout(256), hw, mode="decode", **kw)
+    pre = predict_step(c, Layout(256), hw, mode="prefill", dispatch="hierarchical", **kw)
+    assert dec["layers"]["moe"]["phases"]["routed_experts"]["bound"] == "memory"  # 8 rows against the weights
+    assert pre["layers"]["moe"]["phases"]["routed_experts"]["bound"] == "compute"
+    flat = predict_step(c, Layout(256), hw, mode="prefill", dispatch="flat", **kw)["layers"]["moe"]["exchange"]
+    hier = pre["layers"]["moe"]["exchange"]
+    # flat: every pair bound for another node crosses; hierarchical: one copy per remote node reached
+    assert flat["dispatch"]["inter_node_bytes"] == pytest.approx(4096 * 8 * (256 - 8) / 256 * c.hidden_size * 2)
+    # 4 of 8 groups of 4 nodes each: 16 reachable nodes, 16 * (1 - (15/16)^8) = 6.40 distinct, 31/32 remote
+    reached = 16 * (1 - (15 / 16) ** 8) * 31 / 32
+    assert hier["dispatch"]["inter_node_bytes"] == pytest.approx(4096 * reached * c.hidden_size * 2)
+    fast = replace(hw, inter_node=replace(hw.inter_node, bytes_per_s=2 * hw.inter_node.bytes_per_s))
+    assert predict_step(c, Layout(256), fast, mode="prefill", dispatch="hierarchical", **kw)["step_ms"] < pre["step_ms"]
+    two = predict_step(c, Layout(256), hw, mode="prefill", dispatch="hierarchical", micro_batches=2, **kw)
+    assert two["layers"]["moe"]["exposed_comm_ms"] < pre["layers"]["moe"]["exposed_comm_ms"]
+
+
+def test_plan_hardware_errors(tmp_path, capsys):
+    assert main(["plan", "--ranks", "16", "--hardware", "a100-imaginary"]) == 2
+    bad = tmp_path / "hw.json"
+    bad.write_text(json.dumps({"flops_per_s": {"bf16": 1e15}}))
+    assert main(["plan", "--ranks", "16", "--hardware", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "a100-imaginary" in err[0] and "not a hardware file" in err[1]
+
+
+def test_plan_sweep(tmp_path):
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    assert main(["plan", "--config", "paper", "--sweep-ep", "64,16", "--sweep-sequences", "8,64",
+                 "--json", str(out), "--sweep-plot", str(png)]) == 0
+    rows = json.loads(out.read_text())["sweep"]
+    assert [(r["ep"], r["sequences"]) for r in rows] == [(16, 8), (16, 64), (64, 8), (64, 64)]
+    assert main(["plan", "--config", "paper", "--ranks", "64", "--sequences", "64", "--json",
+                 str(tmp_path / "one.json")]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert rows[3]["decode_step_ms"] == one["predicted_step_ms"]["decode"] and rows[3]["fits"] == one["fits"]
+    assert rows[0]["scaling_efficiency"] == 1.0 and rows[2]["scaling_efficiency"] == pytest.approx(
+        rows[2]["decode_tokens_per_s_per_gpu"] / rows[0]["decode_tokens_per_s_per_gpu"])
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["plan", "--config", "paper", "--ranks", "16", "--sweep-plot", str(png)]) == 2

@@ -1,21 +1,25 @@
 """``hpc-moe plan``: a deployment before it burns cluster hours: parameters by kind, memory per GPU
-item by item and whether it fits (hpc_moe.perf.footprint), and the expert placement."""
+item by item and whether it fits (hpc_moe.perf.footprint), the expert placement, and the predicted
+prefill and decode step per phase on a hardware file (hpc_moe.perf.predict); ``--sweep-ep`` tabulates
+and plots the prediction over EP sizes and decode batches."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from hpc_moe.apps.common import loads_from_trace, write_json
-from hpc_moe.config import load_config
+from hpc_moe.config import ModelConfig, load_config
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.errors import UsageError
 from hpc_moe.perf.footprint import Layout, Workload, memory_per_gpu, parameter_counts
+from hpc_moe.perf.hardware import Hardware, load_hardware
+from hpc_moe.perf.predict import predict_step
 
 
 @dataclass(frozen=True)
 class PlanOptions:
-    ranks: int
+    ranks: int | None = None
     config: str = "deepseek-v3"
-    ranks_per_node: int = 8
+    ranks_per_node: int | None = None
     dp: int = 1
     expert_tp: int = 1
     loads_from: str | None = None
@@ -24,44 +28,165 @@ class PlanOptions:
     sequences: int = 8
     context: int = 4096
     tokens: int = 4096
-    hbm_gib: float = 80.0
+    hardware: str = "h100-sxm"
+    hbm_gib: float | None = None
+    dispatch: str = "auto"
+    micro_batches: int = 1
     placement: bool = False
     json: str | None = None
+    sweep_ep: tuple[int, ...] = ()
+    sweep_sequences: tuple[int, ...] = (32, 64, 128, 256)
+    sweep_plot: str | None = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One layout's figures: placement, memory and its fit, the prefill and decode predictions."""
+
+    ep: int
+    sequences: int
+    placement: ExpertPlacement
+    memory: dict
+    fits: bool
+    most_sequences: int
+    dispatch: str
+    imbalance: float
+    predicted: dict
+
+
+def _plan(cfg: ModelConfig, hw: Hardware, o: PlanOptions, ep: int, sequences: int, loads_E) -> _Plan:
+    if ep % o.expert_tp:
+        raise UsageError(f"the EP group of {ep} ranks must be divisible by --expert-tp {o.expert_tp}")
+    rpn, layers = o.ranks_per_node or hw.gpus_per_node, o.layers or cfg.num_hidden_layers
+    p = ExpertPlacement.build(cfg.n_routed_experts, ep, o.expert_tp, [r // rpn for r in range(ep)],
+                              cfg.n_group, loads=loads_E)
+    layout = Layout(ep, o.dp, o.expert_tp, rpn)
+    mem = memory_per_gpu(cfg, layout, Workload(sequences, o.context, o.tokens), expert_dtype=o.experts_dtype,
+                         layers=layers)
+    hbm = o.hbm_gib * 2**30 if o.hbm_gib else hw.hbm_bytes
+    per_seq = mem["kv_cache"] / sequences
+    most = max(0, int((hbm - (mem["total"] - mem["kv_cache"])) // per_seq)) if per_seq else 0
+    dispatch = o.dispatch if o.dispatch != "auto" else ("hierarchical" if ep > rpn else "flat")
+    imbalance = _imbalance(p, loads_E) if loads_E is not None else 1.0
+    fp8 = o.experts_dtype == "fp8" or (o.experts_dtype == "auto" and cfg.quantization_config is not None)
+    pred = {mode: predict_step(cfg, layout, hw, mode=mode, tokens=o.tokens, sequences=sequences, context=o.context,
+                               expert_fp8=fp8, dispatch=dispatch, micro_batches=o.micro_batches,
+                               imbalance=imbalance, layers=layers)
+            for mode in ("prefill", "decode")}
+    return _Plan(ep, sequences, p, mem, bool(mem["total"] <= hbm), most, dispatch, imbalance, pred)
+
+
+def _imbalance(p: ExpertPlacement, loads_E) -> float:
+    """The hottest slot's routed rows over the mean, each expert's measured load split evenly across
+    its replicas."""
+    per_slot = [sum(loads_E[e] / len(p.owners(e)) for e in p.slot_experts[0][s]) for s in range(p.n_slots)]
+    mean = sum(per_slot) / len(per_slot)
+    return max(per_slot) / mean if mean > 0 else 1.0
 
 
 def run_plan(o: PlanOptions) -> int:
     cfg = load_config(o.config)
-    if o.ranks % o.dp or (o.ranks // o.dp) % o.expert_tp:
-        raise UsageError(f"--ranks {o.ranks} must be divisible by --dp {o.dp} and the EP group by "
-                         f"--expert-tp {o.expert_tp}")
-    ep, layers = o.ranks // o.dp, o.layers or cfg.num_hidden_layers
+    hw = load_hardware(o.hardware)
+    if o.ranks is None and not o.sweep_ep:
+        raise UsageError("plan needs --ranks N or --sweep-ep LIST")
+    if o.ranks is not None and o.ranks % o.dp:
+        raise UsageError(f"--ranks {o.ranks} must be divisible by --dp {o.dp}")
+    if o.sweep_plot and not o.sweep_ep:
+        raise UsageError("--sweep-plot needs --sweep-ep")
+    layers = o.layers or cfg.num_hidden_layers
     loads = loads_from_trace(o.loads_from, layers, cfg).mean(axis=0) if o.loads_from else None
-    p = ExpertPlacement.build(cfg.n_routed_experts, ep, o.expert_tp, [r // o.ranks_per_node for r in range(ep)],
-                              cfg.n_group, loads=loads)
+    if o.sweep_ep:
+        return _sweep(cfg, hw, o, loads)
+    return _report(cfg, hw, o, _plan(cfg, hw, o, o.ranks // o.dp, o.sequences, loads))
+
+
+def _report(cfg: ModelConfig, hw: Hardware, o: PlanOptions, pl: _Plan) -> int:
+    layers, rpn = o.layers or cfg.num_hidden_layers, o.ranks_per_node or hw.gpus_per_node
     params = parameter_counts(cfg, layers)
-    mem = memory_per_gpu(cfg, Layout(ep, o.dp, o.expert_tp, o.ranks_per_node), Workload(o.sequences, o.context, o.tokens),
-                         expert_dtype=o.experts_dtype, layers=layers)
-    hbm = o.hbm_gib * 2**30
-    per_seq = mem["kv_cache"] / o.sequences
-    most = max(0, int((hbm - (mem["total"] - mem["kv_cache"])) // per_seq)) if per_seq else 0
+    hbm = o.hbm_gib * 2**30 if o.hbm_gib else hw.hbm_bytes
     print(f"{o.config}: {layers} of {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts (top-"
-          f"{cfg.num_experts_per_tok}); {o.ranks} GPUs: EP {ep} x DP {o.dp}, expert TP {o.expert_tp}, "
-          f"{o.ranks_per_node} per node")
+          f"{cfg.num_experts_per_tok}); {o.ranks} GPUs: EP {pl.ep} x DP {o.dp}, expert TP {o.expert_tp}, "
+          f"{rpn} per node")
     print(f"\nparameters (billions)  {'total':>10} {'activated/token':>16}")
     for kind, v in params.items():
         print(f"  {kind:<21}{v['total'] / 1e9:>10.3f} {v['activated'] / 1e9:>16.3f}")
     print(f"\nmemory per GPU (GiB), {o.sequences} sequences of {o.context} positions, {o.tokens} tokens a layer")
-    for item, v in mem.items():
+    for item, v in pl.memory.items():
         print(f"  {item:<21}{v / 2**30:>10.2f}")
-    print(f"  {'fits in':<21}{o.hbm_gib:>10.2f}: {'yes' if mem['total'] <= hbm else 'NO'}; "
-          f"at most {most} sequences of {o.context} per GPU")
-    if p.colocated:
+    print(f"  {'fits in':<21}{hbm / 2**30:>10.2f}: {'yes' if pl.fits else 'NO'}; "
+          f"at most {pl.most_sequences} sequences of {o.context} per GPU")
+    print(f"\npredicted on {hw.name} (a projection: {hw.source}); {pl.dispatch} dispatch, "
+          f"{o.micro_batches} micro-batch(es), expert imbalance {pl.imbalance:.2f}")
+    for mode, r in pl.predicted.items():
+        print(f"  {mode}: {r['tokens_per_gpu']} tokens a GPU a step, step {r['step_ms']:.2f} ms, "
+              f"{r['tokens_per_s_per_gpu']:,.0f} tokens/s a GPU, {r['tokens_per_s_per_gpu'] * rpn:,.0f} a node; "
+              f"bottleneck: {r['bottleneck']}")
+        for kind, L in r["layers"].items():
+            parts = ", ".join(f"{n} {ph['ms']:.3f} ({ph['bound']})" for n, ph in L["phases"].items())
+            ex = "".join(f", {n} {c['ms']:.3f} ({c['inter_node_bytes'] / 2**20:.1f} MiB across nodes)"
+                         for n, c in L["exchange"].items())
+            print(f"    {kind} layer x{L['count']}: {L['ms']:.3f} ms = {parts}{ex}, exposed {L['exposed_comm_ms']:.3f}")
+    if pl.placement.colocated:
         print("\nnote: more experts than slots: ranks hold several experts per layer "
               "(breaks the one-expert-per-GPU principle)")
     if o.placement:
-        print("\n" + p.format())
+        print("\n" + pl.placement.format())
     if o.json:
+        pred = pl.predicted
         write_json(o.json, {"params_total": params["all"]["total"], "params_activated": params["all"]["activated"],
-                            "params": params, "memory_per_gpu_bytes": mem, "fits": bool(mem["total"] <= hbm),
-                            "max_sequences_per_gpu": most, "hbm_bytes": hbm})
+                            "params": params, "memory_per_gpu_bytes": pl.memory, "fits": pl.fits,
+                            "max_sequences_per_gpu": pl.most_sequences, "hbm_bytes": hbm, "hardware": hw.name,
+                            "imbalance": pl.imbalance,
+                            "predicted_step_ms": {m: r["step_ms"] for m, r in pred.items()},
+                            "predicted_input_tokens_per_s": pred["prefill"]["tokens_per_s_per_gpu"] * o.ranks,
+                            "predicted_output_tokens_per_s": pred["decode"]["tokens_per_s_per_gpu"] * o.ranks,
+                            "predicted": pred})
     return 0
+
+
+def _sweep(cfg: ModelConfig, hw: Hardware, o: PlanOptions, loads_E) -> int:
+    """Predicted throughput per GPU over EP sizes (rows) and decode batches; scaling efficiency is a
+    GPU's throughput over the smallest EP's at the same batch."""
+    rows = [_plan(cfg, hw, o, ep, s, loads_E) for ep in sorted(o.sweep_ep) for s in o.sweep_sequences]
+    base = {pl.sequences: pl for pl in rows if pl.ep == min(o.sweep_ep)}
+    table = []
+    print(f"{o.config} on {hw.name} (a projection), prefill {o.tokens} tokens a GPU a step, decode at "
+          f"{o.context} positions\n{'EP':>5} {'seqs':>5} {'fits':>4} {'prefill tok/s/GPU':>18} "
+          f"{'decode ms':>10} {'output tok/s/GPU':>17} {'efficiency':>10}  decode bottleneck")
+    for pl in rows:
+        pre, dec = pl.predicted["prefill"], pl.predicted["decode"]
+        eff = dec["tokens_per_s_per_gpu"] / base[pl.sequences].predicted["decode"]["tokens_per_s_per_gpu"]
+        table.append({"ep": pl.ep, "sequences": pl.sequences, "fits": pl.fits,
+                      "prefill_tokens_per_s_per_gpu": pre["tokens_per_s_per_gpu"], "decode_step_ms": dec["step_ms"],
+                      "decode_tokens_per_s_per_gpu": dec["tokens_per_s_per_gpu"], "scaling_efficiency": eff,
+                      "decode_bottleneck": dec["bottleneck"]})
+        print(f"{pl.ep:>5} {pl.sequences:>5} {'yes' if pl.fits else 'NO':>4} {pre['tokens_per_s_per_gpu']:>18,.0f} "
+              f"{dec['step_ms']:>10.2f} {dec['tokens_per_s_per_gpu']:>17,.0f} {eff:>10.2f}  {dec['bottleneck']}")
+    if o.json:
+        write_json(o.json, {"hardware": hw.name, "config": o.config, "sweep": table})
+    if o.sweep_plot:
+        _sweep_figure(table, f"{o.config} on {hw.name} (projection)").savefig(o.sweep_plot)
+    return 0
+
+
+def _sweep_figure(table: list[dict], title: str):
+    from matplotlib.figure import Figure  # imported late: plan without a plot needs no matplotlib
+    fig = Figure(figsize=(10, 4), dpi=110, layout="constrained")
+    tput, eff = fig.subplots(1, 2)
+    for s in sorted({r["sequences"] for r in table}):
+        rs = [r for r in table if r["sequences"] == s]
+        ep = [r["ep"] for r in rs]
+        tput.plot(ep, [r["decode_tokens_per_s_per_gpu"] for r in rs], marker="o", label=f"{s} sequences a GPU")
+        eff.plot(ep, [r["scaling_efficiency"] for r in rs], marker="o")
+        tput.scatter([r["ep"] for r in rs if not r["fits"]],
+                     [r["decode_tokens_per_s_per_gpu"] for r in rs if not r["fits"]], marker="x", color="k", zorder=3)
+    eps = sorted({r["ep"] for r in table})
+    for ax, label in ((tput, "decode output tokens/s per GPU"), (eff, "scaling efficiency (vs smallest EP)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(eps, [str(e) for e in eps])
+        ax.set_xlabel("EP size")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    tput.legend(title="x: does not fit")
+    fig.suptitle(title)
+    return fig

@@ -33,13 +33,19 @@ def _kind(name: str) -> str:
     return "attention"
 
 
+def layer_parameters(cfg: ModelConfig, layers) -> dict[str, int]:
+    """Parameters per kind of the given decoder layers, plus embeddings, head and final norm."""
+    counts = dict.fromkeys(KINDS, 0)
+    for name, shape in tensor_shapes(cfg, layers).items():
+        counts[_kind(name)] += int(np.prod(shape))
+    return counts
+
+
 def parameter_counts(cfg: ModelConfig, layers: int | None = None) -> dict[str, dict[str, float]]:
     """Per kind: ``total`` parameters and ``activated`` per token (a token uses K of the E routed
     experts, all of the rest), for the first ``layers`` layers (default all; the MTP module is not
     part of the model); "all" sums the kinds."""
-    counts = dict.fromkeys(KINDS, 0)
-    for name, shape in tensor_shapes(cfg, range(layers or cfg.num_hidden_layers)).items():
-        counts[_kind(name)] += int(np.prod(shape))
+    counts = layer_parameters(cfg, range(layers or cfg.num_hidden_layers))
     share = cfg.num_experts_per_tok / cfg.n_routed_experts if cfg.n_routed_experts else 0.0
     out = {k: {"total": float(v), "activated": float(v) * (share if k == "routed_experts" else 1.0)}
            for k, v in counts.items()}

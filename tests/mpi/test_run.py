@@ -2,6 +2,7 @@
 
 Run: mpiexec -n R python -m mpi4py -m pytest --with-mpi tests/mpi/test_run.py (R = 1..16).
 """
+import json
 import sys
 from pathlib import Path
 
@@ -87,6 +88,13 @@ def test_loads_from_an_earlier_trace(tmp_path_factory):
     if WORLD.Get_rank() == 0 and WORLD.Get_size() > load_config("tiny").n_routed_experts:
         t = read_trace(f"{d}/b.h5")
         assert (t.placement >= 0).sum() > load_config("tiny").n_routed_experts  # replicas exist
+    if WORLD.Get_rank() == 0:  # plan predicts with the measured imbalance of the hottest rank
+        for name, extra in (("u", []), ("m", ["--loads-from", f"{d}/a.h5"])):
+            assert main(["plan", "--config", "tiny", "--ranks", "4", "--json", f"{d}/{name}.json", *extra]) == 0
+        u, m = (json.loads(Path(f"{d}/{n}.json").read_text()) for n in "um")
+        assert u["imbalance"] == 1.0 and m["imbalance"] >= 1.0
+        flops = [r["predicted"]["prefill"]["layers"]["moe"]["phases"]["routed_experts"]["flops"] for r in (u, m)]
+        assert flops[1] == pytest.approx(m["imbalance"] * flops[0])
 
 
 @pytest.mark.parametrize("micro_batches", [2, 3])
