@@ -284,11 +284,11 @@ def _fail(message: str, code: int) -> int:
     """One line on stderr; under MPI with several ranks, abort them all."""
     try:
         from mpi4py import MPI
+
+        from hpc_moe.comm import abort_job
         world = MPI.COMM_WORLD
         if world.Get_size() > 1:
-            sys.stderr.write(f"hpc-moe [rank {world.Get_rank()}]: {message}\n")
-            sys.stderr.flush()
-            world.Abort(code)
+            abort_job(f"hpc-moe [rank {world.Get_rank()}]: {message}", code)
     except ImportError:
         pass
     sys.stderr.write(f"hpc-moe: {message}\n")

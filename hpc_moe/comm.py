@@ -13,6 +13,8 @@ Legend: W world ranks, P ranks of the EP group.
 """
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,3 +142,13 @@ def _gather_hostnames(comm: MPI.Comm) -> tuple[str, ...]:
     every = np.empty((comm.Get_size(), _NAME_BYTES), dtype=np.uint8)
     comm.Allgather([mine, MPI.BYTE], [every, MPI.BYTE])
     return tuple(bytes(row).rstrip(b"\0").decode(errors="replace") for row in every)
+
+
+def abort_job(line: str, code: int) -> None:
+    """Write ``line`` on stderr and end every rank of the job with exit status ``code``. The abort
+    tears the launcher's stderr forwarding down (Hydra's proxies, srun's I/O threads), so the line
+    gets a moment to pass through first; without it a loaded machine loses it."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    time.sleep(1.0)
+    MPI.COMM_WORLD.Abort(code)

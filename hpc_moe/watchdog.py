@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import numpy as np
 from mpi4py import MPI
 
+from hpc_moe.comm import abort_job
 from hpc_moe.errors import EXIT_WATCHDOG
 
 _ASK, _ANSWER = 71, 72  # message tags on the watchdog's own communicator
@@ -94,7 +95,9 @@ class Watchdog:
     def _fire(self, waited: float) -> None:
         where = f"rank {self.rank} waited {waited:.0f} s for {self._what} (step {self.step})"
         if not self._mpi:
-            _say(f"watchdog: {where}; MPI is not thread-multiple, so the other ranks cannot be asked")
+            sys.stderr.write(f"hpc-moe: watchdog: {where}; MPI is not thread-multiple, so the other ranks "
+                             "cannot be asked\n")
+            sys.stderr.flush()
             os._exit(EXIT_WATCHDOG)
         peers = [p for p in range(self.size) if p != self.rank]
         answers = {p: np.full(2, -2, np.int64) for p in peers}
@@ -119,15 +122,8 @@ class Watchdog:
             parts.append(f"rank(s) {_ranks(busy)} are not waiting (still computing, or behind)")
         if not silent and not busy:
             parts.append("every rank is waiting: a collective that some rank never entered")
-        _say("watchdog: " + "; ".join(parts) + "; aborting the job")
-        time.sleep(1.0)  # the abort tears the launcher's stderr forwarding down: let the line through first
-        MPI.COMM_WORLD.Abort(EXIT_WATCHDOG)
+        abort_job("hpc-moe: watchdog: " + "; ".join(parts) + "; aborting the job", EXIT_WATCHDOG)
 
 
 def _ranks(ranks: list[int]) -> str:
     return ", ".join(str(r) for r in ranks[:16]) + (f" and {len(ranks) - 16} more" if len(ranks) > 16 else "")
-
-
-def _say(line: str) -> None:
-    sys.stderr.write(f"hpc-moe: {line}\n")
-    sys.stderr.flush()

@@ -45,6 +45,8 @@ class _Plan:
 
     ep: int
     sequences: int
+    ranks_per_node: int
+    hbm_bytes: float
     placement: ExpertPlacement
     memory: dict
     fits: bool
@@ -73,7 +75,7 @@ def _plan(cfg: ModelConfig, hw: Hardware, o: PlanOptions, ep: int, sequences: in
                                expert_fp8=fp8, dispatch=dispatch, micro_batches=o.micro_batches,
                                imbalance=imbalance, layers=layers)
             for mode in ("prefill", "decode")}
-    return _Plan(ep, sequences, p, mem, bool(mem["total"] <= hbm), most, dispatch, imbalance, pred)
+    return _Plan(ep, sequences, rpn, hbm, p, mem, bool(mem["total"] <= hbm), most, dispatch, imbalance, pred)
 
 
 def _imbalance(p: ExpertPlacement, loads_E) -> float:
@@ -101,9 +103,8 @@ def run_plan(o: PlanOptions) -> int:
 
 
 def _report(cfg: ModelConfig, hw: Hardware, o: PlanOptions, pl: _Plan) -> int:
-    layers, rpn = o.layers or cfg.num_hidden_layers, o.ranks_per_node or hw.gpus_per_node
+    layers, rpn, hbm = o.layers or cfg.num_hidden_layers, pl.ranks_per_node, pl.hbm_bytes
     params = parameter_counts(cfg, layers)
-    hbm = o.hbm_gib * 2**30 if o.hbm_gib else hw.hbm_bytes
     print(f"{o.config}: {layers} of {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts (top-"
           f"{cfg.num_experts_per_tok}); {o.ranks} GPUs: EP {pl.ep} x DP {o.dp}, expert TP {o.expert_tp}, "
           f"{rpn} per node")

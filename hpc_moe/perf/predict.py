@@ -53,7 +53,7 @@ def _nodes_reached(cfg: ModelConfig, nodes: int) -> float:
     return reachable * (1 - (1 - 1 / reachable) ** cfg.num_experts_per_tok)
 
 
-def exchange_phase(cfg: ModelConfig, layout: Layout, hw: Hardware, tokens: float, dispatch: str, name: str) -> dict:
+def exchange_phase(cfg: ModelConfig, layout: Layout, hw: Hardware, tokens: float, dispatch: str) -> dict:
     """One direction (dispatch or combine) of a MoE layer's all-to-all, per GPU: bytes and messages
     inside and across nodes, and the alpha-beta time of each link."""
     ep, rpn, K, row = layout.ep, min(layout.ranks_per_node, layout.ep), cfg.num_experts_per_tok, cfg.hidden_size * ROW_BYTES
@@ -69,7 +69,7 @@ def exchange_phase(cfg: ModelConfig, layout: Layout, hw: Hardware, tokens: float
         inter_b, intra_b = pairs * (ep - rpn) / ep * row, pairs * (rpn - 1) / ep * row
         inter_m, intra_m = ep - rpn, rpn - 1
     intra_s, inter_s = hw.intra_node.seconds(intra_b, intra_m), hw.inter_node.seconds(inter_b, inter_m)
-    return {"name": name, "intra_node_bytes": intra_b, "inter_node_bytes": inter_b,
+    return {"intra_node_bytes": intra_b, "inter_node_bytes": inter_b,
             "intra_node_ms": intra_s * 1e3, "inter_node_ms": inter_s * 1e3, "ms": max(intra_s, inter_s) * 1e3,
             "bound": "inter-node link" if inter_s >= intra_s else "intra-node link"}
 
@@ -113,7 +113,8 @@ def predict_step(cfg: ModelConfig, layout: Layout, hw: Hardware, *, mode: str, t
             phases.append(_roofline(hw, "routed_experts", 2 * expert * rows,
                                     per_slot * expert * (1 if expert_fp8 else 2) + 2 * rows * H * ROW_BYTES,
                                     "fp8" if expert_fp8 and "fp8" in hw.flops_per_s else "bf16"))
-            comm = [exchange_phase(cfg, layout, hw, T, dispatch, d) for d in ("dispatch", "combine")]
+            one = exchange_phase(cfg, layout, hw, T, dispatch)
+            comm = [dict(one, name=d) for d in ("dispatch", "combine")]  # combine retraces dispatch's rows
         t = {ph.name: ph.seconds for ph in phases}
         comm_s = sum(c["ms"] for c in comm) / 1e3
         hidden_by = t.get("shared_experts", 0.0) + t["attention"] * (micro_batches - 1) / micro_batches
@@ -135,11 +136,11 @@ def predict_step(cfg: ModelConfig, layout: Layout, hw: Hardware, *, mode: str, t
 
 def _bottleneck(pred: dict) -> str:
     """The term with the most time in the step: a phase and what bounds it, or exposed communication."""
-    terms = {}
-    for kind, L in pred["layers"].items():
+    terms: dict[str, float] = {}
+    for L in pred["layers"].values():
         for name, ph in L["phases"].items():
-            terms[f"{name} ({ph['bound']})"] = terms.get(f"{name} ({ph['bound']})", 0) + L["count"] * ph["ms"]
+            key = f"{name} ({ph['bound']})"
+            terms[key] = terms.get(key, 0.0) + L["count"] * ph["ms"]
         if L["exchange"]:
-            bound = L["exchange"]["dispatch"]["bound"]
-            terms[f"exposed dispatch/combine ({bound})"] = L["count"] * L["exposed_comm_ms"]
+            terms[f"exposed dispatch/combine ({L['exchange']['dispatch']['bound']})"] = L["count"] * L["exposed_comm_ms"]
     return max(terms, key=terms.get)
