@@ -177,6 +177,20 @@ def _add_plan(sub):
     p.add_argument("--sweep-sequences", type=_positive_list, default=(32, 64, 128, 256), metavar="N,N,...",
                    help="decode batches per GPU of the sweep")
     p.add_argument("--sweep-plot", metavar="OUT.png", help="plot the sweep: throughput per GPU and scaling efficiency")
+    p.add_argument("--payload", default="native", choices=["native", "fp8"],
+                   help="dispatch rows in the compute dtype or FP8 with a scale per 128 values (run --payload)")
+    p.add_argument("--attention", default="materialised", choices=["materialised", "fused"],
+                   help="hpc_moe's attention kernels (scores in memory) or a fused flash-style kernel's traffic")
+    p.add_argument("--nics-per-node", type=_positive, default=None, metavar="N",
+                   help="the node's inter-node bandwidth is N of the hardware's NICs shared by its GPUs "
+                   "(default: one NIC a GPU)")
+    p.add_argument("--calibrate", nargs="+", default=(), metavar="TRACE.h5",
+                   help="fit --hardware's fractions reached, fixed costs and links to these traces "
+                   "and show predicted against measured for each")
+    p.add_argument("--validate", nargs="+", default=(), metavar="TRACE.h5",
+                   help="predict these traces' steps from their shapes on --hardware (or the --calibrate fit) "
+                   "against what they measured; --loads-from sets the expert imbalance")
+    p.add_argument("--save", metavar="FILE.json", help="write the --calibrate fit as a hardware file")
 
 
 def build_parser() -> argparse.ArgumentParser:

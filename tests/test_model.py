@@ -50,6 +50,19 @@ def test_ragged_batch_equals_one_by_one(tiny):
         np.testing.assert_array_equal(together.tokens[b], alone.tokens[0])
 
 
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_last_only_logits_are_the_last_rows(tiny, micro_batches):
+    """forward(last_only=True), what run asks for, gives each sequence's last-position logits of
+    the full forward, and nothing for an empty batch."""
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, tiny.cfg.vocab_size, n) for n in (5, 1, 12)]
+    full = tiny.forward(Batch.prefill(prompts), tiny.new_cache(3, 16), micro_batches)
+    last = tiny.forward(Batch.prefill(prompts), tiny.new_cache(3, 16), micro_batches, last_only=True)
+    assert last.shape == (3, tiny.cfg.vocab_size)
+    assert rel(last, full[np.cumsum([5, 1, 12]) - 1]) <= 1e-6
+    assert tiny.forward(Batch.prefill([]), tiny.new_cache(1, 4), last_only=True).shape == (0, tiny.cfg.vocab_size)
+
+
 def test_empty_batch_still_runs_every_layer(tiny):
     gen = generate(tiny, [], 3)
     assert gen.tokens.shape == (0, 3) and gen.prefill_logits == []

@@ -1,15 +1,18 @@
 """hpc-moe plan's arithmetic: parameters by kind and memory per GPU, against numbers derived here
 from the config's fields (not from the code under test) and the published DeepSeek-V3 figures."""
 import json
+import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from hpc_moe.cli import main
 from hpc_moe.config import load_config
+from hpc_moe.perf.calibrate import fit_link, fit_phase
 from hpc_moe.perf.footprint import Layout, Workload, memory_per_gpu, parameter_counts
-from hpc_moe.perf.hardware import load_hardware
-from hpc_moe.perf.predict import predict_step
+from hpc_moe.perf.hardware import Link, PhaseRate, load_hardware
+from hpc_moe.perf.predict import predict_step, reach
 
 
 def by_hand(c) -> tuple[int, int]:
@@ -73,7 +76,8 @@ def test_plan_json(tmp_path):
 
 def test_predicted_flops_are_twice_the_activated_parameters():
     """A decode token against a one-position cache does ~2 FLOPs per activated parameter (all but the
-    embedding lookup), plus the attention scores; independent of the EP size."""
+    embedding lookup), plus the attention scores; independent of the EP size. (Dispatch and combine
+    move rows: their local passes are not parameters.)"""
     c = load_config("deepseek-v3")
     hw = load_hardware("h100-sxm")
     _, active = by_hand(c)
@@ -81,9 +85,30 @@ def test_predicted_flops_are_twice_the_activated_parameters():
     for ep in (16, 256):
         r = predict_step(c, Layout(ep), hw, mode="decode", tokens=1, sequences=4, context=1, expert_fp8=True)
         flops = r["head"]["flops"] + sum(L["count"] * ph["flops"] for L in r["layers"].values()
-                                          for ph in L["phases"].values())
+                                          for name, ph in L["phases"].items() if name not in ("dispatch", "combine"))
         expect = 4 * (2 * (active - c.vocab_size * c.hidden_size - c.hidden_size) + scores)
         assert flops == pytest.approx(expect, rel=1e-9)
+
+
+def _routed(c, tokens: int, seed: int = 0) -> np.ndarray:
+    """Experts [tokens, K] drawn as group-limited routing does under uniform scores: topk_group of
+    the groups, then K distinct experts among theirs."""
+    rng = np.random.default_rng(seed)
+    size = c.n_routed_experts // c.n_group
+    groups = np.argsort(rng.random((tokens, c.n_group)), axis=1)[:, :c.topk_group]
+    members = (groups[:, :, None] * size + np.arange(size)).reshape(tokens, -1)
+    pick = np.argsort(rng.random(members.shape), axis=1)[:, :c.num_experts_per_tok]
+    return np.take_along_axis(members, pick, axis=1)
+
+
+@pytest.mark.parametrize("preset, ep, rpn", [("tiny", 2, 2), ("small", 8, 4), ("paper", 64, 8)])
+def test_reach_matches_drawn_routing(preset, ep, rpn):
+    c = load_config(preset)
+    e_TK = _routed(c, 20000)
+    per_slot = c.n_routed_experts // ep
+    for owner in (lambda e: e // per_slot, lambda e: e // per_slot // rpn):
+        drawn = np.mean([len(set(owner(e) for e in row)) for row in e_TK])
+        assert reach(c, [owner(e) for e in range(c.n_routed_experts)]) == pytest.approx(drawn, rel=0.01)
 
 
 def test_predicted_regimes_and_links():
@@ -95,15 +120,85 @@ def test_predicted_regimes_and_links():
     assert pre["layers"]["moe"]["phases"]["routed_experts"]["bound"] == "compute"
     flat = predict_step(c, Layout(256), hw, mode="prefill", dispatch="flat", **kw)["layers"]["moe"]["exchange"]
     hier = pre["layers"]["moe"]["exchange"]
-    # flat: every pair bound for another node crosses; hierarchical: one copy per remote node reached
-    assert flat["dispatch"]["inter_node_bytes"] == pytest.approx(4096 * 8 * (256 - 8) / 256 * c.hidden_size * 2)
-    # 4 of 8 groups of 4 nodes each: 16 reachable nodes, 16 * (1 - (15/16)^8) = 6.40 distinct, 31/32 remote
-    reached = 16 * (1 - (15 / 16) ** 8) * 31 / 32
-    assert hier["dispatch"]["inter_node_bytes"] == pytest.approx(4096 * reached * c.hidden_size * 2)
+    H, K = c.hidden_size, c.num_experts_per_tok
+    there_and_back = (H * 2 + 8 * K) + H * 2  # BF16 token, expert ids and weights; the BF16 sum back
+    # flat, one expert a GPU: a token's K experts are K ranks, each bound for another node crosses
+    assert flat["dispatch_and_combine"]["inter_node_bytes"] == pytest.approx(4096 * K * (256 - 8) / 256 * there_and_back)
+    # hierarchical: 4 of 8 groups of 4 nodes: 16 nodes of 8 experts reachable, K of their 128 experts
+    reached = 16 * (1 - math.comb(120, K) / math.comb(128, K)) * 31 / 32
+    assert hier["dispatch_and_combine"]["inter_node_bytes"] == pytest.approx(4096 * reached * there_and_back)
+    fp8 = predict_step(c, Layout(256), hw, mode="prefill", dispatch="flat", payload="fp8", **kw)["layers"]["moe"]
+    assert fp8["exchange"]["dispatch_and_combine"]["inter_node_bytes"] == pytest.approx(
+        4096 * K * 248 / 256 * ((H + 4 * H // 128 + 8 * K) + H * 2))
     fast = replace(hw, inter_node=replace(hw.inter_node, bytes_per_s=2 * hw.inter_node.bytes_per_s))
     assert predict_step(c, Layout(256), fast, mode="prefill", dispatch="hierarchical", **kw)["step_ms"] < pre["step_ms"]
     two = predict_step(c, Layout(256), hw, mode="prefill", dispatch="hierarchical", micro_batches=2, **kw)
     assert two["layers"]["moe"]["exposed_comm_ms"] < pre["layers"]["moe"]["exposed_comm_ms"]
+
+
+def test_ranks_sharing_a_device_divide_its_rates():
+    """8 ranks on 2 cores: each gets 2 / (1 + 7 c) of a core while it computes, c the share of its
+    compute time another rank computes too; 2 ranks keep a core each."""
+    c = load_config("small")
+    hw = replace(load_hardware("cpu-2core"), concurrency={"prefill": 1.0}, oversubscribed_efficiency=1.0)
+    kw = dict(mode="prefill", tokens=512, sequences=8, context=64, expert_fp8=False)
+    two, eight = (predict_step(c, Layout(8, ranks_per_node=8), hw, ranks_per_host=n, **kw) for n in (2, 8))
+    assert (two["device_share"], eight["device_share"]) == (1.0, 0.25)
+    a, b = two["layers"]["moe"]["phases"]["routed_experts"], eight["layers"]["moe"]["phases"]["routed_experts"]
+    fixed = hw.rate("routed_experts", "prefill").overhead_s * 1e3
+    assert b["ms"] - fixed == pytest.approx(4 * (a["ms"] - fixed))
+    half = replace(hw, concurrency={"prefill": 0.5}, oversubscribed_efficiency=0.8)
+    assert predict_step(c, Layout(8, ranks_per_node=8), half, ranks_per_host=8, **kw)["device_share"] == \
+        pytest.approx(2 / 4.5 * 0.8)
+
+
+def test_nics_per_node_sets_the_inter_node_bandwidth(tmp_path):
+    out = {n: tmp_path / f"{n}.json" for n in (2, 8)}
+    for n, path in out.items():
+        assert main(["plan", "--config", "paper", "--ranks", "64", "--nics-per-node", str(n), "--json", str(path)]) == 0
+    r = {n: json.loads(p.read_text())["predicted"]["prefill"]["layers"]["moe"]["exchange"]["dispatch_and_combine"]
+         for n, p in out.items()}
+    hw = load_hardware("h100-sxm")
+    assert r[8]["inter_node_bytes"] == r[2]["inter_node_bytes"]
+    # ms = messages x latency + bytes / (bandwidth x efficiency): four times the bandwidth, a quarter of the
+    # byte time; hierarchical dispatch (auto, across nodes) sends one message a remote node each way
+    lat = 2 * (64 // 8 - 1) * hw.inter_node.latency_s * 1e3
+    assert r[2]["inter_node_ms"] - lat == pytest.approx(4 * (r[8]["inter_node_ms"] - lat))
+
+
+def test_fit_phase_recovers_a_known_roofline():
+    """Samples drawn from a roofline with a fixed cost (and 3% noise) give back its parameters."""
+    rng = np.random.default_rng(0)
+    peak, bw, truth = 1e11, 2.5e10, PhaseRate(0.42, 0.31, 2e-4)
+    flops, nbytes = 10 ** rng.uniform(5, 10, 300), 10 ** rng.uniform(4, 9, 300)
+    calls, share = rng.choice([1, 2], 300), rng.choice([1.0, 0.5, 0.25], 300)
+    t = truth.overhead_s * calls + np.maximum(flops / (peak * truth.flops_efficiency * share),
+                                              nbytes / (bw * truth.hbm_efficiency * share))
+    rows = list(zip(flops, nbytes, calls, share, t * rng.normal(1, 0.03, 300)))
+    rate, err = fit_phase(rows, peak, bw, PhaseRate(0.5, 0.5))
+    assert rate.flops_efficiency == pytest.approx(0.42, rel=0.1) and rate.hbm_efficiency == pytest.approx(0.31, rel=0.1)
+    assert rate.overhead_s == pytest.approx(2e-4, rel=0.25) and err < 0.05
+
+
+def test_fit_link_recovers_latency_and_bandwidth():
+    rng = np.random.default_rng(1)
+    truth = Link(2.6e10, 3e-5, 0.05)
+    nbytes, msgs = 10 ** rng.uniform(4, 7, 200), rng.choice([2, 6, 14], 200)
+    hidden = rng.uniform(0, 1e-3, 200)
+    exposed = np.maximum(0, truth.seconds(nbytes, msgs) - hidden)
+    rows = list(zip(nbytes, np.zeros(200), msgs, np.zeros(200), np.ones(200), hidden, exposed, np.full(200, 0.01)))
+    fit = fit_link(rows, Link(2.6e10, 0.0, 1.0), 0, None)
+    assert fit.efficiency == pytest.approx(0.05, rel=0.1) and fit.latency_s == pytest.approx(3e-5, rel=0.3)
+
+
+def test_calibration_input_errors(tmp_path, capsys):
+    assert main(["plan", "--calibrate", str(tmp_path / "none.h5")]) == 2
+    assert main(["plan", "--ranks", "16", "--save", str(tmp_path / "hw.json")]) == 2
+    assert main(["plan", "--validate", str(tmp_path / "none.h5"), "--ranks", "16", "--nics-per-node", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "none.h5" in err[0] and "--save needs --calibrate" in err[1]
+    assert "drop --ranks, --nics-per-node" in err[2]
+    assert not (tmp_path / "hw.json").exists()
 
 
 def test_plan_hardware_errors(tmp_path, capsys):

@@ -4,7 +4,7 @@ prefill and decode step per phase on a hardware file (hpc_moe.perf.predict); ``-
 and plots the prediction over EP sizes and decode batches."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 from hpc_moe.apps.common import loads_from_trace, write_json
 from hpc_moe.config import ModelConfig, load_config
@@ -37,6 +37,16 @@ class PlanOptions:
     sweep_ep: tuple[int, ...] = ()
     sweep_sequences: tuple[int, ...] = (32, 64, 128, 256)
     sweep_plot: str | None = None
+    payload: str = "native"
+    attention: str = "materialised"
+    nics_per_node: int | None = None
+    calibrate: tuple[str, ...] = ()
+    validate: tuple[str, ...] = ()
+    save: str | None = None
+
+    def __post_init__(self):
+        for name in ("calibrate", "validate"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
 
 @dataclass(frozen=True)
@@ -56,12 +66,12 @@ class _Plan:
     predicted: dict
 
 
-def _plan(cfg: ModelConfig, hw: Hardware, o: PlanOptions, ep: int, sequences: int, loads_E) -> _Plan:
+def _plan(cfg: ModelConfig, hw: Hardware, o: PlanOptions, ep: int, sequences: int, loads_ME) -> _Plan:
     if ep % o.expert_tp:
         raise UsageError(f"the EP group of {ep} ranks must be divisible by --expert-tp {o.expert_tp}")
     rpn, layers = o.ranks_per_node or hw.gpus_per_node, o.layers or cfg.num_hidden_layers
     p = ExpertPlacement.build(cfg.n_routed_experts, ep, o.expert_tp, [r // rpn for r in range(ep)],
-                              cfg.n_group, loads=loads_E)
+                              cfg.n_group, loads=None if loads_ME is None else loads_ME.mean(axis=0))
     layout = Layout(ep, o.dp, o.expert_tp, rpn)
     mem = memory_per_gpu(cfg, layout, Workload(sequences, o.context, o.tokens), expert_dtype=o.experts_dtype,
                          layers=layers)
@@ -69,26 +79,53 @@ def _plan(cfg: ModelConfig, hw: Hardware, o: PlanOptions, ep: int, sequences: in
     per_seq = mem["kv_cache"] / sequences
     most = max(0, int((hbm - (mem["total"] - mem["kv_cache"])) // per_seq)) if per_seq else 0
     dispatch = o.dispatch if o.dispatch != "auto" else ("hierarchical" if ep > rpn else "flat")
-    imbalance = _imbalance(p, loads_E) if loads_E is not None else 1.0
+    imbalance = _imbalance(p, loads_ME) if loads_ME is not None else 1.0
     fp8 = o.experts_dtype == "fp8" or (o.experts_dtype == "auto" and cfg.quantization_config is not None)
     pred = {mode: predict_step(cfg, layout, hw, mode=mode, tokens=o.tokens, sequences=sequences, context=o.context,
                                expert_fp8=fp8, dispatch=dispatch, micro_batches=o.micro_batches,
-                               imbalance=imbalance, layers=layers)
+                               imbalance=imbalance, layers=layers, payload=o.payload,
+                               attention=o.attention)
             for mode in ("prefill", "decode")}
     return _Plan(ep, sequences, rpn, hbm, p, mem, bool(mem["total"] <= hbm), most, dispatch, imbalance, pred)
 
 
-def _imbalance(p: ExpertPlacement, loads_E) -> float:
+def _with_nics(hw: Hardware, nics: int | None) -> Hardware:
+    """The hardware with its node's inter-node bandwidth that of ``nics`` NICs shared by its GPUs
+    (the file's inter-node link is one NIC's, one per GPU)."""
+    if nics is None:
+        return hw
+    link = replace(hw.inter_node, bytes_per_s=hw.inter_node.bytes_per_s * nics / hw.gpus_per_node)
+    return replace(hw, name=f"{hw.name}, {nics} NICs a node", inter_node=link)
+
+
+def _imbalance(p: ExpertPlacement, loads_ME) -> float:
     """The hottest slot's routed rows over the mean, each expert's measured load split evenly across
-    its replicas."""
-    per_slot = [sum(loads_E[e] / len(p.owners(e)) for e in p.slot_experts[0][s]) for s in range(p.n_slots)]
-    mean = sum(per_slot) / len(per_slot)
-    return max(per_slot) / mean if mean > 0 else 1.0
+    its replicas; the mean over MoE layers (each waits for its own hottest slot)."""
+    out = []
+    for loads_E in loads_ME:
+        per_slot = [sum(loads_E[e] / len(p.owners(e)) for e in p.slot_experts[0][s]) for s in range(p.n_slots)]
+        mean = sum(per_slot) / len(per_slot)
+        out.append(max(per_slot) / mean if mean > 0 else 1.0)
+    return sum(out) / len(out)
+
+
+# What --calibrate / --validate use; every other option describes a layout, which the traces give.
+_CALIBRATION_OPTIONS = {"calibrate", "validate", "save", "hardware", "loads_from", "json"}
 
 
 def run_plan(o: PlanOptions) -> int:
+    if o.calibrate or o.validate:
+        unused = [f"--{f.name.replace('_', '-')}" for f in fields(o)
+                  if f.name not in _CALIBRATION_OPTIONS and getattr(o, f.name) != f.default]
+        if unused:
+            raise UsageError(f"--calibrate / --validate take the layout and workload from the traces: "
+                             f"drop {', '.join(unused)}")
+        from hpc_moe.apps.calibrate import run_calibrate
+        return run_calibrate(o)
+    if o.save:
+        raise UsageError("--save needs --calibrate")
     cfg = load_config(o.config)
-    hw = load_hardware(o.hardware)
+    hw = _with_nics(load_hardware(o.hardware), o.nics_per_node)
     if o.ranks is None and not o.sweep_ep:
         raise UsageError("plan needs --ranks N or --sweep-ep LIST")
     if o.ranks is not None and o.ranks % o.dp:
@@ -96,7 +133,7 @@ def run_plan(o: PlanOptions) -> int:
     if o.sweep_plot and not o.sweep_ep:
         raise UsageError("--sweep-plot needs --sweep-ep")
     layers = o.layers or cfg.num_hidden_layers
-    loads = loads_from_trace(o.loads_from, layers, cfg).mean(axis=0) if o.loads_from else None
+    loads = loads_from_trace(o.loads_from, layers, cfg) if o.loads_from else None
     if o.sweep_ep:
         return _sweep(cfg, hw, o, loads)
     return _report(cfg, hw, o, _plan(cfg, hw, o, o.ranks // o.dp, o.sequences, loads))
@@ -116,7 +153,8 @@ def _report(cfg: ModelConfig, hw: Hardware, o: PlanOptions, pl: _Plan) -> int:
         print(f"  {item:<21}{v / 2**30:>10.2f}")
     print(f"  {'fits in':<21}{hbm / 2**30:>10.2f}: {'yes' if pl.fits else 'NO'}; "
           f"at most {pl.most_sequences} sequences of {o.context} per GPU")
-    print(f"\npredicted on {hw.name} (a projection: {hw.source}); {pl.dispatch} dispatch, "
+    print(f"\npredicted on {hw.name} (a projection: {hw.source}); {pl.dispatch} dispatch of {o.payload} rows, "
+          f"{o.attention} attention, "
           f"{o.micro_batches} micro-batch(es), expert imbalance {pl.imbalance:.2f}")
     for mode, r in pl.predicted.items():
         print(f"  {mode}: {r['tokens_per_gpu']} tokens a GPU a step, step {r['step_ms']:.2f} ms, "
@@ -145,10 +183,10 @@ def _report(cfg: ModelConfig, hw: Hardware, o: PlanOptions, pl: _Plan) -> int:
     return 0
 
 
-def _sweep(cfg: ModelConfig, hw: Hardware, o: PlanOptions, loads_E) -> int:
+def _sweep(cfg: ModelConfig, hw: Hardware, o: PlanOptions, loads_ME) -> int:
     """Predicted throughput per GPU over EP sizes (rows) and decode batches; scaling efficiency is a
     GPU's throughput over the smallest EP's at the same batch."""
-    rows = [_plan(cfg, hw, o, ep, s, loads_E) for ep in sorted(o.sweep_ep) for s in o.sweep_sequences]
+    rows = [_plan(cfg, hw, o, ep, s, loads_ME) for ep in sorted(o.sweep_ep) for s in o.sweep_sequences]
     base = {pl.sequences: pl for pl in rows if pl.ep == min(o.sweep_ep)}
     table = []
     print(f"{o.config} on {hw.name} (a projection), prefill {o.tokens} tokens a GPU a step, decode at "

@@ -157,7 +157,7 @@ def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workloa
         with watchdog.waiting("the barrier before the step"):
             ctx.world.Barrier()
         t0 = time.perf_counter()
-        engine.forward(batch, cache)
+        engine.forward(batch, cache, last_only=True)
         backend.synchronize()
         with watchdog.waiting("the barrier after the step"):
             ctx.world.Barrier()

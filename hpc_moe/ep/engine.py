@@ -83,9 +83,10 @@ class Engine:
     def placement(self) -> ExpertPlacement:
         return self.executor.placement
 
-    def forward(self, batch: Batch, cache: KVCache) -> np.ndarray:
-        """One step on this rank's sequences -> float32 logits [T, V] on the host. Collective."""
-        return self.backend.to_numpy(self.model.forward(batch, cache, self.options.micro_batches))
+    def forward(self, batch: Batch, cache: KVCache, last_only: bool = False) -> np.ndarray:
+        """One step on this rank's sequences -> float32 logits [T, V] (last_only: [B, V], each
+        sequence's last position) on the host. Collective."""
+        return self.backend.to_numpy(self.model.forward(batch, cache, self.options.micro_batches, last_only))
 
     def start_step(self) -> None:
         """Reset the per-step accounting (phase times, exchanges, expert counts, bytes)."""

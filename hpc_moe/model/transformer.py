@@ -154,19 +154,22 @@ class Model:
         x = rms_norm(h_TD, self.norm, self.cfg.rms_norm_eps)
         return linear(x, self.lm_head, self.deterministic).astype(self.backend.xp.float32)
 
-    def forward(self, batch: Batch, cache: KVCache, micro_batches: int = 1):
-        """Token ids of a ragged batch -> float32 logits [T, V]; the cache gains the batch's tokens.
+    def forward(self, batch: Batch, cache: KVCache, micro_batches: int = 1, last_only: bool = False):
+        """Token ids of a ragged batch -> float32 logits [T, V] (last_only: of each sequence's last
+        position, [B, V], what serving needs: a prompt's other logits are a [T, V] GEMM thrown
+        away); the cache gains the batch's tokens.
 
         micro_batches > 1 splits the batch's sequences and overlaps one part's MoE exchange with
         the other parts' compute (:meth:`forward_micro`). In the engine this is collective: every
         rank must call it with the same micro_batches, with or without tokens of its own.
         """
         if micro_batches <= 1:
-            return self.forward_micro([batch], cache)[0]
-        return self.backend.xp.concatenate(self.forward_micro(batch.split(micro_batches), cache), axis=0)
+            return self.forward_micro([batch], cache, last_only)[0]
+        return self.backend.xp.concatenate(self.forward_micro(batch.split(micro_batches), cache, last_only), axis=0)
 
-    def forward_micro(self, batches: list[Batch], cache: KVCache) -> list:
-        """The layer schedule over micro-batches -> float32 logits [T_i, V] per micro-batch.
+    def forward_micro(self, batches: list[Batch], cache: KVCache, last_only: bool = False) -> list:
+        """The layer schedule over micro-batches -> float32 logits [T_i, V] (last_only: [B_i, V])
+        per micro-batch.
 
         Per layer: for each micro-batch, finish its previous MoE layer (its combine has been in
         flight meanwhile), attention, then post its MoE exchange (the payload leaves before the
@@ -205,6 +208,8 @@ class Model:
         for i in range(len(batches)):
             settle(i)
         self._inflight = []
+        if last_only:
+            hs = [h[self.backend.xp.asarray(b.offsets[1:] - 1)] for h, b in zip(hs, batches)]
         return [self.head(h) for h in hs]
 
     def poll(self) -> None:

@@ -1,16 +1,25 @@
 """A GPU and its links as data (``data/hardware/*.json``): peak FLOP/s per dtype and the fraction a
 kernel reaches, HBM size and bandwidth and its fraction, and the intra-node and inter-node links as
-alpha (latency) and beta (bytes/s, with the fraction an all-to-all reaches)."""
+alpha (latency) and beta (bytes/s, with the fraction an all-to-all reaches).
+
+Optional fields, written by ``hpc-moe plan --calibrate``: ``compute_dtype`` (what activations and
+dense weights are held in, default "bf16"); ``phases`` (per phase of a layer, "name" or
+"name:mode": the fractions that phase reaches and a fixed cost per call: launches, interpreter);
+``step_overhead_s`` (a fixed cost per step outside the layers); ``concurrency`` (per mode) and
+``oversubscribed_efficiency`` (for ranks that outnumber the devices: see Hardware.device_share);
+``calibration`` (what the fit saw, kept for the record).
+"""
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hpc_moe.errors import InputError
 
 HARDWARE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                             "data", "hardware")
+DTYPE_BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4}
 
 
 class HardwareError(InputError):
@@ -23,9 +32,25 @@ class Link:
     latency_s: float
     efficiency: float
 
-    def seconds(self, nbytes: float, messages: float) -> float:
-        """alpha-beta: the messages' latencies plus the bytes at the bandwidth reached."""
-        return messages * self.latency_s + nbytes / (self.bytes_per_s * self.efficiency)
+    def seconds(self, nbytes: float, messages: float, share: float = 1.0) -> float:
+        """alpha-beta: the messages' latencies plus the bytes at the bandwidth reached; ranks
+        that get ``share`` of a device get that share of its links, and a message waits that much
+        longer for its peer to be running."""
+        return (messages * self.latency_s + nbytes / (self.bytes_per_s * self.efficiency)) / share
+
+
+@dataclass(frozen=True)
+class PhaseRate:
+    """What one phase of a layer reaches: fractions of the peak FLOP/s and HBM bandwidth, and a
+    fixed cost per call."""
+
+    flops_efficiency: float
+    hbm_efficiency: float
+    overhead_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"flops_efficiency": self.flops_efficiency, "hbm_efficiency": self.hbm_efficiency,
+                "overhead_s": self.overhead_s}
 
 
 @dataclass(frozen=True)
@@ -40,12 +65,58 @@ class Hardware:
     gpus_per_node: int
     intra_node: Link
     inter_node: Link
+    compute_dtype: str = "bf16"
+    phases: dict = field(default_factory=dict)
+    step_overhead_s: float = 0.0
+    concurrency: dict = field(default_factory=dict)
+    oversubscribed_efficiency: float = 1.0
+    calibration: dict = field(default_factory=dict)
 
-    def compute_s(self, flops: float, dtype: str = "bf16") -> float:
-        return flops / (self.flops_per_s[dtype] * self.flops_efficiency)
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.compute_dtype]
 
-    def memory_s(self, nbytes: float) -> float:
-        return nbytes / (self.hbm_bytes_per_s * self.hbm_efficiency)
+    def rate(self, phase: str, mode: str = "") -> PhaseRate:
+        """The phase's calibrated rates in this mode ("attention:decode"; prefill and decode run
+        different kernels on different shapes), else the phase's, else the file's global fractions
+        with no fixed cost."""
+        return self.phases.get(f"{phase}:{mode}") or self.phases.get(phase) or \
+            PhaseRate(self.flops_efficiency, self.hbm_efficiency)
+
+    def phase_s(self, phase: str, flops: float, nbytes: float, dtype: str | None = None,
+                share: float = 1.0, mode: str = "") -> tuple[float, str]:
+        """Roofline of one call: its fixed cost plus the larger of its FLOPs at the compute rate and
+        its bytes at the HBM rate the phase reaches (``share`` of the device: ranks that share one
+        divide it); returns (seconds, "compute" | "memory")."""
+        r = self.rate(phase, mode)
+        peak = self.flops_per_s.get(dtype or self.compute_dtype, self.flops_per_s[self.compute_dtype])
+        c = flops / (peak * r.flops_efficiency * share)
+        m = nbytes / (self.hbm_bytes_per_s * r.hbm_efficiency * share)
+        return r.overhead_s + max(c, m), "compute" if c >= m else "memory"
+
+    def device_share(self, ranks_per_node: int, mode: str = "", concurrency: float | None = None) -> float:
+        """The fraction of a device a computing rank gets when more ranks than devices share a
+        node: devices / (1 + (ranks - 1) c), at most 1, where c is the fraction of its compute
+        time another rank computes too (the file's ``concurrency`` for the mode, else 1: ranks
+        that wait in MPI yield the cores to those that work, and staggered ranks rarely meet);
+        times ``oversubscribed_efficiency`` when they outnumber the devices (switching between
+        ranks costs, and each evicts the others' caches)."""
+        c = self.concurrency.get(mode, 1.0) if concurrency is None else concurrency
+        if ranks_per_node <= self.gpus_per_node:
+            return 1.0
+        return min(1.0, self.gpus_per_node / (1 + (ranks_per_node - 1) * c)) * self.oversubscribed_efficiency
+
+    def to_dict(self) -> dict:
+        link = lambda k: {"bytes_per_s": k.bytes_per_s, "latency_s": k.latency_s, "efficiency": k.efficiency}  # noqa: E731
+        return {"name": self.name, "source": self.source, "compute_dtype": self.compute_dtype,
+                "flops_per_s": dict(self.flops_per_s), "flops_efficiency": self.flops_efficiency,
+                "hbm_bytes": self.hbm_bytes, "hbm_bytes_per_s": self.hbm_bytes_per_s,
+                "hbm_efficiency": self.hbm_efficiency, "gpus_per_node": self.gpus_per_node,
+                "intra_node": link(self.intra_node), "inter_node": link(self.inter_node),
+                "phases": {k: v.to_dict() for k, v in self.phases.items()},
+                "step_overhead_s": self.step_overhead_s, "concurrency": dict(self.concurrency),
+                "oversubscribed_efficiency": self.oversubscribed_efficiency,
+                "calibration": self.calibration}
 
 
 def hardware_names() -> list[str]:
@@ -53,7 +124,8 @@ def hardware_names() -> list[str]:
 
 
 def load_hardware(name_or_path: str) -> Hardware:
-    """A name from data/hardware (``seeds-h100``, ``h100-sxm``, ``h200``) or a JSON file of the same form."""
+    """A name from data/hardware (``seeds-h100``, ``h100-sxm``, ``h200``, ``cpu-2core``) or a JSON file
+    of the same form."""
     path = name_or_path if os.path.isfile(name_or_path) else os.path.join(HARDWARE_DIR, name_or_path + ".json")
     if not os.path.isfile(path):
         raise HardwareError(f"--hardware: no file or name {name_or_path!r} (names: {', '.join(hardware_names())})")
@@ -62,18 +134,30 @@ def load_hardware(name_or_path: str) -> Hardware:
             d = json.load(f)
         links = {k: Link(float(d[k]["bytes_per_s"]), float(d[k]["latency_s"]), float(d[k]["efficiency"]))
                  for k in ("intra_node", "inter_node")}
+        phases = {str(k): PhaseRate(float(v["flops_efficiency"]), float(v["hbm_efficiency"]), float(v["overhead_s"]))
+                  for k, v in d.get("phases", {}).items()}
         hw = Hardware(name=str(d.get("name", os.path.basename(path))), source=str(d.get("source", "")),
                       flops_per_s={k: float(v) for k, v in d["flops_per_s"].items()},
                       flops_efficiency=float(d["flops_efficiency"]), hbm_bytes=float(d["hbm_bytes"]),
                       hbm_bytes_per_s=float(d["hbm_bytes_per_s"]), hbm_efficiency=float(d["hbm_efficiency"]),
-                      gpus_per_node=int(d["gpus_per_node"]), **links)
+                      gpus_per_node=int(d["gpus_per_node"]), compute_dtype=str(d.get("compute_dtype", "bf16")),
+                      phases=phases, step_overhead_s=float(d.get("step_overhead_s", 0.0)),
+                      concurrency={str(k): float(v) for k, v in d.get("concurrency", {}).items()},
+                      oversubscribed_efficiency=float(d.get("oversubscribed_efficiency", 1.0)),
+                      calibration=dict(d.get("calibration", {})), **links)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise HardwareError(f"--hardware {path}: not a hardware file ({type(e).__name__}: {e})") from None
-    rates = [hw.flops_efficiency, hw.hbm_efficiency, hw.intra_node.efficiency, hw.inter_node.efficiency]
+    rates = [hw.flops_efficiency, hw.hbm_efficiency, hw.oversubscribed_efficiency, hw.intra_node.efficiency,
+             hw.inter_node.efficiency,
+             *(x for p in hw.phases.values() for x in (p.flops_efficiency, p.hbm_efficiency))]
     positive = [hw.hbm_bytes, hw.hbm_bytes_per_s, hw.gpus_per_node, hw.intra_node.bytes_per_s,
                 hw.inter_node.bytes_per_s, *hw.flops_per_s.values()]
-    if "bf16" not in hw.flops_per_s or not all(0 < r <= 1 for r in rates) or not all(v > 0 for v in positive) \
-            or min(hw.intra_node.latency_s, hw.inter_node.latency_s) < 0:
-        raise HardwareError(f"--hardware {path}: needs flops_per_s.bf16, positive sizes and rates, "
-                            "efficiencies in (0, 1] and latencies >= 0")
+    fixed = [hw.intra_node.latency_s, hw.inter_node.latency_s, hw.step_overhead_s,
+             *(p.overhead_s for p in hw.phases.values())]
+    if hw.compute_dtype not in DTYPE_BYTES or hw.compute_dtype not in hw.flops_per_s \
+            or not all(0 <= c <= 1 for c in hw.concurrency.values()) \
+            or not all(0 < r <= 1 for r in rates) or not all(v > 0 for v in positive) or min(fixed) < 0:
+        raise HardwareError(f"--hardware {path}: needs flops_per_s of its compute_dtype (bf16 unless it says; one of "
+                            f"{', '.join(DTYPE_BYTES)}), positive sizes and rates, efficiencies in (0, 1], "
+                            "concurrency in [0, 1] and latencies and overheads >= 0")
     return hw

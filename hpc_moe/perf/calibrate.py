@@ -1,0 +1,382 @@
+"""A hardware file fitted to measured traces, and predicted against measured per trace.
+
+Each trace's steps of one kind (prefill or decode) are a :class:`Shape`: what ``predict_step``
+takes (the model, the layout, the hottest rank's tokens, the context, the schedule) and what was
+measured (medians over the steps). The fit, per phase of a layer and mode, finds the fractions
+of the peak FLOP/s and HBM bandwidth and the fixed cost per call that best explain the slowest
+rank's time in that phase of every layer (relative least squares on a log grid, then a finer one:
+durations span decades); then the links' latency and efficiency from the exchange time left
+exposed (the least any rank of a layer was blocked: the last rank to arrive waits only for the
+transfer); then a fixed cost per step from the wall time the layers leave unexplained (embedding,
+head, sampling, barriers). Ranks that outnumber the devices (8 ranks on 2 cores) share them: how
+often they compute at the same time is measured from the timelines, and what sharing costs beyond
+that is the efficiency that predicts the fit's steps best. The peaks stay those of the base
+hardware file: the fit says what fraction of them this software reaches.
+
+Legend: S steps, L layers, M MoE layers, R ranks, P trace phases, E experts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from hpc_moe.config import ModelConfig
+from hpc_moe.errors import InputError
+from hpc_moe.perf.footprint import Layout
+from hpc_moe.perf.hardware import DTYPE_BYTES, Hardware, Link, PhaseRate
+from hpc_moe.perf.predict import layer_work, messages, predict_step, wire_row_bytes
+from hpc_moe.trace.reader import Trace
+
+# trace phase -> predicted phase (hpc_moe.perf.predict.layer_work)
+PHASE_OF = {"attention": "attention", "dense_mlp": "dense_mlp", "gate": "gate", "shared": "shared_experts",
+            "expert": "routed_experts", "dispatch": "dispatch", "combine": "combine"}
+_EFF = np.logspace(-4, 0, 49)
+OVERSUBSCRIBED_EFFICIENCIES = tuple(np.round(np.arange(0.4, 1.001, 0.05), 2))
+
+
+class CalibrationError(InputError):
+    """A trace that calibration cannot read as a shape."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One trace's steps of one kind: predict_step's inputs and the medians measured over them.
+
+    tokens_R / sequences_R: each rank's own tokens and sequences; pairs_MR: (token, expert) rows
+    through each rank's experts; rows_R: rows each rank sent per MoE layer (both directions' row
+    sizes together: see wire_row_bytes); remote_R2: bytes a rank sent per MoE layer (the mean of
+    its layers: the trace counts bytes per step) to other ranks inside and across nodes;
+    experts_MR: its local experts that had rows; loads_ME: tokens per expert per MoE layer (mean
+    over steps); phase_LRP: seconds per layer, rank and trace phase; blocked_LR2: seconds blocked
+    on dispatch and combine; step_s: wall time of a step; concurrency: the fraction of a rank's
+    compute time another rank computed too (from the sampled timelines;
+    None without them)."""
+
+    name: str
+    cfg: ModelConfig
+    layout: Layout
+    mode: str
+    context: float
+    payload: str
+    dispatch: str
+    micro_batches: int
+    layers: int
+    ranks_per_host: int
+    dtype: str
+    phases: tuple
+    tokens_R: np.ndarray
+    sequences_R: np.ndarray
+    pairs_MR: np.ndarray
+    rows_R: np.ndarray
+    remote_R2: np.ndarray
+    experts_MR: np.ndarray
+    loads_ME: np.ndarray
+    phase_LRP: np.ndarray
+    blocked_LR2: np.ndarray
+    step_s: float
+    concurrency: float | None
+
+    @property
+    def label(self) -> str:
+        return (f"{self.name}: {self.mode}, {self.layout.ep} ranks, {int(self.tokens_R.max())} tokens a rank, "
+                f"context {self.context:g}")
+
+
+def _mean(dist) -> float:
+    kind, params = dist
+    if kind in ("fixed", "file"):
+        return float(np.mean(params))
+    if kind == "uniform":
+        return (params[0] + params[1]) / 2
+    return float(params[0]) if kind == "normal" else math.exp(params[0] + params[1] ** 2 / 2)
+
+
+def shapes_of(tr: Trace) -> list[Shape]:
+    """The trace's prefill steps and its decode steps as shapes (mixed steps are left out)."""
+    run, par = tr.meta["run_config"], tr.meta["parallel_config"]
+    why = ("it has no steps" if tr.num_steps == 0 else
+           "it ran data-parallel replicas (--dp > 1)" if par["dp_size"] != 1 else
+           "it ran expert tensor parallelism (--expert-tp > 1)" if par["expert_tp"] != 1 else
+           "it has no MoE layers" if len(tr.moe_layers) == 0 else None)
+    if why:
+        raise CalibrationError(f"{tr.path}: calibration cannot use this trace: {why}")
+    cfg = ModelConfig.from_dict(tr.meta["model_config"])
+    computed = tr.meta["array_backend"].split("(")[-1].strip(")")  # "numpy (float32)", "cupy (bfloat16)"
+    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(computed)
+    if dtype is None:
+        raise CalibrationError(f"{tr.path}: calibration cannot use this trace: it computed in {computed!r}")
+    R, ep, M = tr.num_ranks, int(par["ep_size"]), len(tr.moe_layers)
+    rpn = int(par["simulated_ranks_per_node"] or max(par["ranks_per_node"]))
+    lay = run["layout"]
+    hosts = np.unique(tr.rank_host, return_counts=True)[1]
+    nodes = int(tr.rank_node.max()) + 1
+    dispatch = lay["dispatch"] if lay["dispatch"] != "auto" else ("hierarchical" if nodes > 1 and rpn > 1 else "flat")
+    m = int(lay["micro_batches"]) if lay["overlap"] == "on" else 1
+    row = sum(wire_row_bytes(cfg, DTYPE_BYTES[dtype], lay["payload"]))
+    same_RR = tr.rank_node[:, None] == tr.rank_node[None, :]
+    out = []
+    for mode in ("prefill", "decode"):
+        s = np.flatnonzero(tr.kind == mode)
+        if not len(s):
+            continue
+        med = lambda a, s=s: np.median(a[s], axis=0)  # noqa: E731
+        tokens_R = med(tr.nodes_reached[:, 0, :, 0]).astype(float)
+        context = float(np.median(tr.input_tokens[s] / tr.num_sequences[s])) if mode == "prefill" \
+            else _mean(run["workload"]["seq_len"])
+        holders = tr.placement  # [M1, E, K] ranks, -1 pads
+        share_MER = np.stack([[(holders[min(i, len(holders) - 1), e][:, None] == np.arange(R)).sum(0)
+                               for e in range(tr.num_experts)] for i in range(M)]).astype(float)
+        share_MER /= np.maximum(share_MER.sum(axis=2, keepdims=True), 1)  # tokens split across replicas
+        pairs_SMR = np.einsum("sme,mer->smr", tr.expert_tokens[s].astype(float), share_MER)
+        sent_SRR = tr.bytes_sent[s].astype(float) / M
+        off = ~np.eye(R, dtype=bool)
+        remote = np.stack([(sent_SRR * (same_RR & off)).sum(2), (sent_SRR * ~same_RR).sum(2)], -1)
+        out.append(Shape(
+            name=tr.name, cfg=cfg, layout=Layout(ep, 1, 1, rpn), mode=mode, context=context, payload=lay["payload"],
+            dispatch=dispatch, micro_batches=m, layers=tr.num_layers, ranks_per_host=int(hosts.max()), dtype=dtype,
+            phases=tr.phases, tokens_R=tokens_R,
+            sequences_R=tokens_R if mode == "decode" else tokens_R / context,
+            pairs_MR=np.median(pairs_SMR, axis=0), rows_R=med(tr.bytes_sent.sum(axis=2)) / M / row,
+            remote_R2=np.median(remote, axis=0),
+            experts_MR=np.einsum("me,mer->mr", (tr.expert_tokens[s].mean(0) > 0).astype(float), (share_MER > 0).astype(float)),
+            loads_ME=tr.expert_tokens[s].mean(axis=0).astype(float),
+            phase_LRP=med(tr.phase_time_s), blocked_LR2=med(tr.exchange_time_s[..., 1]),
+            step_s=float(np.median(tr.wall_time_s[s])),
+            concurrency=_concurrency(tr, s)))
+    if not out:
+        raise CalibrationError(f"{tr.path}: calibration needs prefill or decode steps (this trace has only mixed ones)")
+    return out
+
+
+def _cover(bins: np.ndarray, ev: np.ndarray) -> np.ndarray:
+    """bool [bins]: the time bins some interval of ``ev`` covers."""
+    edge = np.zeros(len(bins) + 1)
+    np.add.at(edge, np.searchsorted(bins, ev["t_start_s"]), 1)
+    np.add.at(edge, np.searchsorted(bins, ev["t_end_s"]), -1)
+    return np.cumsum(edge)[:-1] > 0
+
+
+def _concurrency(tr: Trace, steps: np.ndarray, resolution_s: float = 1e-4) -> float | None:
+    """Median over the sampled steps of: for each rank's computing instants (in a phase, not
+    blocked in "wait"), the fraction of the other ranks computing too. Each rank's clock starts
+    at the step's barrier, so ranks line up to within its skew."""
+    wait = tr.phases.index("wait")
+    ev = tr.events[np.isin(tr.events["step"], tr.step[steps])]
+    if tr.num_ranks < 2 or not len(ev):
+        return None
+    per_step = []
+    for s in np.unique(ev["step"]):
+        e = ev[ev["step"] == s]
+        bins = np.arange(0.0, e["t_end_s"].max(), resolution_s)
+        busy = np.stack([_cover(bins, e[(e["rank"] == r) & (e["phase"] != wait)])
+                         & ~_cover(bins, e[(e["rank"] == r) & (e["phase"] == wait)]) for r in range(tr.num_ranks)])
+        n = busy.sum(axis=0)
+        if busy.any():
+            per_step.append(float((busy * (n - 1)).sum() / busy.sum() / (tr.num_ranks - 1)))
+    return float(np.median(per_step)) if per_step else None
+
+
+def imbalance_of(sh: Shape, loads_ME: np.ndarray | None = None) -> float:
+    """predict_step's ``imbalance`` for the shape: per MoE layer, the hottest rank's expert rows,
+    the experts loaded as ``loads_ME`` ([M, E] or [E] for every layer; default: as measured in the
+    shape), over the rows the hottest rank's tokens bring to a slot under uniform routing; the mean
+    over layers (each layer waits for its own hottest rank)."""
+    cfg, ep = sh.cfg, sh.layout.ep
+    loads = np.atleast_2d(sh.loads_ME if loads_ME is None else np.asarray(loads_ME, float))
+    per_slot = -(-cfg.n_routed_experts // ep)
+    total = sh.tokens_R.sum() * cfg.num_experts_per_tok
+    uniform = sh.tokens_R.max() * cfg.num_experts_per_tok * ep / cfg.n_routed_experts * per_slot
+    if not uniform:
+        return 1.0
+    slot_E = np.arange(cfg.n_routed_experts) // per_slot
+    return float(np.mean([np.bincount(slot_E, row / max(row.sum(), 1) * total, ep).max() / uniform for row in loads]))
+
+
+def predicted(sh: Shape, hw: Hardware, loads_ME: np.ndarray | None = None) -> dict:
+    """predict_step for the shape on hw, as ``hpc-moe plan`` would run it."""
+    i = int(np.argmax(sh.tokens_R))
+    return predict_step(sh.cfg, sh.layout, hw, mode=sh.mode, tokens=float(sh.tokens_R[i]),
+                        sequences=float(sh.sequences_R[i]), context=sh.context, expert_fp8=False,
+                        dispatch=sh.dispatch, micro_batches=sh.micro_batches, imbalance=imbalance_of(sh, loads_ME),
+                        layers=sh.layers, payload=sh.payload, ranks_per_host=sh.ranks_per_host)
+
+
+# ------------------------------------------------------------------------------------------ the fit
+def _samples(shapes: list[Shape], hw: Hardware) -> dict[str, list]:
+    """Per predicted phase and mode ("attention:decode"): rows of (flops, bytes, calls, share,
+    measured s), one per shape and
+    layer: the most work any rank had in that phase and the longest any rank took, since the step
+    waits for the slowest rank at every exchange (ranks that share cores are slowed unevenly, and
+    the fit must see the straggler, not the typical rank)."""
+    rows: dict[str, list] = {}
+    for sh in shapes:
+        share = hw.device_share(sh.ranks_per_host, sh.mode, sh.concurrency)
+        moe = {layer: i for i, layer in enumerate(l for l in range(sh.layers) if sh.cfg.is_moe_layer(l))}
+        for layer in range(sh.layers):
+            m = moe.get(layer)
+            works = [layer_work(sh.cfg, layer, mode=sh.mode, tokens=sh.tokens_R[r], sequences=sh.sequences_R[r],
+                                context=sh.context, pairs=sh.pairs_MR[m, r] if m is not None else 0.0,
+                                rows_sent=sh.rows_R[r], act_bytes=DTYPE_BYTES[sh.dtype],
+                                expert_bytes=DTYPE_BYTES[sh.dtype],
+                                experts_here=sh.experts_MR[m, r] if m is not None else 0.0, payload=sh.payload)
+                     for r in range(sh.layout.ep)]
+            for tp, name in PHASE_OF.items():
+                t = sh.phase_LRP[layer, :, sh.phases.index(tp)].max()
+                if name in works[0] and t > 0:
+                    f, b = np.max([w[name] for w in works], axis=0)
+                    rows.setdefault(f"{name}:{sh.mode}", []).append((f, b, sh.micro_batches, share, t))
+    return rows
+
+
+def _around(best: float, grid: np.ndarray, points: int = 15) -> np.ndarray:
+    """A finer grid spanning the coarse grid's step either side of ``best`` (fractions stay <= 1)."""
+    step = grid[2] / grid[1]
+    return np.unique(np.clip(best * step ** np.linspace(-1, 1, points), 0, 1.0))
+
+
+def _phase_search(f, b, calls, share, t, peak, bw, ef, em, overheads) -> tuple:
+    """(loss, flops fraction, HBM fraction, fixed cost) of the grid's best point."""
+    cf = f[:, None] / (peak * share[:, None] * ef)  # [N, A]
+    cm = b[:, None] / (bw * share[:, None] * em)  # [N, B]
+    roof = np.maximum(cf[:, :, None], cm[:, None, :])  # [N, A, B]
+    prefer = 1e-6 * (-np.log(ef)[:, None] - np.log(em)[None, :])  # ties: the higher fractions
+    best = (np.inf, 1.0, 1.0, 0.0)
+    for o in overheads:
+        loss = (np.log((roof + o * calls[:, None, None]) / t[:, None, None]) ** 2).mean(0) + prefer
+        i, j = np.unravel_index(np.argmin(loss), loss.shape)
+        if loss[i, j] < best[0]:
+            best = (loss[i, j], ef[i], em[j], o)
+    return best
+
+
+def fit_phase(rows: list, peak: float, bw: float, base: PhaseRate) -> tuple[PhaseRate, float]:
+    """The (flops fraction, HBM fraction, fixed cost per call) with the least squared log error,
+    on a log grid and then a finer one around its best; among near-equal fits the higher fractions
+    (what the data do not rule out). Returns the rate and the median relative error of its samples."""
+    f, b, calls, share, t = (np.array(c, float) for c in zip(*rows))
+    overheads = np.concatenate([[0.0], np.logspace(-7, math.log10(t.max()), 48)])
+    _, ef, em, o = _phase_search(f, b, calls, share, t, peak, bw, _EFF, _EFF, overheads)
+    finer = o * np.linspace(0.6, 1.4, 17) if o else np.concatenate([[0.0], np.logspace(-8, -7, 5)])
+    _, ef, em, o = _phase_search(f, b, calls, share, t, peak, bw, _around(ef, _EFF), _around(em, _EFF), finer)
+    rate = PhaseRate(float(ef) if f.any() else base.flops_efficiency, float(em), float(o))
+    pred = o * calls + np.maximum(f / (peak * share * ef), b / (bw * share * em))
+    return rate, float(np.median(np.abs(pred / t - 1)))
+
+
+def _exposed(shapes: list[Shape], hw: Hardware) -> list[tuple]:
+    """Per shape and MoE layer: (intra bytes, inter bytes, intra msgs, inter msgs, share, compute
+    that hides it (s), measured exposed s, measured layer s) for the link fit."""
+    rows = []
+    for sh in shapes:
+        pred = predicted(sh, hw)["layers"]["moe"]
+        hidden = pred["phases"]["shared_experts"]["ms"] / 1e3 + \
+            pred["phases"]["attention"]["ms"] / 1e3 * (sh.micro_batches - 1) / sh.micro_batches
+        share = hw.device_share(sh.ranks_per_host, sh.mode, sh.concurrency)
+        for layer in (layer for layer in range(sh.layers) if sh.cfg.is_moe_layer(layer)):
+            exposed = sh.blocked_LR2[layer].min(axis=0).sum()
+            rows.append((*sh.remote_R2.mean(axis=0), *messages(sh.layout, sh.dispatch), share, hidden, exposed,
+                         sh.phase_LRP[layer].sum(axis=1).max()))
+    return rows
+
+
+def _link_search(nbytes, msgs, share, hidden, exposed, layer, fixed, bytes_per_s, lat, eff) -> tuple:
+    s = (msgs[:, None, None] * lat[None, :, None] + nbytes[:, None, None] / (bytes_per_s * eff[None, None, :])) \
+        / share[:, None, None]
+    s = np.where(nbytes[:, None, None] > 0, s, 0.0)
+    pred = np.maximum(0.0, np.maximum(s, fixed[:, None, None]) - hidden[:, None, None])
+    loss = (((pred - exposed[:, None, None]) / layer[:, None, None]) ** 2).mean(0) \
+        + 1e-9 * (np.arange(len(lat))[:, None] - np.log(eff)[None, :])  # ties: lower latency, higher fraction
+    i, j = np.unravel_index(np.argmin(loss), loss.shape)
+    return lat[i], eff[j]
+
+
+def fit_link(rows: list, base: Link, use: int, other: Link | None) -> Link:
+    """Latency and efficiency of one link (use 0: intra-node, 1: inter-node) that best explain the
+    exposed exchange time, the other link held at ``other`` (error relative to the layer's time);
+    a log grid, then a finer one around its best."""
+    intra_b, inter_b, intra_m, inter_m, share, hidden, exposed, layer = (np.array(c, float) for c in zip(*rows))
+    (nbytes, msgs), (ob, om) = ((intra_b, intra_m), (inter_b, inter_m))[::1 if use == 0 else -1]
+    fixed = np.zeros_like(nbytes) if other is None else np.where(ob > 0, other.seconds(ob, om, share), 0.0)
+    args = (nbytes, msgs, share, hidden, exposed, layer, fixed, base.bytes_per_s)
+    coarse = np.concatenate([[0.0], np.logspace(-7, -2, 41)])
+    lat, eff = _link_search(*args, coarse, _EFF)
+    finer = lat * np.linspace(0.7, 1.3, 13) if lat else np.concatenate([[0.0], np.logspace(-9, -7, 5)])
+    lat, eff = _link_search(*args, finer, _around(eff, _EFF))
+    return Link(base.bytes_per_s, float(lat), float(eff))
+
+
+def _fit(shapes: list[Shape], hw: Hardware) -> tuple[Hardware, dict]:
+    """Per-phase rates, then links, then the fixed step cost, on hw's peaks and device sharing."""
+    record: dict = {"phases": {}}
+    phases = {}
+    for phase, rows in _samples(shapes, hw).items():
+        phases[phase], err = fit_phase(rows, hw.flops_per_s[hw.compute_dtype], hw.hbm_bytes_per_s, hw.rate(phase))
+        record["phases"][phase] = {"samples": len(rows), "median_relative_error": err}
+    hw = dataclasses.replace(hw, phases=phases)
+    links = _exposed(shapes, hw)
+    single = [r for r in links if r[1] == 0]
+    multi = [r for r in links if r[1] > 0]
+    intra = fit_link(single or links, hw.intra_node, 0, None)
+    inter = fit_link(multi, hw.inter_node, 1, intra) if multi else intra
+    hw = dataclasses.replace(hw, intra_node=intra, inter_node=inter)
+    record["links"] = {"intra_node_samples": len(single or links), "inter_node_samples": len(multi),
+                       "inter_node": "fitted" if multi else "no trace crossed nodes: the intra-node fit"}
+    residual = [(sh.step_s - sum(sh.phase_LRP[layer].sum(axis=1).max() for layer in range(sh.layers))
+                 - predicted(sh, hw)["head"]["ms"] / 1e3) * hw.device_share(sh.ranks_per_host, sh.mode, sh.concurrency)
+                for sh in shapes]
+    return dataclasses.replace(hw, step_overhead_s=max(0.0, float(np.median(residual)))), record
+
+
+def calibrate(shapes: list[Shape], base: Hardware, name: str, source: str) -> tuple[Hardware, dict]:
+    """The base hardware with its compute dtype, per-phase rates, links and fixed step cost
+    fitted to the shapes, and the concurrency of ranks that outnumber its devices measured in
+    their timelines (per mode, the median); and the fit's record (per phase: samples and median
+    relative error). What oversubscription costs beyond the share of the cores (switches, caches)
+    no per-phase sample shows: its efficiency is the one whose fit predicts the steps best."""
+    dtypes = {sh.dtype for sh in shapes}
+    if len(dtypes) != 1:
+        raise CalibrationError(f"--calibrate: the traces computed in different dtypes ({', '.join(sorted(dtypes))})")
+    dtype = dtypes.pop()
+    if dtype not in base.flops_per_s:
+        raise CalibrationError(f"--calibrate: the traces computed in {dtype} but the base hardware "
+                               f"{base.name} has no flops_per_s.{dtype}")
+    measured = {mode: [sh.concurrency for sh in shapes if sh.mode == mode and sh.concurrency is not None
+                       and sh.ranks_per_host > base.gpus_per_node] for mode in ("prefill", "decode")}
+    concurrency = {**base.concurrency, **{m: float(np.median(c)) for m, c in measured.items() if c}}
+    hw = dataclasses.replace(base, name=name, source=source, compute_dtype=dtype, phases={}, step_overhead_s=0.0,
+                             concurrency=concurrency)
+    over = [sh for sh in shapes if sh.ranks_per_host > hw.gpus_per_node]
+    fits = {}
+    for eta in OVERSUBSCRIBED_EFFICIENCIES if over else (1.0,):
+        fit, record = _fit(shapes, dataclasses.replace(hw, oversubscribed_efficiency=eta))
+        err = [predicted(sh, fit)["step_ms"] / (sh.step_s * 1e3) - 1 for sh in shapes]
+        fits[eta] = (float(np.sqrt(np.mean(np.square(err)))), fit, record)
+    eta = min(fits, key=lambda k: fits[k][0])
+    _, fit, record = fits[eta]
+    record["oversubscribed_efficiency_rms_step_error"] = {str(k): v[0] for k, v in fits.items()}
+    record["concurrency_samples"] = {m: len(c) for m, c in measured.items()}
+    record["traces"] = [sh.label for sh in shapes]
+    return dataclasses.replace(fit, calibration=record), record
+
+
+def compare(sh: Shape, hw: Hardware, loads_ME: np.ndarray | None = None) -> dict:
+    """Predicted against measured for one shape: the step, and per phase its time summed over the
+    layers (the slowest rank of each layer, as the step waits for it); "exposed" is the exchange
+    time no compute hid."""
+    p = predicted(sh, hw, loads_ME)
+    measured = {name: sum(sh.phase_LRP[layer, :, sh.phases.index(tp)].max() for layer in range(sh.layers))
+                for tp, name in PHASE_OF.items()}
+    measured["exposed"] = sum(sh.blocked_LR2[layer].min(axis=0).sum() for layer in range(sh.layers))
+    pred = {name: 0.0 for name in measured}
+    for L in p["layers"].values():
+        for name, ph in L["phases"].items():
+            pred[name] += L["count"] * ph["ms"] / 1e3
+        pred["exposed"] += L["count"] * L["exposed_comm_ms"] / 1e3
+    return {"trace": sh.name, "label": sh.label, "mode": sh.mode, "ranks": sh.layout.ep,
+            "tokens_per_rank": float(sh.tokens_R.max()), "context": sh.context,
+            "measured_step_ms": sh.step_s * 1e3, "predicted_step_ms": p["step_ms"],
+            "error": p["step_ms"] / (sh.step_s * 1e3) - 1,
+            "phases": {k: {"measured_ms": measured[k] * 1e3, "predicted_ms": pred[k] * 1e3} for k in measured}}
