@@ -138,18 +138,21 @@ def test_predicted_regimes_and_links():
 
 def test_ranks_sharing_a_device_divide_its_rates():
     """8 ranks on 2 cores: each gets 2 / (1 + 7 c) of a core while it computes, c the share of its
-    compute time another rank computes too; 2 ranks keep a core each."""
+    compute time another rank computes too (1 without a calibration); 2 ranks keep a core each."""
     c = load_config("small")
-    hw = replace(load_hardware("cpu-2core"), concurrency={"prefill": 1.0}, oversubscribed_efficiency=1.0)
+    hw = replace(load_hardware("cpu-2core"), concurrency={}, oversubscribed_efficiency=1.0)
     kw = dict(mode="prefill", tokens=512, sequences=8, context=64, expert_fp8=False)
     two, eight = (predict_step(c, Layout(8, ranks_per_node=8), hw, ranks_per_host=n, **kw) for n in (2, 8))
     assert (two["device_share"], eight["device_share"]) == (1.0, 0.25)
     a, b = two["layers"]["moe"]["phases"]["routed_experts"], eight["layers"]["moe"]["phases"]["routed_experts"]
     fixed = hw.rate("routed_experts", "prefill").overhead_s * 1e3
     assert b["ms"] - fixed == pytest.approx(4 * (a["ms"] - fixed))
-    half = replace(hw, concurrency={"prefill": 0.5}, oversubscribed_efficiency=0.8)
-    assert predict_step(c, Layout(8, ranks_per_node=8), half, ranks_per_host=8, **kw)["device_share"] == \
-        pytest.approx(2 / 4.5 * 0.8)
+    # with a concurrency line, the share and the predicted busy fraction agree
+    line = replace(hw, concurrency={"intercept": 0.1, "slope": 0.8}, oversubscribed_efficiency=0.8)
+    r = predict_step(c, Layout(8, ranks_per_node=8), line, ranks_per_host=8, **kw)
+    exposed = sum(L["count"] * L["exposed_comm_ms"] for L in r["layers"].values())
+    assert r["busy"] == pytest.approx(1 - exposed / r["step_ms"], abs=1e-3)
+    assert r["device_share"] == pytest.approx(2 / (1 + 7 * (0.1 + 0.8 * r["busy"])) * 0.8, rel=1e-3)
 
 
 def test_nics_per_node_sets_the_inter_node_bandwidth(tmp_path):
@@ -186,9 +189,18 @@ def test_fit_link_recovers_latency_and_bandwidth():
     nbytes, msgs = 10 ** rng.uniform(4, 7, 200), rng.choice([2, 6, 14], 200)
     hidden = rng.uniform(0, 1e-3, 200)
     exposed = np.maximum(0, truth.seconds(nbytes, msgs) - hidden)
-    rows = list(zip(nbytes, np.zeros(200), msgs, np.zeros(200), np.ones(200), hidden, exposed, np.full(200, 0.01)))
+    rows = list(zip(nbytes, np.zeros(200), msgs, np.zeros(200), np.ones(200), hidden, exposed, np.full(200, 0.01),
+                    np.zeros(200)))
     fit = fit_link(rows, Link(2.6e10, 0.0, 1.0), 0, None)
     assert fit.efficiency == pytest.approx(0.05, rel=0.1) and fit.latency_s == pytest.approx(3e-5, rel=0.3)
+    # the inter-node link, the intra-node one known: each layer takes the longer of the two; ranks
+    # that share devices wait 2 ms an all-to-all per rank a device beyond one
+    inter = Link(2.6e10, 1e-4, 0.02)
+    cross, over = 10 ** rng.uniform(4, 7, 200), rng.choice([0.0, 6.0], 200)
+    exposed = np.maximum(0, np.maximum(truth.seconds(nbytes, msgs), inter.seconds(cross, 2 * msgs)) - hidden) + over * 2e-3
+    rows = list(zip(nbytes, cross, msgs, 2 * msgs, np.ones(200), hidden, exposed, np.full(200, 0.01), over))
+    fit = fit_link(rows, Link(2.6e10, 0.0, 1.0), 1, truth, sync_s=2e-3)
+    assert fit.efficiency == pytest.approx(0.02, rel=0.1) and fit.latency_s == pytest.approx(1e-4, rel=0.3)
 
 
 def test_calibration_input_errors(tmp_path, capsys):

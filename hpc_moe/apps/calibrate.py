@@ -42,9 +42,10 @@ def run_calibrate(o) -> int:
         for kind, link in (("intra-node", hw.intra_node), ("inter-node", hw.inter_node)):
             print(f"  {kind} link: {link.latency_s * 1e6:.1f} us a message, {link.efficiency:.3f} of "
                   f"{link.bytes_per_s / 1e9:.1f} GB/s")
-        print(f"  fixed cost a step: {hw.step_overhead_s * 1e3:.3f} ms; ranks sharing a device: concurrency "
-              + ", ".join(f"{m} {c:.2f}" for m, c in hw.concurrency.items())
-              + f", efficiency {hw.oversubscribed_efficiency:.2f}")
+        line = (f"{hw.concurrency['intercept']:.2f} + {hw.concurrency['slope']:.2f} x busy" if hw.concurrency
+                else "1 (not measured)")
+        print(f"  fixed cost a step: {hw.step_overhead_s * 1e3:.3f} ms; ranks sharing a device: concurrency {line}, "
+              f"efficiency {hw.oversubscribed_efficiency:.2f}")
         if o.save:
             write_json(o.save, hw.to_dict())
             print(f"wrote {o.save}")

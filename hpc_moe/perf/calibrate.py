@@ -6,12 +6,12 @@ measured (medians over the steps). The fit, per phase of a layer and mode, finds
 of the peak FLOP/s and HBM bandwidth and the fixed cost per call that best explain the slowest
 rank's time in that phase of every layer (relative least squares on a log grid, then a finer one:
 durations span decades); then the links' latency and efficiency from the exchange time left
-exposed (the least any rank of a layer was blocked: the last rank to arrive waits only for the
-transfer); then a fixed cost per step from the wall time the layers leave unexplained (embedding,
-head, sampling, barriers). Ranks that outnumber the devices (8 ranks on 2 cores) share them: how
-often they compute at the same time is measured from the timelines, and what sharing costs beyond
-that is the efficiency that predicts the fit's steps best. The peaks stay those of the base
-hardware file: the fit says what fraction of them this software reaches.
+exposed (the layer's time beyond its compute, Shape.exposed_s); then a fixed cost per step from
+the wall time the layers leave unexplained (embedding, head, sampling, barriers). Ranks that
+outnumber the devices (8 ranks on 2 cores) share them: how often they compute at the same time is
+measured from the timelines, and what sharing costs beyond that is the efficiency that predicts
+the fit's steps best. The peaks stay those of the base hardware file: the fit says what fraction
+of them this software reaches.
 
 Legend: S steps, L layers, M MoE layers, R ranks, P trace phases, E experts.
 """
@@ -27,13 +27,14 @@ from hpc_moe.config import ModelConfig
 from hpc_moe.errors import InputError
 from hpc_moe.perf.footprint import Layout
 from hpc_moe.perf.hardware import DTYPE_BYTES, Hardware, Link, PhaseRate
-from hpc_moe.perf.predict import layer_work, messages, predict_step, wire_row_bytes
+from hpc_moe.perf.predict import exchanges, layer_work, messages, predict_step, wire_row_bytes
 from hpc_moe.trace.reader import Trace
 
 # trace phase -> predicted phase (hpc_moe.perf.predict.layer_work)
 PHASE_OF = {"attention": "attention", "dense_mlp": "dense_mlp", "gate": "gate", "shared": "shared_experts",
             "expert": "routed_experts", "dispatch": "dispatch", "combine": "combine"}
 _EFF = np.logspace(-4, 0, 49)
+SYNC_S = (0.0, *np.logspace(-5, -2, 31))  # the wait an exchange adds per rank a device beyond one
 OVERSUBSCRIBED_EFFICIENCIES = tuple(np.round(np.arange(0.4, 1.001, 0.05), 2))
 
 
@@ -50,9 +51,9 @@ class Shape:
     sizes together: see wire_row_bytes); remote_R2: bytes a rank sent per MoE layer (the mean of
     its layers: the trace counts bytes per step) to other ranks inside and across nodes;
     experts_MR: its local experts that had rows; loads_ME: tokens per expert per MoE layer (mean
-    over steps); phase_LRP: seconds per layer, rank and trace phase; blocked_LR2: seconds blocked
-    on dispatch and combine; step_s: wall time of a step; concurrency: the fraction of a rank's
-    compute time another rank computed too (from the sampled timelines;
+    over steps); phase_LRP: seconds per layer, rank and trace phase; step_s: wall time of a step;
+    busy: the fraction of it a rank was not blocked in an exchange (mean over ranks); concurrency:
+    the fraction of a rank's compute time another rank computed too (from the sampled timelines;
     None without them)."""
 
     name: str
@@ -75,9 +76,17 @@ class Shape:
     experts_MR: np.ndarray
     loads_ME: np.ndarray
     phase_LRP: np.ndarray
-    blocked_LR2: np.ndarray
     step_s: float
+    busy: float
     concurrency: float | None
+
+    def exposed_s(self, layer: int) -> float:
+        """The layer's time beyond its compute: the slowest rank's time in the layer, less each
+        compute phase's slowest rank. It is the exchange no compute hid plus what the ranks waited
+        for one another: ranks that share cores wait for a descheduled peer on every message."""
+        P = self.phase_LRP[layer]
+        compute = np.delete(P, self.phases.index("wait"), axis=1).max(axis=0).sum()
+        return max(0.0, float(P.sum(axis=1).max() - compute))
 
     @property
     def label(self) -> str:
@@ -143,8 +152,10 @@ def shapes_of(tr: Trace) -> list[Shape]:
             remote_R2=np.median(remote, axis=0),
             experts_MR=np.einsum("me,mer->mr", (tr.expert_tokens[s].mean(0) > 0).astype(float), (share_MER > 0).astype(float)),
             loads_ME=tr.expert_tokens[s].mean(axis=0).astype(float),
-            phase_LRP=med(tr.phase_time_s), blocked_LR2=med(tr.exchange_time_s[..., 1]),
+            phase_LRP=med(tr.phase_time_s),
             step_s=float(np.median(tr.wall_time_s[s])),
+            busy=float(1 - np.median(tr.phase_time_s[s][..., tr.phases.index("wait")].sum(axis=1).mean(axis=1)
+                                     / tr.wall_time_s[s])),
             concurrency=_concurrency(tr, s)))
     if not out:
         raise CalibrationError(f"{tr.path}: calibration needs prefill or decode steps (this trace has only mixed ones)")
@@ -205,6 +216,11 @@ def predicted(sh: Shape, hw: Hardware, loads_ME: np.ndarray | None = None) -> di
 
 
 # ------------------------------------------------------------------------------------------ the fit
+def _share(sh: Shape, hw: Hardware) -> float:
+    """The device share the shape's ranks had: from its measured concurrency, else its busy fraction."""
+    return hw.device_share(sh.ranks_per_host, hw.concurrency_at(sh.busy) if sh.concurrency is None else sh.concurrency)
+
+
 def _samples(shapes: list[Shape], hw: Hardware) -> dict[str, list]:
     """Per predicted phase and mode ("attention:decode"): rows of (flops, bytes, calls, share,
     measured s), one per shape and
@@ -213,7 +229,7 @@ def _samples(shapes: list[Shape], hw: Hardware) -> dict[str, list]:
     the fit must see the straggler, not the typical rank)."""
     rows: dict[str, list] = {}
     for sh in shapes:
-        share = hw.device_share(sh.ranks_per_host, sh.mode, sh.concurrency)
+        share = _share(sh, hw)
         moe = {layer: i for i, layer in enumerate(l for l in range(sh.layers) if sh.cfg.is_moe_layer(l))}
         for layer in range(sh.layers):
             m = moe.get(layer)
@@ -268,44 +284,60 @@ def fit_phase(rows: list, peak: float, bw: float, base: PhaseRate) -> tuple[Phas
 
 def _exposed(shapes: list[Shape], hw: Hardware) -> list[tuple]:
     """Per shape and MoE layer: (intra bytes, inter bytes, intra msgs, inter msgs, share, compute
-    that hides it (s), measured exposed s, measured layer s) for the link fit."""
+    that hides it (s), measured exposed s, measured layer s, ranks a device beyond one) for the
+    link fit."""
     rows = []
     for sh in shapes:
         pred = predicted(sh, hw)["layers"]["moe"]
         hidden = pred["phases"]["shared_experts"]["ms"] / 1e3 + \
             pred["phases"]["attention"]["ms"] / 1e3 * (sh.micro_batches - 1) / sh.micro_batches
-        share = hw.device_share(sh.ranks_per_host, sh.mode, sh.concurrency)
+        share = _share(sh, hw)
         for layer in (layer for layer in range(sh.layers) if sh.cfg.is_moe_layer(layer)):
-            exposed = sh.blocked_LR2[layer].min(axis=0).sum()
+            exposed = sh.exposed_s(layer)
             rows.append((*sh.remote_R2.mean(axis=0), *messages(sh.layout, sh.dispatch), share, hidden, exposed,
-                         sh.phase_LRP[layer].sum(axis=1).max()))
+                         sh.phase_LRP[layer].sum(axis=1).max(),
+                         exchanges(sh.layout, sh.dispatch) * hw.oversubscription(sh.ranks_per_host)))
     return rows
 
 
-def _link_search(nbytes, msgs, share, hidden, exposed, layer, fixed, bytes_per_s, lat, eff) -> tuple:
+def _link_search(nbytes, msgs, share, hidden, exposed, layer, fixed, bytes_per_s, concurrent, lat, eff) -> tuple:
     s = (msgs[:, None, None] * lat[None, :, None] + nbytes[:, None, None] / (bytes_per_s * eff[None, None, :])) \
         / share[:, None, None]
     s = np.where(nbytes[:, None, None] > 0, s, 0.0)
-    pred = np.maximum(0.0, np.maximum(s, fixed[:, None, None]) - hidden[:, None, None])
+    both = np.maximum(s, fixed[:, None, None]) if concurrent else s + fixed[:, None, None]
+    pred = np.maximum(0.0, both - hidden[:, None, None])
     loss = (((pred - exposed[:, None, None]) / layer[:, None, None]) ** 2).mean(0) \
         + 1e-9 * (np.arange(len(lat))[:, None] - np.log(eff)[None, :])  # ties: lower latency, higher fraction
     i, j = np.unravel_index(np.argmin(loss), loss.shape)
     return lat[i], eff[j]
 
 
-def fit_link(rows: list, base: Link, use: int, other: Link | None) -> Link:
+def fit_link(rows: list, base: Link, use: int, other: Link | None, concurrent: bool = True,
+             sync_s: float = 0.0) -> Link:
     """Latency and efficiency of one link (use 0: intra-node, 1: inter-node) that best explain the
-    exposed exchange time, the other link held at ``other`` (error relative to the layer's time);
-    a log grid, then a finer one around its best."""
-    intra_b, inter_b, intra_m, inter_m, share, hidden, exposed, layer = (np.array(c, float) for c in zip(*rows))
+    exposed exchange time, the other link held at ``other`` (error relative to the layer's time;
+    concurrent: the layer takes the longer of the two links, else their sum; sync_s: the wait an
+    all-to-all adds per rank a device beyond one); a log grid, then a finer one around its best."""
+    intra_b, inter_b, intra_m, inter_m, share, hidden, exposed, layer, over = (np.array(c, float) for c in zip(*rows))
+    exposed = exposed - over * sync_s
     (nbytes, msgs), (ob, om) = ((intra_b, intra_m), (inter_b, inter_m))[::1 if use == 0 else -1]
     fixed = np.zeros_like(nbytes) if other is None else np.where(ob > 0, other.seconds(ob, om, share), 0.0)
-    args = (nbytes, msgs, share, hidden, exposed, layer, fixed, base.bytes_per_s)
+    args = (nbytes, msgs, share, hidden, exposed, layer, fixed, base.bytes_per_s, concurrent)
     coarse = np.concatenate([[0.0], np.logspace(-7, -2, 41)])
     lat, eff = _link_search(*args, coarse, _EFF)
     finer = lat * np.linspace(0.7, 1.3, 13) if lat else np.concatenate([[0.0], np.logspace(-9, -7, 5)])
     lat, eff = _link_search(*args, finer, _around(eff, _EFF))
     return Link(base.bytes_per_s, float(lat), float(eff))
+
+
+def _links_loss(rows: list, hw: Hardware) -> float:
+    """The link fit's loss: squared error of the exposed time predicted per layer, relative to it."""
+    intra_b, inter_b, intra_m, inter_m, share, hidden, exposed, layer, over = (np.array(c, float) for c in zip(*rows))
+    a = np.where(intra_b > 0, hw.intra_node.seconds(intra_b, intra_m, share), 0.0)
+    b = np.where(inter_b > 0, hw.inter_node.seconds(inter_b, inter_m, share), 0.0)
+    both = np.maximum(a, b) if hw.links_concurrent else a + b
+    pred = np.maximum(0.0, both - hidden) + over * hw.oversubscribed_sync_s
+    return float((((pred - exposed) / layer) ** 2).mean())
 
 
 def _fit(shapes: list[Shape], hw: Hardware) -> tuple[Hardware, dict]:
@@ -319,21 +351,37 @@ def _fit(shapes: list[Shape], hw: Hardware) -> tuple[Hardware, dict]:
     links = _exposed(shapes, hw)
     single = [r for r in links if r[1] == 0]
     multi = [r for r in links if r[1] > 0]
-    intra = fit_link(single or links, hw.intra_node, 0, None)
-    inter = fit_link(multi, hw.inter_node, 1, intra) if multi else intra
-    hw = dataclasses.replace(hw, intra_node=intra, inter_node=inter)
+    fits = []
+    for sync in SYNC_S if any(r[-1] > 0 for r in links) else (0.0,):
+        intra = fit_link(single or links, hw.intra_node, 0, None, sync_s=sync)
+        inter = fit_link(multi, hw.inter_node, 1, intra, hw.links_concurrent, sync) if multi else intra
+        fit = dataclasses.replace(hw, intra_node=intra, inter_node=inter, oversubscribed_sync_s=float(sync))
+        fits.append((_links_loss(links, fit), sync, fit))
+    hw = min(fits, key=lambda f: f[:2])[2]
     record["links"] = {"intra_node_samples": len(single or links), "inter_node_samples": len(multi),
                        "inter_node": "fitted" if multi else "no trace crossed nodes: the intra-node fit"}
     residual = [(sh.step_s - sum(sh.phase_LRP[layer].sum(axis=1).max() for layer in range(sh.layers))
-                 - predicted(sh, hw)["head"]["ms"] / 1e3) * hw.device_share(sh.ranks_per_host, sh.mode, sh.concurrency)
+                 - predicted(sh, hw)["head"]["ms"] / 1e3) * _share(sh, hw)
                 for sh in shapes]
     return dataclasses.replace(hw, step_overhead_s=max(0.0, float(np.median(residual)))), record
 
 
+def _concurrency_line(shapes: list[Shape], base: Hardware) -> dict:
+    """Least squares concurrency = intercept + slope x busy over the shapes whose ranks outnumbered
+    the devices (ranks stagger when they wait more: the busier the step, the more they overlap);
+    the base's line when fewer than two such shapes have timelines."""
+    pts = np.array([(sh.busy, sh.concurrency) for sh in shapes
+                    if sh.concurrency is not None and sh.ranks_per_host > base.gpus_per_node]).reshape(-1, 2)
+    if len(pts) < 2 or np.ptp(pts[:, 0]) < 0.05:
+        return dict(base.concurrency)
+    slope, intercept = np.polyfit(pts[:, 0], pts[:, 1], 1)
+    return {"intercept": float(intercept), "slope": float(slope)}
+
+
 def calibrate(shapes: list[Shape], base: Hardware, name: str, source: str) -> tuple[Hardware, dict]:
     """The base hardware with its compute dtype, per-phase rates, links and fixed step cost
-    fitted to the shapes, and the concurrency of ranks that outnumber its devices measured in
-    their timelines (per mode, the median); and the fit's record (per phase: samples and median
+    fitted to the shapes, and how the concurrency of ranks that outnumber its devices (measured in
+    their timelines) follows their busy fraction; and the fit's record (per phase: samples and median
     relative error). What oversubscription costs beyond the share of the cores (switches, caches)
     no per-phase sample shows: its efficiency is the one whose fit predicts the steps best."""
     dtypes = {sh.dtype for sh in shapes}
@@ -343,11 +391,8 @@ def calibrate(shapes: list[Shape], base: Hardware, name: str, source: str) -> tu
     if dtype not in base.flops_per_s:
         raise CalibrationError(f"--calibrate: the traces computed in {dtype} but the base hardware "
                                f"{base.name} has no flops_per_s.{dtype}")
-    measured = {mode: [sh.concurrency for sh in shapes if sh.mode == mode and sh.concurrency is not None
-                       and sh.ranks_per_host > base.gpus_per_node] for mode in ("prefill", "decode")}
-    concurrency = {**base.concurrency, **{m: float(np.median(c)) for m, c in measured.items() if c}}
     hw = dataclasses.replace(base, name=name, source=source, compute_dtype=dtype, phases={}, step_overhead_s=0.0,
-                             concurrency=concurrency)
+                             concurrency=_concurrency_line(shapes, base))
     over = [sh for sh in shapes if sh.ranks_per_host > hw.gpus_per_node]
     fits = {}
     for eta in OVERSUBSCRIBED_EFFICIENCIES if over else (1.0,):
@@ -357,7 +402,8 @@ def calibrate(shapes: list[Shape], base: Hardware, name: str, source: str) -> tu
     eta = min(fits, key=lambda k: fits[k][0])
     _, fit, record = fits[eta]
     record["oversubscribed_efficiency_rms_step_error"] = {str(k): v[0] for k, v in fits.items()}
-    record["concurrency_samples"] = {m: len(c) for m, c in measured.items()}
+    record["concurrency_samples"] = [(sh.busy, sh.concurrency) for sh in shapes
+                                     if sh.concurrency is not None and sh.ranks_per_host > base.gpus_per_node]
     record["traces"] = [sh.label for sh in shapes]
     return dataclasses.replace(fit, calibration=record), record
 
@@ -369,7 +415,7 @@ def compare(sh: Shape, hw: Hardware, loads_ME: np.ndarray | None = None) -> dict
     p = predicted(sh, hw, loads_ME)
     measured = {name: sum(sh.phase_LRP[layer, :, sh.phases.index(tp)].max() for layer in range(sh.layers))
                 for tp, name in PHASE_OF.items()}
-    measured["exposed"] = sum(sh.blocked_LR2[layer].min(axis=0).sum() for layer in range(sh.layers))
+    measured["exposed"] = sum(sh.exposed_s(layer) for layer in range(sh.layers))
     pred = {name: 0.0 for name in measured}
     for L in p["layers"].values():
         for name, ph in L["phases"].items():

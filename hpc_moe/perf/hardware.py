@@ -5,9 +5,13 @@ alpha (latency) and beta (bytes/s, with the fraction an all-to-all reaches).
 Optional fields, written by ``hpc-moe plan --calibrate``: ``compute_dtype`` (what activations and
 dense weights are held in, default "bf16"); ``phases`` (per phase of a layer, "name" or
 "name:mode": the fractions that phase reaches and a fixed cost per call: launches, interpreter);
-``step_overhead_s`` (a fixed cost per step outside the layers); ``concurrency`` (per mode) and
-``oversubscribed_efficiency`` (for ranks that outnumber the devices: see Hardware.device_share);
-``calibration`` (what the fit saw, kept for the record).
+``step_overhead_s`` (a fixed cost per step outside the layers); for ranks that outnumber the
+devices, ``concurrency`` (intercept and slope of a line in the busy fraction) and
+``oversubscribed_efficiency`` (see Hardware.device_share) and ``oversubscribed_sync_s`` (what
+each exchange waits per rank a device beyond one: for its peers to be scheduled); ``links_concurrent`` (false where one
+engine moves both links' bytes: MPI shared memory on a CPU node, whose simulated nodes are the
+same memory; default true: NVLink and the NIC); ``calibration`` (what the fit saw, kept for the
+record).
 """
 from __future__ import annotations
 
@@ -70,6 +74,8 @@ class Hardware:
     step_overhead_s: float = 0.0
     concurrency: dict = field(default_factory=dict)
     oversubscribed_efficiency: float = 1.0
+    links_concurrent: bool = True
+    oversubscribed_sync_s: float = 0.0
     calibration: dict = field(default_factory=dict)
 
     @property
@@ -94,17 +100,27 @@ class Hardware:
         m = nbytes / (self.hbm_bytes_per_s * r.hbm_efficiency * share)
         return r.overhead_s + max(c, m), "compute" if c >= m else "memory"
 
-    def device_share(self, ranks_per_node: int, mode: str = "", concurrency: float | None = None) -> float:
+    def concurrency_at(self, busy: float) -> float:
+        """The fraction of a rank's compute time another rank of its node computes too, when ranks
+        compute a ``busy`` fraction of the step: the file's ``concurrency`` line (intercept + slope
+        x busy, fitted to timelines), within [0, 1]; 1 without one."""
+        if not self.concurrency:
+            return 1.0
+        return min(1.0, max(0.0, self.concurrency["intercept"] + self.concurrency["slope"] * busy))
+
+    def oversubscription(self, ranks_per_node: int) -> float:
+        """Ranks a device beyond one (0 when each rank has its own)."""
+        return max(0.0, ranks_per_node / self.gpus_per_node - 1)
+
+    def device_share(self, ranks_per_node: int, concurrency: float = 1.0) -> float:
         """The fraction of a device a computing rank gets when more ranks than devices share a
-        node: devices / (1 + (ranks - 1) c), at most 1, where c is the fraction of its compute
-        time another rank computes too (the file's ``concurrency`` for the mode, else 1: ranks
-        that wait in MPI yield the cores to those that work, and staggered ranks rarely meet);
-        times ``oversubscribed_efficiency`` when they outnumber the devices (switching between
-        ranks costs, and each evicts the others' caches)."""
-        c = self.concurrency.get(mode, 1.0) if concurrency is None else concurrency
+        node: devices / (1 + (ranks - 1) c), at most 1, c the fraction of its compute time another
+        rank computes too (ranks that wait in MPI yield the cores to those that work); times
+        ``oversubscribed_efficiency`` (switching between ranks costs, and each evicts the others'
+        caches). 1 when each rank has its own device."""
         if ranks_per_node <= self.gpus_per_node:
             return 1.0
-        return min(1.0, self.gpus_per_node / (1 + (ranks_per_node - 1) * c)) * self.oversubscribed_efficiency
+        return min(1.0, self.gpus_per_node / (1 + (ranks_per_node - 1) * concurrency)) * self.oversubscribed_efficiency
 
     def to_dict(self) -> dict:
         link = lambda k: {"bytes_per_s": k.bytes_per_s, "latency_s": k.latency_s, "efficiency": k.efficiency}  # noqa: E731
@@ -116,6 +132,7 @@ class Hardware:
                 "phases": {k: v.to_dict() for k, v in self.phases.items()},
                 "step_overhead_s": self.step_overhead_s, "concurrency": dict(self.concurrency),
                 "oversubscribed_efficiency": self.oversubscribed_efficiency,
+                "links_concurrent": self.links_concurrent, "oversubscribed_sync_s": self.oversubscribed_sync_s,
                 "calibration": self.calibration}
 
 
@@ -142,8 +159,11 @@ def load_hardware(name_or_path: str) -> Hardware:
                       hbm_bytes_per_s=float(d["hbm_bytes_per_s"]), hbm_efficiency=float(d["hbm_efficiency"]),
                       gpus_per_node=int(d["gpus_per_node"]), compute_dtype=str(d.get("compute_dtype", "bf16")),
                       phases=phases, step_overhead_s=float(d.get("step_overhead_s", 0.0)),
-                      concurrency={str(k): float(v) for k, v in d.get("concurrency", {}).items()},
+                      concurrency={k: float(d["concurrency"][k]) for k in ("intercept", "slope")}
+                      if d.get("concurrency") else {},
                       oversubscribed_efficiency=float(d.get("oversubscribed_efficiency", 1.0)),
+                      links_concurrent=bool(d.get("links_concurrent", True)),
+                      oversubscribed_sync_s=float(d.get("oversubscribed_sync_s", 0.0)),
                       calibration=dict(d.get("calibration", {})), **links)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise HardwareError(f"--hardware {path}: not a hardware file ({type(e).__name__}: {e})") from None
@@ -152,12 +172,11 @@ def load_hardware(name_or_path: str) -> Hardware:
              *(x for p in hw.phases.values() for x in (p.flops_efficiency, p.hbm_efficiency))]
     positive = [hw.hbm_bytes, hw.hbm_bytes_per_s, hw.gpus_per_node, hw.intra_node.bytes_per_s,
                 hw.inter_node.bytes_per_s, *hw.flops_per_s.values()]
-    fixed = [hw.intra_node.latency_s, hw.inter_node.latency_s, hw.step_overhead_s,
+    fixed = [hw.intra_node.latency_s, hw.inter_node.latency_s, hw.step_overhead_s, hw.oversubscribed_sync_s,
              *(p.overhead_s for p in hw.phases.values())]
     if hw.compute_dtype not in DTYPE_BYTES or hw.compute_dtype not in hw.flops_per_s \
-            or not all(0 <= c <= 1 for c in hw.concurrency.values()) \
             or not all(0 < r <= 1 for r in rates) or not all(v > 0 for v in positive) or min(fixed) < 0:
         raise HardwareError(f"--hardware {path}: needs flops_per_s of its compute_dtype (bf16 unless it says; one of "
-                            f"{', '.join(DTYPE_BYTES)}), positive sizes and rates, efficiencies in (0, 1], "
-                            "concurrency in [0, 1] and latencies and overheads >= 0")
+                            f"{', '.join(DTYPE_BYTES)}), positive sizes and rates, efficiencies in (0, 1] "
+                            "and latencies and overheads >= 0")
     return hw

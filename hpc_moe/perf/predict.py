@@ -13,7 +13,8 @@ otherwise uniform; ``imbalance`` (the hottest GPU's expert rows over the mean) s
 GEMMs, since the step waits for the hottest GPU. A token sends one row to each rank holding one of
 its experts (dispatch: the payload dtype, its local expert ids and weights, FP8 scales; combine: the
 weighted sum back in the compute dtype), packed and summed in local memory passes. The links run
-concurrently (NVLink and the NIC are separate engines), so a phase takes the longer of the two. The
+concurrently (NVLink and the NIC are separate engines), so a phase takes the longer of the two
+(the sum where one engine moves both: the hardware file's ``links_concurrent``). The
 MoE layer's exchange is posted before its shared expert, which runs while the payload flies; with m
 micro-batches the other micro-batches' attention also hides it, and every phase is m calls.
 """
@@ -99,6 +100,12 @@ def messages(layout: Layout, dispatch: str) -> tuple[int, int]:
     return 2 * (rpn - 1), 2 * (ep - rpn)
 
 
+def exchanges(layout: Layout, dispatch: str) -> int:
+    """All-to-alls a MoE layer runs: dispatch and combine, each in two stages when hierarchical."""
+    nodes = -(-layout.ep // min(layout.ranks_per_node, layout.ep))
+    return 4 if dispatch == "hierarchical" and nodes > 1 else 2
+
+
 def exchange_phase(cfg: ModelConfig, layout: Layout, hw: Hardware, tokens: float, dispatch: str,
                    payload: str = "native", share: float = 1.0) -> dict:
     """Both directions of a MoE layer's all-to-all, per GPU: rows, bytes and messages inside and
@@ -119,7 +126,8 @@ def exchange_phase(cfg: ModelConfig, layout: Layout, hw: Hardware, tokens: float
     intra_s = hw.intra_node.seconds(intra_r * row, intra_m, share) if intra_r else 0.0
     inter_s = hw.inter_node.seconds(inter_r * row, inter_m, share) if inter_r else 0.0
     return {"rows_sent": tokens * ranks, "intra_node_bytes": intra_r * row, "inter_node_bytes": inter_r * row,
-            "intra_node_ms": intra_s * 1e3, "inter_node_ms": inter_s * 1e3, "ms": max(intra_s, inter_s) * 1e3,
+            "intra_node_ms": intra_s * 1e3, "inter_node_ms": inter_s * 1e3,
+            "ms": (max(intra_s, inter_s) if hw.links_concurrent else intra_s + inter_s) * 1e3,
             "bound": "inter-node link" if inter_s >= intra_s else "intra-node link"}
 
 
@@ -172,11 +180,32 @@ def predict_step(cfg: ModelConfig, layout: Layout, hw: Hardware, *, mode: str, t
 
     ranks_per_host: ranks sharing a node's devices (default: the layout's ranks per node, or fewer
     when the job is smaller); more ranks than the hardware's GPUs per node divide its rates while
-    they compute (Hardware.device_share). attention: the kernels' form ("materialised" or "fused",
-    see layer_work)."""
+    they compute (Hardware.device_share): how much depends on how often they compute at once,
+    so the share and the step's busy fraction are solved together. attention: the kernels' form
+    ("materialised" or "fused", see layer_work)."""
+    ranks = ranks_per_host or min(layout.ranks_per_node, layout.ep * layout.dp)
+    kw = dict(mode=mode, tokens=tokens, sequences=sequences, context=context, expert_fp8=expert_fp8,
+              dispatch=dispatch, micro_batches=micro_batches, imbalance=imbalance, layers=layers, payload=payload,
+              attention=attention)
+    busy = 1.0
+    for _ in range(50):  # a damped fixed point: more waiting frees cores, which shortens the compute
+        out = _predict_at(cfg, layout, hw, hw.device_share(ranks, hw.concurrency_at(busy)),
+                          exchanges(layout, dispatch) * hw.oversubscription(ranks) * hw.oversubscribed_sync_s, **kw)
+        now = 1 - sum(L["count"] * L["exposed_comm_ms"] for L in out["layers"].values()) / out["step_ms"]
+        if ranks <= hw.gpus_per_node or abs(now - busy) < 1e-4:
+            break
+        busy = (busy + now) / 2
+    out["busy"] = busy
+    return out
+
+
+def _predict_at(cfg: ModelConfig, layout: Layout, hw: Hardware, share: float, sync_s: float, *, mode: str, tokens: float,
+                sequences: float, context: float, expert_fp8: bool, dispatch: str, micro_batches: int,
+                imbalance: float, layers: int | None, payload: str, attention: str) -> dict:
+    """predict_step with each rank getting ``share`` of its device and each MoE layer's exchanges
+    waiting ``sync_s`` for peers that share it."""
     n = layers or cfg.num_hidden_layers
     T = sequences if mode == "decode" else tokens
-    share = hw.device_share(ranks_per_host or min(layout.ranks_per_node, layout.ep * layout.dp), mode)
     kinds = {"dense": [i for i in range(n) if not cfg.is_moe_layer(i)], "moe": [i for i in range(n) if cfg.is_moe_layer(i)]}
     out: dict = {"mode": mode, "tokens_per_gpu": T, "device_share": share, "layers": {}}
     step_s = hw.step_overhead_s / share  # barriers and the step's host work wait for descheduled ranks too
@@ -209,7 +238,7 @@ def predict_step(cfg: ModelConfig, layout: Layout, hw: Hardware, *, mode: str, t
         t = {ph.name: ph.seconds for ph in phases}
         comm_s = sum(c["ms"] for c in comm.values()) / 1e3
         hidden_by = t.get("shared_experts", 0.0) + t["attention"] * (micro_batches - 1) / micro_batches
-        exposed = max(0.0, comm_s - hidden_by)
+        exposed = max(0.0, comm_s - hidden_by) + (sync_s if comm else 0.0)
         layer_s = sum(t.values()) + exposed
         out["layers"][kind] = {"count": len(idx), "ms": layer_s * 1e3, "exposed_comm_ms": exposed * 1e3,
                                "phases": {ph.name: ph.to_dict() for ph in phases}, "exchange": comm}
