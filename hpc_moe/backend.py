@@ -120,6 +120,9 @@ def get_backend(kind: str = "auto", dtype: str | None = None, local_rank: int = 
         raise BackendError("backend cupy asked for, but CuPy cannot see a GPU on this machine")
     if kind == "numpy" or (kind == "auto" and ngpu == 0):
         return Backend("numpy", np, _DTYPES[dtype or "float32"], _cpu_name())
+    if (dtype or "bfloat16") == "bfloat16" and int(_cupy.__version__.split(".")[0]) < 14:
+        raise BackendError(f"bfloat16 on the GPU needs CuPy >= 14 (this is {_cupy.__version__}): install "
+                           "cupy-cuda12x>=14 or cupy-cuda13x>=14 (pip install .[gpu]), or pass --dtype float32")
     dev = local_rank % ngpu
     _cupy.cuda.Device(dev).use()
     props = _cupy.cuda.runtime.getDeviceProperties(dev)

@@ -193,6 +193,25 @@ def _add_plan(sub):
     p.add_argument("--save", metavar="FILE.json", help="write the --calibrate fit as a hardware file")
 
 
+def _add_bench_kernels(p):
+    p.add_argument("--config", default="deepseek-v3", help="preset or config.json whose shapes to run")
+    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "cupy"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: the backend's")
+    p.add_argument("--tokens", type=_positive_list, default=(128, 512, 2048, 4096, 16384), metavar="N,N,...",
+                   help="token counts of the expert, dense MLP, router, permute and combine")
+    p.add_argument("--prefill", type=_positive_list, default=(1024, 4096), metavar="S,S,...",
+                   help="prompt lengths of MLA prefill (one prompt)")
+    p.add_argument("--decode", type=lambda s: tuple(s.split(",")), default=("32x4096", "128x4096"),
+                   metavar="BxL,...", help="batches x contexts of MLA decode")
+    p.add_argument("--peak-size", type=_positive, default=8192, help="N of the N x N x N peak GEMM")
+    p.add_argument("--copy-mib", type=_positive, default=1024, help="MiB of the peak copy")
+    p.add_argument("--iters", type=_positive, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch column")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="OUT", help="write the figures as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hpc-moe", description="Large expert-parallel inference of DeepSeek-V3-class "
                      "MoE models over MPI: run it under mpiexec/srun with one rank per GPU.")
@@ -210,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     add_dispatch_args(bsub.add_parser("dispatch", help="dispatch/combine against the raw Ialltoallv floor"))
     add_layer_args(bsub.add_parser("layer", help="one MoE layer forward, phase by phase, against the raw floor"))
+    _add_bench_kernels(bsub.add_parser("kernels", help="one device's kernels at a model's shapes against its measured "
+                                       "peaks and PyTorch (one process)"))
     add_report_args(sub.add_parser("report", help="summary tables and PNG plots from traces"))
     st = sub.add_parser("selftest", help="check MPI, the GPUs, the dispatch transport and the trace path on every rank")
     _add_backend_args(st)
@@ -252,6 +273,9 @@ def _dispatch(args) -> int:
     if args.command == "bench" and args.bench == "dispatch":
         from hpc_moe.apps.bench_dispatch import BenchDispatchOptions, run_bench_dispatch
         return run_bench_dispatch(options_from(BenchDispatchOptions, args))
+    if args.command == "bench" and args.bench == "kernels":
+        from hpc_moe.apps.bench_kernels import BenchKernelsOptions, run_bench_kernels
+        return run_bench_kernels(options_from(BenchKernelsOptions, args))
     if args.command == "bench":
         from hpc_moe.apps.bench_layer import BenchLayerOptions, run_bench_layer
         return run_bench_layer(options_from(BenchLayerOptions, args))
