@@ -14,6 +14,7 @@ import ml_dtypes
 import numpy as np
 
 from hpc_moe.errors import InputError
+from hpc_moe.timing import HOST_CLOCK
 
 try:  # CuPy is an optional extra; a machine without a usable GPU falls back to NumPy.
     import cupy as _cupy
@@ -67,6 +68,11 @@ class Backend:
         if self.is_gpu and isinstance(a, _cupy.ndarray):
             return _cupy.asnumpy(a)
         return np.asarray(a)
+
+    def phase_clock(self):
+        """What times compute phases (hpc_moe.timing.Profiler): the host's clock on a CPU, CUDA
+        events on the current stream on a GPU (no device synchronisation per phase)."""
+        return DeviceClock() if self.is_gpu else HOST_CLOCK
 
     def synchronize(self) -> None:
         """Wait for queued device work; MPI does not synchronise CUDA streams for us."""
@@ -153,12 +159,29 @@ def copy_to_host(backend: Backend, src, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def record_event(backend: Backend):
-    """A CUDA event recorded on the current stream (``.done``, ``.synchronize()``), None on CPU."""
+class DeviceClock:
+    """Marks are CUDA events recorded on the current stream; seconds between two are read once
+    the device has reached them (settle: one synchronisation, at the step's end)."""
+
+    def mark(self):
+        ev = _cupy.cuda.Event()
+        ev.record(_cupy.cuda.get_current_stream())
+        return ev
+
+    def seconds(self, start, end) -> float:
+        return _cupy.cuda.get_elapsed_time(start, end) / 1e3
+
+    def settle(self) -> None:
+        _cupy.cuda.get_current_stream().synchronize()
+
+
+def record_event(backend: Backend, stream=None):
+    """A CUDA event recorded on ``stream`` (default: the current one; ``.done``, ``.synchronize()``),
+    None on CPU."""
     if not backend.is_gpu:
         return None
     ev = _cupy.cuda.Event(disable_timing=True)
-    ev.record(_cupy.cuda.get_current_stream())
+    ev.record(stream or _cupy.cuda.get_current_stream())
     return ev
 
 
@@ -184,18 +207,35 @@ def nccl_communicator(nranks: int, uid: np.ndarray, rank: int):
     return nccl.NcclCommunicator(int(nranks), tuple(int(b) for b in uid), int(rank))
 
 
-def nccl_alltoallv(comm, send, send_offsets, send_nbytes, recv, recv_offsets, recv_nbytes) -> None:
-    """Grouped NCCL send/recv of byte ranges of contiguous device arrays, enqueued on the current
-    stream: peer p gets send[send_offsets[p] : +send_nbytes[p]] (offsets and sizes in bytes)."""
+def comm_stream():
+    """A CUDA stream of its own for communication (non-blocking: it does not wait for the legacy
+    default stream), so NCCL transfers run beside the compute stream's kernels."""
+    return _cupy.cuda.Stream(non_blocking=True)
+
+
+def wait_event(event) -> None:
+    """Make the current (compute) stream wait for ``event`` without blocking the host."""
+    _cupy.cuda.get_current_stream().wait_event(event)
+
+
+def nccl_alltoallv(comm, send, send_offsets, send_nbytes, recv, recv_offsets, recv_nbytes, stream=None) -> None:
+    """Grouped NCCL send/recv of byte ranges of contiguous device arrays: peer p gets
+    send[send_offsets[p] : +send_nbytes[p]] (offsets and sizes in bytes). Enqueued on ``stream``
+    (default: the current one) once the current stream's work so far (what wrote ``send``) is done."""
     from cupy.cuda import nccl
-    stream = _cupy.cuda.get_current_stream().ptr
+    current = _cupy.cuda.get_current_stream()
+    if stream is not None and stream is not current:
+        ready = _cupy.cuda.Event(disable_timing=True)
+        ready.record(current)
+        stream.wait_event(ready)
+    target = (stream or current).ptr
     sptr, rptr = send.data.ptr, recv.data.ptr
     nccl.groupStart()
     try:
         for p in range(len(send_nbytes)):
             if send_nbytes[p]:
-                comm.send(sptr + int(send_offsets[p]), int(send_nbytes[p]), nccl.NCCL_UINT8, p, stream)
+                comm.send(sptr + int(send_offsets[p]), int(send_nbytes[p]), nccl.NCCL_UINT8, p, target)
             if recv_nbytes[p]:
-                comm.recv(rptr + int(recv_offsets[p]), int(recv_nbytes[p]), nccl.NCCL_UINT8, p, stream)
+                comm.recv(rptr + int(recv_offsets[p]), int(recv_nbytes[p]), nccl.NCCL_UINT8, p, target)
     finally:
         nccl.groupEnd()

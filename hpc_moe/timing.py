@@ -1,9 +1,12 @@
 """Per-layer phase timers, a timeline of events, and the record of every exchange, per rank and step.
 
 Phases nest: time spent in an inner phase (a ``wait`` inside ``dispatch``) is booked to the inner one
-only, so the columns of ``times_LP`` add up to the time the rank spent. On a GPU, kernels are
-asynchronous: a phase is closed by synchronising the device so that its time is the time of its
-work. That costs a little overlap inside a rank; ``--profile off`` skips it.
+only, so the columns of ``times_LP`` add up to the time the rank spent. A phase is timed by a
+clock's marks at its start and end. On the CPU the clock is the host's. On a GPU, kernels are
+asynchronous, so compute phases are timed by CUDA events recorded on the compute stream
+(hpc_moe.backend.DeviceClock) and resolved once, when the step's figures are read: no phase
+synchronises the device, and ``--profile on`` keeps the overlap of communication and compute. A
+"wait" (the host blocked on an all-to-all) is host time on either.
 
 Shape legend: L layers, P phases, X exchanges, K exchange kinds (dispatch, combine).
 """
@@ -21,30 +24,60 @@ COMM_PHASES = ("dispatch", "combine", "wait")
 EXCHANGE_KINDS = ("dispatch", "combine")
 
 
+class HostClock:
+    """Marks are perf_counter seconds; nothing to resolve."""
+
+    def mark(self):
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        return end - start
+
+    def settle(self) -> None:
+        pass
+
+
+HOST_CLOCK = HostClock()
+
+
 class Profiler:
     """Accumulates seconds per (layer, phase), a list of events, and the exchanges of the current step.
 
     times_LP: float64 [L, P] exclusive seconds; events: (layer, phase id, t_start, t_end) in seconds
     from the step's start; exchanges: (layer, micro_batch, kind id, t_start, t_post, t_done, blocked_s),
     times from the step's start; exchange_LK2: float64 [L, K, 2] seconds in flight (t_done - t_start)
-    and blocked per kind.
+    and blocked per kind. clock: what times the compute phases (HostClock, or the backend's
+    phase_clock(): CUDA events on a GPU); times_LP and events resolve its marks when read.
     """
 
-    def __init__(self, num_layers: int, synchronize=None, enabled: bool = True, watchdog=None):
+    def __init__(self, num_layers: int, clock=None, enabled: bool = True, watchdog=None):
         """watchdog: a hpc_moe.watchdog.Watchdog told of every "wait" phase (with phases off too)."""
         self.num_layers = num_layers
-        self.synchronize = synchronize if synchronize is not None else (lambda: None)
+        self.clock = clock if clock is not None else HOST_CLOCK
         self.enabled = enabled
         self.watchdog = watchdog
         self.start_step()
 
     def start_step(self) -> None:
-        self.times_LP = np.zeros((self.num_layers, len(PHASES)))
+        self._times_LP = np.zeros((self.num_layers, len(PHASES)))
         self.exchange_LK2 = np.zeros((self.num_layers, len(EXCHANGE_KINDS), 2))
-        self.events: list[tuple[int, int, float, float]] = []
+        self._events: list[tuple[int, int, float, float]] = []
         self.exchanges: list[tuple[int, int, int, float, float, float]] = []
-        self._inner: list[float] = []  # seconds of inner phases, one entry per open phase
+        # Phases not yet resolved: [layer, phase id, clock, start mark, end mark, host start, children];
+        # _open: the indices of the phases open now, innermost last.
+        self._pending: list[list] = []
+        self._open: list[int] = []
         self.t0 = time.perf_counter()
+
+    @property
+    def times_LP(self) -> np.ndarray:
+        self._resolve()
+        return self._times_LP
+
+    @property
+    def events(self) -> list:
+        self._resolve()
+        return self._events
 
     @contextmanager
     def phase(self, layer: int, name: str, what: str | None = None):
@@ -59,27 +92,42 @@ class Profiler:
 
     @contextmanager
     def _timed(self, layer: int, name: str):
-        t = time.perf_counter()
-        self._inner.append(0.0)
+        clock = HOST_CLOCK if name == "wait" else self.clock  # a wait is the host's, not the device's
+        i = self._push(layer, name, clock, clock.mark(), time.perf_counter())
         try:
             yield
         finally:
-            self.synchronize()
-            t_end = time.perf_counter()
-            inner = self._inner.pop()
-            if self._inner:
-                self._inner[-1] += t_end - t
-            self.times_LP[layer, PHASE_ID[name]] += t_end - t - inner
-            self.events.append((layer, PHASE_ID[name], t - self.t0, t_end - self.t0))
+            self._pending[i][4] = clock.mark()
+            self._open.pop()
+
+    def _push(self, layer: int, name: str, clock, start, host_start: float) -> int:
+        i = len(self._pending)
+        self._pending.append([layer, PHASE_ID[name], clock, start, None, host_start, []])
+        if self._open:
+            self._pending[self._open[-1]][6].append(i)
+        self._open.append(i)
+        return i
 
     def add(self, layer: int, name: str, t_start: float, t_end: float) -> None:
         """Record a phase measured elsewhere (perf_counter seconds)."""
         if not self.enabled:
             return
-        self.times_LP[layer, PHASE_ID[name]] += t_end - t_start
-        if self._inner:
-            self._inner[-1] += t_end - t_start
-        self.events.append((layer, PHASE_ID[name], t_start - self.t0, t_end - self.t0))
+        i = self._push(layer, name, HOST_CLOCK, t_start, t_start)
+        self._pending[i][4] = t_end
+        self._open.pop()
+
+    def _resolve(self) -> None:
+        """Turn the phases' marks into exclusive seconds and timeline events, once none is open
+        (at the step's end): one wait for the device, if its clock has marks outstanding."""
+        if not self._pending or self._open:
+            return
+        if any(p[2] is not HOST_CLOCK for p in self._pending):
+            self.clock.settle()
+        seconds = [clock.seconds(start, end) for _, _, clock, start, end, _, _ in self._pending]
+        for i, (layer, pid, _, _, _, host_start, children) in enumerate(self._pending):
+            self._times_LP[layer, pid] += seconds[i] - sum(seconds[c] for c in children)
+            self._events.append((layer, pid, host_start - self.t0, host_start - self.t0 + seconds[i]))
+        self._pending = []
 
     def exchange(self, layer: int, micro_batch: int, kind: str, t_start: float, t_post: float, t_done: float,
                  blocked_s: float) -> None:

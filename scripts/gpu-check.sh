@@ -6,7 +6,7 @@
 # Installs the carried wheels (scripts/gpu-wheels.sh), then, each step's log in DIR and its exit
 # status in DIR/summary.txt, a failing step not stopping the next:
 #   env       versions of CuPy, NCCL, MPI, torch and the GPU
-#   tests     the GPU tests (tests/test_parity_gpu.py and the gpu-marked ones)
+#   tests     the GPU tests (parity in bf16, CUDA-event phase timing, bench kernels)
 #   kernels   hpc-moe bench kernels at the deepseek-v3 shapes (kernels.json)
 #   dispatch  hpc-moe bench dispatch with --backend cupy, 4 ranks sharing the GPU (dispatch.json)
 #   layer     hpc-moe bench layer with --backend cupy, 4 ranks (layer.json)
@@ -49,7 +49,7 @@ from hpc_moe.backend import get_backend; be = get_backend('$backend'); print('ba
 if be.is_gpu:
     import cupy; print('cupy', cupy.__version__, 'nccl', cupy.cuda.nccl.get_version() if cupy.cuda.nccl.available else None)
 import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-step tests $py -m pytest -q -p no:cacheprovider -rs tests/test_parity_gpu.py tests/test_bench_kernels.py
+step tests $py -m pytest -q -p no:cacheprovider -rs tests/test_parity_gpu.py tests/test_timing.py tests/test_bench_kernels.py
 step kernels $py -m hpc_moe bench kernels --backend "$backend" "${kernels[@]}" --json "$out/kernels.json"
 step dispatch mpiexec -n $np $py -m mpi4py -m hpc_moe bench dispatch --backend "$backend" "${size[@]}" \
   --json "$out/dispatch.json"

@@ -99,7 +99,7 @@ def run_bench_layer(o: BenchLayerOptions) -> int:
     flat = Dispatcher(ctx, placement, be, dataclasses.replace(options, scheme="flat"))
     block = MoEBlock(cfg, 0, weights, be, executor)
     x = be.asarray(np.random.default_rng([o.seed, ctx.rank]).standard_normal((o.tokens, o.hidden), np.float32))
-    prof = Profiler(1, be.synchronize)
+    prof = Profiler(1, be.phase_clock())
     comm, sync = ctx.ep_comm, be.synchronize
 
     def layer():

@@ -55,7 +55,7 @@ def run_job(o: RunOptions) -> int:
     backend = get_backend(o.layout.backend, o.layout.dtype, ctx.local_rank)
     _check_fits(cfg, layers, workload, ctx, backend)
     watchdog = Watchdog(ctx.world, o.watchdog)
-    prof = Profiler(layers, backend.synchronize, enabled=o.profile == "on", watchdog=watchdog)
+    prof = Profiler(layers, backend.phase_clock(), enabled=o.profile == "on", watchdog=watchdog)
     options = dataclasses.replace(o.layout.engine_options(), eplb=o.eplb, redundant_experts=o.redundant_experts)
     engine = Engine(cfg, weights, backend, ctx, options=options, num_layers=layers,
                     loads=loads, synthetic_routing=synthetic, profiler=prof)
@@ -158,7 +158,8 @@ def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workloa
             ctx.world.Barrier()
         t0 = time.perf_counter()
         engine.forward(batch, cache, last_only=True)
-        backend.synchronize()
+        with watchdog.waiting("the device's queued work (kernels, NCCL transfers)"):
+            backend.synchronize()
         with watchdog.waiting("the barrier after the step"):
             ctx.world.Barrier()
         wall = time.perf_counter() - t0

@@ -124,21 +124,27 @@ class MpiTransport:
 
 
 class _EventRequest:
-    """MPI-request look-alike over a CUDA event (NCCL work queued on the stream)."""
+    """MPI-request look-alike over a CUDA event on the communication stream. Wait() makes the
+    compute stream wait for it (kernels that read the received rows run after them) without
+    blocking the host; the request holds the buffers until then, since CuPy's pool would hand
+    their memory to the compute stream while the communication stream still uses it."""
 
-    def __init__(self, event):
-        self._event = event
+    def __init__(self, event, *buffers):
+        self._event, self._buffers = event, buffers
 
     def Test(self) -> bool:
         return self._event is None or bool(self._event.done)
 
     def Wait(self) -> None:
         if self._event is not None:
-            self._event.synchronize()
+            _bk.wait_event(self._event)
+        self._buffers = ()
 
 
 class NcclTransport:
-    """NCCL grouped send/recv on device buffers; no MPI point-to-point (``supports_p2p`` False)."""
+    """NCCL grouped send/recv on device buffers, on a stream of its own; no MPI point-to-point
+    (``supports_p2p`` False). Every rank enqueues its transfers in the same order (exchanges post
+    their payloads in call order), which NCCL needs: different orders across ranks deadlock."""
 
     name = "nccl"
     supports_p2p = False
@@ -149,12 +155,13 @@ class NcclTransport:
         uid = _bk.nccl_unique_id() if comm.Get_rank() == 0 else np.zeros(128, dtype=np.int16)
         comm.Bcast([uid, MPI.INT16_T], root=0)
         self._nccl = _bk.nccl_communicator(comm.Get_size(), uid, comm.Get_rank())
+        self._stream = _bk.comm_stream()
 
     def scratch(self, rows: int, width: int):
         return self.backend.xp.empty((max(rows, 1), width), dtype=np.uint8)[:rows]
 
     def to_wire(self, words):
-        return words  # NCCL runs on the same stream, after the kernels that wrote ``words``
+        return words  # the communication stream waits for the compute stream's kernels (nccl_alltoallv)
 
     def empty(self, rows: int, width: int):
         return self.backend.xp.empty((max(rows, 1), width), dtype=np.uint8)
@@ -168,11 +175,12 @@ class NcclTransport:
     def ialltoallv(self, send, send_counts_P, recv, recv_counts_P):
         w = send.shape[1]
         sc, rc = np.asarray(send_counts_P) * w, np.asarray(recv_counts_P) * w
-        _bk.nccl_alltoallv(self._nccl, send, _offsets(sc), sc, recv, _offsets(rc), rc)
-        return _EventRequest(_bk.record_event(self.backend))
+        _bk.nccl_alltoallv(self._nccl, send, _offsets(sc), sc, recv, _offsets(rc), rc, self._stream)
+        return _EventRequest(_bk.record_event(self.backend, self._stream), send, recv)
 
     def close(self) -> None:
         self._nccl = None
+        self._stream = None
 
 
 def make_transport(comm: MPI.Comm, backend: Backend, kind: str = "auto", need_p2p: bool = False,

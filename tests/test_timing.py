@@ -1,0 +1,77 @@
+"""The phase profiler: exclusive nested times, and a device clock resolved once at the step's end
+(a stand-in for CUDA events: its marks are numbers, its seconds twice the host's)."""
+import time
+
+import numpy as np
+import pytest
+
+from hpc_moe.backend import get_backend, gpu_count
+from hpc_moe.timing import PHASE_ID, Profiler
+
+
+class FakeDeviceClock:
+    """Marks a counter the test advances; a phase's device seconds are what the test says."""
+
+    def __init__(self):
+        self.now, self.settled = 0.0, 0
+
+    def mark(self):
+        return self.now
+
+    def seconds(self, start, end) -> float:
+        assert self.settled, "device marks read before the device was waited for"
+        return end - start
+
+    def settle(self) -> None:
+        self.settled += 1
+
+
+def test_device_clock_phases_resolve_once_and_nest():
+    clock = FakeDeviceClock()
+    prof = Profiler(2, clock)
+    with prof.phase(1, "dispatch"):
+        clock.now += 0.5  # device work of the dispatch phase
+        with prof.phase(1, "wait"):  # host time: the host blocks, the device clock does not move
+            time.sleep(0.02)
+        clock.now += 0.25
+    with prof.phase(0, "attention"):
+        clock.now += 2.0
+    assert clock.settled == 0  # nothing waited for the device while the step ran
+    t = prof.times_LP
+    assert clock.settled == 1
+    assert t[0, PHASE_ID["attention"]] == pytest.approx(2.0)
+    wait = t[1, PHASE_ID["wait"]]
+    assert 0.02 <= wait < 0.5
+    assert t[1, PHASE_ID["dispatch"]] == pytest.approx(0.75 - wait)  # exclusive of its inner wait
+    ev = prof.events_array()
+    assert ev.shape == (3, 4) and clock.settled == 1  # resolved once
+    assert sorted(ev[:, 3] - ev[:, 2]) == pytest.approx(sorted([0.75, wait, 2.0]))
+    prof.start_step()
+    assert not prof.times_LP.any() and prof.events_array().shape == (0, 4)
+
+
+def test_host_clock_phases_add_up():
+    prof = Profiler(1)
+    with prof.phase(0, "expert"):
+        time.sleep(0.01)
+        prof.add(0, "combine", time.perf_counter() - 0.004, time.perf_counter())
+    t = prof.times_LP
+    assert t[0, PHASE_ID["combine"]] == pytest.approx(0.004, abs=1e-4)
+    assert t[0, PHASE_ID["expert"]] >= 0.01 - 0.0045
+    ev = prof.events_array()  # the expert phase's event spans its inner combine too
+    assert ev[0, 3] - ev[0, 2] == pytest.approx(t.sum())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() == 0, reason="needs a GPU (CuPy)")
+def test_cuda_event_clock_times_device_work_without_synchronising():
+    be = get_backend("cupy", "bfloat16")
+    prof = Profiler(1, be.phase_clock())
+    a = be.asarray(np.ones((4096, 4096), np.float32))
+    t = time.perf_counter()
+    with prof.phase(0, "expert"):
+        for _ in range(20):
+            a @ a
+    queued = time.perf_counter() - t  # the host only queued the products
+    device = prof.times_LP[0, PHASE_ID["expert"]]  # resolved here, after the device ran them
+    assert device > 0 and queued < device
