@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Calibrate the planner on this machine and check it on shapes the fit never saw:
-#   scripts/calibrate_cpu.sh [OUT_DIR]      (about 80 s on the 2-core CI VM; run it on an idle machine)
+#   scripts/calibrate_cpu.sh [OUT_DIR]      (about 100 s on the 2-core CI VM; run it on an idle machine)
 # Runs the `small` model at 1 to 8 ranks, prefill and decode, several batches and lengths, on one
 # node and on 2 and 4 simulated nodes (--ranks-per-node: hierarchical dispatch); one trace a shape.
 # The fit set spans the range and the held-out set lies inside it, every shape different; the

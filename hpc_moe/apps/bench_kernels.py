@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hpc_moe.apps.common import write_json
 from hpc_moe.backend import Backend, get_backend
 from hpc_moe.config import load_config
 from hpc_moe.errors import UsageError
@@ -136,7 +137,6 @@ def run_bench_kernels(o: BenchKernelsOptions) -> int:
             2 * B * heads * (2 * C + R) * L, B * L * (C + R) * b, tt and tt.decode(mla, qn, qr, cache))
     _print(cfg, o, be, gemm_peak, copy_peak, rows, tt)
     if o.json:
-        from hpc_moe.apps.common import write_json
         write_json(o.json, {"config": o.config, "device": be.device, "backend": be.name, "dtype": str(dt),
                             "gemm_peak_tflops": gemm_peak / 1e12, "copy_peak_gbps": copy_peak / 1e9,
                             "torch": tt.version if tt else None, "kernels": rows})

@@ -11,8 +11,9 @@ import numpy as np
 
 from hpc_moe.apps.common import write_json
 from hpc_moe.errors import UsageError
-from hpc_moe.perf.calibrate import calibrate, compare, shapes_of
+from hpc_moe.perf.calibrate import calibrate, compare
 from hpc_moe.perf.hardware import load_hardware
+from hpc_moe.perf.shape import shapes_of
 from hpc_moe.trace.reader import read_trace
 
 
@@ -50,8 +51,7 @@ def run_calibrate(o) -> int:
             write_json(o.save, hw.to_dict())
             print(f"wrote {o.save}")
     rows = [dict(compare(sh, hw), set="fit") for sh in fit] + \
-           [dict(compare(sh, hw, loads if loads is not None and len(loads) == len(sh.loads_ME) else
-                         None if loads is None else loads.mean(axis=0)), set="held out") for sh in held]
+           [dict(compare(sh, hw, loads), set="held out") for sh in held]
     _table(rows, hw.name, o.loads_from)
     if o.json:
         write_json(o.json, {"hardware": hw.to_dict(), "traces": rows, **_errors(rows)})
