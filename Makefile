@@ -13,7 +13,7 @@ NP     ?= 16
 # against the other ranks (20x slower steps with 8 ranks on 2 cores).
 MPIEXEC ?= OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(VENV)/bin/mpiexec
 
-.PHONY: install run test test-unit test-mpi test-slurm lint clean
+.PHONY: install run test test-unit test-mpi test-slurm test-cluster lint clean
 
 install: $(VENV)/.installed
 
@@ -31,15 +31,23 @@ run: install
 	    --seq-len uniform:8,64 --steps 20 --warmup 2 --overlap on --ranks-per-node 4 --trace out/run.h5 --overwrite
 	$(PY) -m hpc_moe report out/run.h5 --out out/report
 
-test: test-unit test-mpi
+test: test-unit test-mpi test-slurm test-cluster
 
 test-unit: install
-	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/mpi
+	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/mpi --ignore=tests/test_slurm.py \
+	    --ignore=tests/test_cluster.py
 
-# The job scripts of jobs/ on a one-node Slurm started here (installed with apt when root; skipped,
-# with the reason, where it cannot be). test-unit runs it too.
+# The job scripts of jobs/ on a one-node Slurm started here. As root, Debian's slurm-wlm and munge
+# are installed with apt when missing and slurmctld, slurmd (and munged) are started, then stopped;
+# elsewhere the tests skip with the reason.
 test-slurm: install
 	$(PY) -m pytest -q -p no:cacheprovider -rs tests/test_slurm.py
+
+# The cluster on one machine (scripts/cluster.sh): network namespaces as nodes with 1 Gbit/s NICs,
+# Hydra and a 4-node Slurm across them, all removed afterwards. Root only (Slurm as in test-slurm);
+# elsewhere the tests skip with the reason.
+test-cluster: install
+	$(PY) -m pytest -q -p no:cacheprovider -rs tests/test_cluster.py
 
 # The same MPI test files at several world sizes (oversubscribed on small machines is fine).
 test-mpi: install

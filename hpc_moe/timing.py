@@ -93,7 +93,8 @@ class Profiler:
     @contextmanager
     def _timed(self, layer: int, name: str):
         clock = HOST_CLOCK if name == "wait" else self.clock  # a wait is the host's, not the device's
-        i = self._push(layer, name, clock, clock.mark(), time.perf_counter())
+        start = clock.mark()
+        i = self._push(layer, name, clock, start, start if clock is HOST_CLOCK else time.perf_counter())
         try:
             yield
         finally:
@@ -124,9 +125,12 @@ class Profiler:
         if any(p[2] is not HOST_CLOCK for p in self._pending):
             self.clock.settle()
         seconds = [clock.seconds(start, end) for _, _, clock, start, end, _, _ in self._pending]
-        for i, (layer, pid, _, _, _, host_start, children) in enumerate(self._pending):
+        for i, (layer, pid, clock, _, end, host_start, children) in enumerate(self._pending):
             self._times_LP[layer, pid] += seconds[i] - sum(seconds[c] for c in children)
-            self._events.append((layer, pid, host_start - self.t0, host_start - self.t0 + seconds[i]))
+            # A host phase ends at its own end reading, so that an exchange posted after it (read
+            # from the same clock, minus the same t0) is never recorded before its end.
+            t_end = end - self.t0 if clock is HOST_CLOCK else host_start - self.t0 + seconds[i]
+            self._events.append((layer, pid, host_start - self.t0, t_end))
         self._pending = []
 
     def exchange(self, layer: int, micro_batch: int, kind: str, t_start: float, t_post: float, t_done: float,

@@ -29,10 +29,11 @@ _ASK, _ANSWER = 71, 72  # message tags on the watchdog's own communicator
 
 class Watchdog:
     """limit_s: seconds a rank may wait in communication (0: no watchdog, every method a no-op);
-    comm: the world. Collective to create and to close."""
+    comm: the world; hosts: the host of every rank of comm [size] (the report names them: a node
+    that died or lost its link shows as all of its ranks silent). Collective to create and to close."""
 
-    def __init__(self, comm: MPI.Comm, limit_s: float, answer_s: float = 5.0):
-        self.limit_s, self.answer_s = float(limit_s), float(answer_s)
+    def __init__(self, comm: MPI.Comm, limit_s: float, answer_s: float = 5.0, hosts: tuple[str, ...] = ()):
+        self.limit_s, self.answer_s, self.hosts = float(limit_s), float(answer_s), hosts
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.step = -1
         self._what, self._since = "", 0.0
@@ -117,13 +118,24 @@ class Watchdog:
         busy = [p for p in peers if answers[p][0] != -2 and answers[p][1] < 0]
         parts = [where]
         if silent:
-            parts.append(f"rank(s) {_ranks(silent)} did not answer (stopped, hung or dead)")
+            parts.append(f"rank(s) {self._ranks(silent)} did not answer (stopped, hung or dead)")
         if busy:
-            parts.append(f"rank(s) {_ranks(busy)} are not waiting (still computing, or behind)")
+            parts.append(f"rank(s) {self._ranks(busy)} are not waiting (still computing, or behind)")
         if not silent and not busy:
             parts.append("every rank is waiting: a collective that some rank never entered")
         abort_job("hpc-moe: watchdog: " + "; ".join(parts) + "; aborting the job", EXIT_WATCHDOG)
 
 
-def _ranks(ranks: list[int]) -> str:
+    def _ranks(self, ranks: list[int]) -> str:
+        """"2, 3" or, with hosts, "2, 3 on node1; 9 on node4" (hosts in order of first rank)."""
+        if not self.hosts:
+            return _some(ranks)
+        by_host: dict[str, list[int]] = {}
+        for r in ranks:
+            by_host.setdefault(self.hosts[r], []).append(r)
+        shown = [f"{_some(rs)} on {h}" for h, rs in list(by_host.items())[:8]]
+        return "; ".join(shown) + (f"; and on {len(by_host) - 8} more hosts" if len(by_host) > 8 else "")
+
+
+def _some(ranks: list[int]) -> str:
     return ", ".join(str(r) for r in ranks[:16]) + (f" and {len(ranks) - 16} more" if len(ranks) > 16 else "")

@@ -2,6 +2,8 @@
 the same shapes and inputs, runs interleaved so that both see the same machine, medians of repeats.
 
     .venv/bin/python scripts/compare_layer.py [--np 8] [--repeats 3] [--iters 20] [--out out/compare]
+        [--shapes comm-heavy,compute-heavy] [--dispatch auto|flat|hierarchical]
+        [--launcher "scripts/cluster.sh mpiexec"]   # across the nodes of the cluster on one machine
 
 Prints, per shape, layer_ms of each (median over repeats of each run's median) and the speed-up
 torch / hpc_moe, with the floors bench layer measures (raw all-to-all, GEMMs alone); writes every
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -21,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # the two shapes of the issue: communication-heavy (wide rows, few FLOPs per byte) and compute-heavy
     "comm-heavy": dict(tokens=128, hidden=7168, inter=256, experts=8, topk=2),
     "compute-heavy": dict(tokens=256, hidden=2048, inter=512, experts=8, topk=4),
+    # 16 ranks on 4 nodes of 1 Gbit/s (docs/benchmarks.md): wide rows, the link is the bottleneck
+    "cluster": dict(tokens=96, hidden=5120, inter=320, experts=16, topk=2),
 }
 
 
@@ -40,20 +45,30 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default="out/compare")
+    p.add_argument("--shapes", default="comm-heavy,compute-heavy", help=f"of {', '.join(SHAPES)}")
+    p.add_argument("--dispatch", default="auto", choices=["auto", "flat", "hierarchical"], help="hpc_moe's scheme")
+    p.add_argument("--launcher", default=str(Path(sys.executable).parent / "mpiexec"),
+                   help="the mpiexec to start both with (e.g. 'scripts/cluster.sh mpiexec')")
     a = p.parse_args()
+    unknown = [s for s in a.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        p.error(f"unknown shape(s) {', '.join(unknown)} (of {', '.join(SHAPES)})")
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
-    mpiexec = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(a.np), sys.executable]
+    mpiexec = shlex.split(a.launcher) + ["-n", str(a.np), sys.executable]
     summary = {}
-    for name, shape in SHAPES.items():
+    for name in a.shapes.split(","):
+        shape = SHAPES[name]
         flags = [f"--{k}={v}" for k, v in shape.items()] + [f"--iters={a.iters}"]
         ours, theirs = [], []
         for r in range(a.repeats):
-            ours.append(run(mpiexec + ["-m", "mpi4py", "-m", "hpc_moe", "bench", "layer", *flags], out / f"{name}-hpc-{r}.json"))
+            ours.append(run(mpiexec + ["-m", "mpi4py", "-m", "hpc_moe", "bench", "layer", *flags,
+                                       f"--dispatch={a.dispatch}"], out / f"{name}-hpc-{r}.json"))
             theirs.append(run(mpiexec + ["scripts/torch_moe_layer.py", *flags], out / f"{name}-torch-{r}.json"))
         med = {k: statistics.median(x[k] for x in ours) for k in ("layer_ms", "floor_ms", "expert_floor_ms")}
         torch_ms = statistics.median(x["layer_ms"] for x in theirs)
-        summary[name] = {**shape, "ranks": a.np, "repeats": a.repeats, "hpc_moe_layer_ms": med["layer_ms"],
+        summary[name] = {**shape, "ranks": a.np, "dispatch": a.dispatch, "launcher": a.launcher,
+                         "repeats": a.repeats, "hpc_moe_layer_ms": med["layer_ms"],
                          "torch_layer_ms": torch_ms, "speedup": torch_ms / med["layer_ms"],
                          "raw_alltoall_floor_ms": med["floor_ms"], "gemm_floor_ms": med["expert_floor_ms"],
                          "hpc_moe_phases_ms": _phase_medians(ours), "torch_phases_ms": _phase_medians(theirs)}

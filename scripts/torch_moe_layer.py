@@ -39,6 +39,7 @@ import argparse
 import datetime
 import json
 import os
+import socket
 import statistics
 import sys
 import time
@@ -78,15 +79,18 @@ def parse_args():
 
 
 def init_dist(comm):
-    """Init the gloo process group on a TCPStore whose free port rank 0 picks and broadcasts.
+    """Init the gloo process group on a TCPStore at rank 0's host, on a free port rank 0 picks and
+    broadcasts (the host by name, so that ranks on other nodes reach it; gloo then finds each rank's
+    interface from its own host name).
 
     Returns True on every rank or False on every rank (after printing one line).
     """
     rank, world = comm.Get_rank(), comm.Get_size()
     store, port, err = None, None, None
+    host = comm.bcast(socket.gethostname() if rank == 0 else None, root=0)
     if rank == 0:
         try:
-            store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=STORE_TIMEOUT, wait_for_workers=False)
+            store = dist.TCPStore(host, 0, world, is_master=True, timeout=STORE_TIMEOUT, wait_for_workers=False)
             port = store.port
         except Exception as e:
             err = e
@@ -94,7 +98,7 @@ def init_dist(comm):
     if port is not None:
         try:
             if store is None:
-                store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=STORE_TIMEOUT)
+                store = dist.TCPStore(host, port, world, is_master=False, timeout=STORE_TIMEOUT)
             dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=PG_TIMEOUT)
         except Exception as e:
             err = e

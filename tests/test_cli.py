@@ -1,6 +1,7 @@
 """The command line as users meet it: one-line errors, a killed run's trace, a failing rank."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -65,6 +66,18 @@ def test_existing_trace_is_not_overwritten(tmp_path):
     r = hpc_moe("run", "--steps", "1", "--warmup", "0", "--trace", str(trace), ranks=2)
     assert r.returncode == 2 and "refusing to overwrite" in r.stderr
     assert trace.read_bytes() == before
+
+
+@pytest.mark.parametrize("ranks", [0, 2])
+def test_generate_output_in_a_missing_directory_is_refused_at_the_start(tmp_path, ranks):
+    np.save(tmp_path / "ids.npy", np.zeros((2, 3), np.int64))
+    out = tmp_path / "missing" / "o.npz"
+    r = hpc_moe("generate", "--config", "tiny", "--input-ids", str(tmp_path / "ids.npy"), "--output", str(out),
+                ranks=ranks)
+    assert r.returncode == 2, r.stderr
+    assert f"--output: cannot write in {out.parent}" in r.stderr and "Traceback" not in r.stderr
+    if not ranks:
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_run_killed_with_sigkill_leaves_a_readable_trace(tmp_path):
@@ -176,7 +189,7 @@ def test_the_watchdog_names_a_stopped_rank(tmp_path):
         os.kill(victim, signal.SIGCONT) if _alive(victim) else None
     assert job.returncode != 0 and time.monotonic() - started < 33
     line = next((x for x in err.splitlines() if "watchdog:" in x), err)
-    assert f"rank(s) {rank} did not answer" in line and "aborting the job" in line
+    assert f"rank(s) {rank} on {socket.gethostname()} did not answer" in line and "aborting the job" in line
     assert sum("watchdog:" in x for x in err.splitlines()) == 1  # one message
     assert read_trace(trace).num_steps >= 3
 

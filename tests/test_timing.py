@@ -62,6 +62,20 @@ def test_host_clock_phases_add_up():
     assert ev[0, 3] - ev[0, 2] == pytest.approx(t.sum())
 
 
+
+def test_an_exchange_posted_after_a_host_phase_is_never_recorded_before_its_end(monkeypatch):
+    """A rank may be descheduled between any two clock readings (here: 9 s after the phase's first)."""
+    readings = iter([0.0, 1.0, 10.0, 11.0, 12.0, 13.0])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(readings))
+    prof = Profiler(1)
+    with prof.phase(0, "expert"):
+        pass
+    t_post = time.perf_counter()
+    prof.exchange(0, 0, "combine", t_post, t_post, t_post, 0.0)
+    monkeypatch.undo()
+    (_, _, _, t_end), = prof.events
+    assert t_end <= prof.exchanges[0][4]
+
 @pytest.mark.gpu
 @pytest.mark.skipif(gpu_count() == 0, reason="needs a GPU (CuPy)")
 def test_cuda_event_clock_times_device_work_without_synchronising():

@@ -9,7 +9,7 @@ from mpi4py import MPI
 
 from hpc_moe.apps.common import on_root, open_weights, write_npz
 from hpc_moe.apps.options import GenerateOptions
-from hpc_moe.apps.selftest import run_checks
+from hpc_moe.apps.selftest import check_output_dir, run_checks
 from hpc_moe.apps.workload import assign
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
@@ -77,6 +77,7 @@ def run_generate(o: GenerateOptions) -> int:
     cfg, weights = open_weights(o)
 
     def read():
+        check_output_dir(o.output, "--output")  # here, not after the whole generation
         ids = load_input_ids(o.input_ids)
         check_ids(ids, cfg, o.max_new_tokens)
         return ids

@@ -54,7 +54,7 @@ def run_job(o: RunOptions) -> int:
     loads = on_root(ctx, lambda: loads_from_trace(o.loads_from, layers, cfg)) if o.loads_from else None
     backend = get_backend(o.layout.backend, o.layout.dtype, ctx.local_rank)
     _check_fits(cfg, layers, workload, ctx, backend)
-    watchdog = Watchdog(ctx.world, o.watchdog)
+    watchdog = Watchdog(ctx.world, o.watchdog, hosts=ctx.hostnames)
     prof = Profiler(layers, backend.phase_clock(), enabled=o.profile == "on", watchdog=watchdog)
     options = dataclasses.replace(o.layout.engine_options(), eplb=o.eplb, redundant_experts=o.redundant_experts)
     engine = Engine(cfg, weights, backend, ctx, options=options, num_layers=layers,

@@ -82,13 +82,14 @@ def check_transport(ctx: ParallelContext, backend: Backend, transport) -> str:
     return f"{transport.name} moves variable-count rows, zero counts and self-sends included"
 
 
-def check_trace_dir(path: str) -> str:
+def check_output_dir(path: str, what: str = "trace") -> str:
+    """That the file ``path`` can be created; what: the output's name in the error."""
     where = os.path.dirname(os.path.abspath(path)) or "."
     try:
         with tempfile.NamedTemporaryFile(dir=where):
             pass
     except OSError as e:
-        raise SelftestError(f"trace: cannot write in {where} ({e.strerror})") from None
+        raise SelftestError(f"{what}: cannot write in {where} ({e.strerror})") from None
     return f"{where} is writable"
 
 
@@ -102,7 +103,7 @@ def run_checks(ctx: ParallelContext, backend: Backend, transport, allow_shared_g
 
 def run_selftest(o: SelftestOptions) -> int:
     ctx = ParallelContext.create()
-    trace = [f"trace: {on_root(ctx, lambda: check_trace_dir(o.trace))}"] if o.trace else []
+    trace = [f"trace: {on_root(ctx, lambda: check_output_dir(o.trace))}"] if o.trace else []
     backend = get_backend(o.backend, o.dtype, ctx.local_rank)
     transport = make_transport(ctx.ep_comm, backend, o.transport, logger=logging.getLogger("hpc_moe.channel"))
     lines = run_checks(ctx, backend, transport, o.allow_shared_gpu) + trace

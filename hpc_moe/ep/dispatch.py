@@ -22,7 +22,7 @@ from mpi4py import MPI
 from hpc_moe.backend import Backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.ep.exchange import Exchange, ExpertFn, Plan, plan_rows
-from hpc_moe.ep.hierarchical import HierarchicalExchange
+from hpc_moe.ep.hierarchical import HierarchicalExchange, NodeMap
 from hpc_moe.ep.pipelined import PipelinedExchange
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.ep.transport import TRANSPORTS, make_transport
@@ -60,22 +60,19 @@ class DispatchOptions:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
 
 
-def _hierarchical(o: DispatchOptions, placement: ExpertPlacement, expert_tp: int) -> bool:
+def _hierarchical(o: DispatchOptions, nodes: NodeMap, expert_tp: int) -> bool:
     """Whether to run the two-stage exchange; "hierarchical" asked for where it cannot run is an
     input error (every rank sees the same layout, so every rank raises alike)."""
     if o.scheme == "flat":
         return False
-    node_P = np.asarray(placement.node_of_rank)
-    n = int(node_P.max()) + 1
-    why = ("there is one node" if n == 1 else
-           "nodes differ in size or do not hold consecutive ranks" if not np.array_equal(
-               node_P, np.repeat(np.arange(n), len(node_P) // n)) or len(node_P) % n else
+    why = ("there is one node" if nodes.n_nodes == 1 else
+           nodes.unusable if nodes.unusable is not None else
            "expert_tp > 1" if expert_tp > 1 else
            "the pipelined algorithm is flat" if o.algorithm == "pipelined" else None)
     if why is not None and o.scheme == "hierarchical":
         raise UsageError(f"--dispatch hierarchical cannot run here: {why}")
     # With one rank per node there is nothing to forward inside a node: auto stays flat.
-    return why is None and (o.scheme == "hierarchical" or len(node_P) > n)
+    return why is None and (o.scheme == "hierarchical" or len(nodes.node_P) > nodes.n_nodes)
 
 
 class Dispatcher:
@@ -94,15 +91,20 @@ class Dispatcher:
         self.transport = make_transport(self.comm, backend, self.options.transport,
                                         need_p2p=self.options.algorithm == "pipelined", logger=logger)
         self._seq = 0  # pipelined exchanges posted, for message tags: the same on every rank
-        self.hierarchical = _hierarchical(self.options, placement, ctx.expert_tp)
+        # The placement's node map, not the context's: the placement is what routing follows.
+        self.nodes = NodeMap.of(placement.node_of_rank)
+        self.hierarchical = _hierarchical(self.options, self.nodes, ctx.expert_tp)
         self.rail = self.node = None
         if self.hierarchical:  # a rail (same local index, across nodes) and a node communicator
-            self.ranks_per_node = self.size // (max(placement.node_of_rank) + 1)
-            self.node_id, self.local_index = divmod(self.rank, self.ranks_per_node)
+            self.node_id, self.local_index = int(self.nodes.node_P[self.rank]), int(self.nodes.local_P[self.rank])
             flat = dataclasses.replace(self.options, scheme="flat")
             quiet = logging.getLogger("hpc_moe.channel")  # the EP channel's choice is logged once
-            self.rail = Dispatcher(ctx, placement, backend, flat, self.comm.Split(self.local_index, self.node_id), quiet)
-            self.node = Dispatcher(ctx, placement, backend, flat, self.comm.Split(self.node_id, self.local_index), quiet)
+            # Keyed so that a rank's node id is its rank on the rail and its local index its rank
+            # on the node, as HierarchicalExchange addresses them.
+            rail = self.comm.Split(color=self.local_index, key=self.node_id)
+            node = self.comm.Split(color=self.node_id, key=self.local_index)
+            self.rail = Dispatcher(ctx, placement, backend, flat, rail, quiet)
+            self.node = Dispatcher(ctx, placement, backend, flat, node, quiet)
 
     def next_tags(self) -> int:
         """The first of 4 message tags no exchange in flight on this channel uses (the same on
@@ -175,8 +177,7 @@ class Dispatcher:
         row once. nodes_T counts the nodes a token reaches."""
         slot_TK, local_TK = self.route(layer, topk_TK)
         plan = plan_rows(slot_TK, local_TK, self.size // self.tp, self.tp)
-        node_P = np.asarray(self.placement.node_of_rank, np.int64)
         dest_M = np.repeat(np.arange(self.size), plan.counts_P)
-        n_nodes = int(node_P.max()) + 1
-        token_node = np.unique(plan.token_M * n_nodes + node_P[dest_M])
+        n_nodes = self.nodes.n_nodes
+        token_node = np.unique(plan.token_M * n_nodes + self.nodes.node_P[dest_M])
         return dataclasses.replace(plan, nodes_T=np.bincount(token_node // n_nodes, minlength=len(slot_TK)))

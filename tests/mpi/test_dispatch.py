@@ -623,3 +623,42 @@ def test_hierarchical_all_tokens_to_one_expert_and_bad_layouts():
         finally:
             c2.free()
     c.free()
+
+
+@FORMS
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_hierarchical_on_round_robin_nodes(ctx, shape, deterministic):
+    """Ranks placed round-robin on 2 nodes (srun -m cyclic), while the context simulates blocks of
+    2: the placement's map is the one the exchange follows. It matches the flat exchange, and each
+    peer's rows and bytes are booked to the EP rank that sent or got them."""
+    p, me = ctx.ep_size, ctx.ep_rank
+    if p < 4 or p % 2:
+        pytest.skip("needs 2 nodes of 2 ranks or more")
+    node_P, local_P = np.arange(p) % 2, np.arange(p) // 2
+    e = SHAPES[shape](p)
+    pl = ExpertPlacement.build(e, p, 1, [int(n) for n in node_P])
+    batch = batches(e, lambda r: 0 if r == 1 else 6 + r, k=min(4, e), seed=17)
+    x, idx, w = batch(me)
+    out, ex = {}, {}
+    for scheme in ("flat", "hierarchical"):
+        d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(deterministic=deterministic, scheme=scheme))
+        assert d.hierarchical == (scheme == "hierarchical")
+        ex[scheme] = d.post(None, x, idx, w)
+        ex[scheme].run_experts(expert_fn_for(d))
+        out[scheme] = ex[scheme].wait()
+        d.close()
+    assert_matches_reference(d, x, idx, w, out["hierarchical"])
+    if deterministic:
+        np.testing.assert_array_equal(out["hierarchical"], out["flat"])
+    h = ex["hierarchical"]
+    # Source s's rows reach this rank from s's rail peer on this node: rank (node of me, local of s).
+    want_P = np.zeros(p, np.int64)
+    for s in range(p):
+        _, idx_s, _ = batch(s)
+        want_P[(node_P == node_P[me]) & (local_P == local_P[s])] += int((pl.route(idx_s, s) == me).any(axis=1).sum())
+    np.testing.assert_array_equal(h.recv_counts_P, want_P)
+    assert h.recv_counts_P.sum() == ex["flat"].recv_counts_P.sum()
+    peers = (local_P == local_P[me]) | (node_P == node_P[me])  # the rail and the node
+    assert not h.send_bytes_P[~peers].any()
+    stages = [h.stage1.send_bytes_P.sum(), h.stage2.send_bytes_P.sum()]
+    assert h.send_bytes_P.sum() == sum(stages)

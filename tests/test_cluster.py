@@ -1,0 +1,244 @@
+"""hpc_moe on real nodes: the cluster on one machine of scripts/cluster.sh (network namespaces,
+shaped links, Hydra and a multi-node Slurm across them).
+
+What runs: the engine exact against the single-process reference on the nodes MPI finds
+(tests/mpi/test_nodes.py under Hydra, block and round-robin rank placement, flat and hierarchical);
+the trace's cross-node bytes against the NICs' counters; the job scripts of jobs/ under sbatch -N 2
+and -N 4; a pulled cable, a dead node and Slurm's stop signal. Each class brings its cluster up and
+takes it down, on failure too. Skipped, with scripts/cluster.sh's one-line reason, where namespaces
+cannot be made (not root, no iproute2) or Slurm cannot be installed.
+
+Run alone: make test-cluster.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_slurm import _install
+
+from hpc_moe.trace.reader import read_trace
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = str(REPO / "scripts/cluster.sh")
+PY = sys.executable
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+# What a CPU-only cluster of 2-core nodes lacks, overridden on sbatch's command line.
+CPU_ONLY = ["--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
+JOB_ENV = {"SRUN_MPI": "pmi2", "PY": PY, "CONFIG": "tiny", "LAYERS": "3", "STEPS": "3",
+           "WORKLOAD": "--mode prefill --batch 8 --seq-len 16"}
+# The wire carries, beyond the trace's payload bytes, TCP/IP headers, the count exchanges and the
+# per-step timing gathers (2-4% measured, docs/benchmarks.md) and the start-up (tens of kB).
+NIC_OVERHEAD, NIC_FIXED = 0.06, 256 * 1024
+
+
+def cluster(*args, timeout=120, env=None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([CLUSTER, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env or ENV, cwd=REPO, **kw)
+
+
+def bring_up(nodes: int, slurm: bool):
+    """Up -> yields; down afterwards whatever happened."""
+    if slurm:
+        why = _install()
+        if why:
+            pytest.skip(why)
+    r = cluster("up", "--nodes", str(nodes), "--rate", "1gbit", *(["--slurm"] if slurm else []))
+    if r.returncode == 2:
+        pytest.skip(r.stderr.strip().splitlines()[-1])
+    assert r.returncode == 0, r.stderr
+    try:
+        yield nodes
+    finally:
+        cluster("down")
+
+
+@pytest.fixture(scope="class")
+def two_nodes():
+    yield from bring_up(2, slurm=True)
+
+
+@pytest.fixture(scope="class")
+def four_nodes():
+    yield from bring_up(4, slurm=True)
+
+
+def mpi_tests(nodes: int, ranks: int, cyclic: bool):
+    order = "cyclic" if cyclic else "block"
+    env = {**ENV, "HPC_MOE_NODES": str(nodes), "HPC_MOE_RANK_ORDER": order}
+    r = cluster("mpiexec", *(["--cyclic"] if cyclic else []), "-n", str(ranks), PY, "-m", "mpi4py", "-m", "pytest",
+                "-q", "-p", "no:cacheprovider", "--with-mpi", "tests/mpi/test_nodes.py", env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
+
+
+def nic_tx() -> dict[str, int]:
+    r = cluster("nic-bytes")
+    assert r.returncode == 0, r.stderr
+    return {node: int(tx) for node, tx, _ in (line.split() for line in r.stdout.splitlines())}
+
+
+def cross_node_bytes(trace) -> int:
+    node_R = np.asarray(trace.rank_node)
+    return int((trace.bytes_sent * (node_R[:, None] != node_R[None, :])).sum())
+
+
+def run_args(trace: Path, *extra: str) -> list[str]:
+    return [PY, "-m", "mpi4py", "-m", "hpc_moe", "run", "--config", "tiny", "--mode", "prefill", "--batch", "16",
+            "--seq-len", "32", "--trace", str(trace), "--overwrite", *extra]
+
+
+def wait_for_steps(trace: Path, steps: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while _steps(trace) < steps:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no {steps} steps in {timeout} s"
+        time.sleep(0.5)
+
+
+def _steps(trace: Path) -> int:
+    try:
+        return read_trace(trace).num_steps
+    except Exception:  # noqa: BLE001 (between the file's creation and its first flush)
+        return 0
+
+
+def job(*args, env=None, timeout=240) -> tuple[str, str, str]:
+    """sbatch and wait -> (job id, exit code, its output)."""
+    r = cluster("sbatch", "--parsable", *args, env={**ENV, **JOB_ENV, **(env or {})})
+    assert r.returncode == 0, r.stderr
+    jid = r.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + timeout
+    while cluster("squeue", "-h", "-j", jid).stdout.strip():
+        assert time.monotonic() < deadline, f"job {jid} still running after {timeout} s"
+        time.sleep(1)
+    return jid, exit_code(jid), (REPO / f"traces/cluster-{jid}.out").read_text()
+
+
+def exit_code(jid: str) -> str:
+    out = cluster("scontrol", "show", "job", jid).stdout
+    return next((w.split("=", 1)[1] for w in out.split() if w.startswith("ExitCode=")), "?")
+
+
+@pytest.fixture
+def traces():
+    """The jobs write under the checkout's traces/ (their submit directory): remove what a test made."""
+    (REPO / "traces").mkdir(exist_ok=True)
+    before = set((REPO / "traces").glob("*"))
+    yield REPO / "traces"
+    for p in set((REPO / "traces").glob("*")) - before:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+class TestTwoNodes:
+    @pytest.mark.parametrize("cyclic", [False, True], ids=["block", "cyclic"])
+    def test_engine_exact_on_real_nodes(self, two_nodes, cyclic):
+        mpi_tests(2, 4, cyclic)
+
+    def test_trace_bytes_are_the_wire_bytes(self, two_nodes, tmp_path):
+        for scheme in ("flat", "hierarchical"):
+            before = nic_tx()
+            r = subprocess.run(cluster_cmd("mpiexec", "-n", "4", *run_args(
+                tmp_path / "t.h5", "--steps", "4", "--warmup", "0", "--dispatch", scheme)),
+                capture_output=True, text=True, env=ENV, cwd=REPO, timeout=240)
+            assert r.returncode == 0, r.stderr[-2000:]
+            wire = sum(nic_tx().values()) - sum(before.values())
+            t = read_trace(tmp_path / "t.h5")
+            assert sorted(set(t.rank_host)) == ["node0", "node1"] and list(t.rank_node) == [0, 0, 1, 1]
+            payload = cross_node_bytes(t)
+            assert payload > 100_000
+            assert payload <= wire <= payload * (1 + NIC_OVERHEAD) + NIC_FIXED, (scheme, payload, wire)
+
+    def test_run_job_on_two_nodes(self, two_nodes, traces):
+        jid, code, log = job("-N", "2", *CPU_ONLY, "-o", "traces/cluster-%j.out", "jobs/run.sbatch")
+        assert code == "0:0", log
+        t = read_trace(traces / f"run-{jid}-n4.h5")
+        assert t.state == "completed" and sorted(set(t.rank_host)) == ["node0", "node1"]
+        assert "Throughput" in log
+
+    def test_stop_signal_stops_every_node_after_the_same_step(self, two_nodes, traces):
+        r = cluster("sbatch", "--parsable", "-N", "2", *CPU_ONLY, "-o", "traces/cluster-%j.out", "jobs/run.sbatch",
+                    env={**ENV, **JOB_ENV, "STEPS": "100000"})
+        assert r.returncode == 0, r.stderr
+        jid = r.stdout.strip().split(";")[0]
+        trace = traces / f"run-{jid}-n4.h5"
+        deadline = time.monotonic() + 120
+        while _steps(trace) < 3:
+            assert time.monotonic() < deadline, "the job wrote no steps in 120 s"
+            time.sleep(0.5)
+        assert cluster("scancel", "--signal=USR1", jid).returncode == 0
+        while cluster("squeue", "-h", "-j", jid).stdout.strip():
+            assert time.monotonic() < deadline + 60, "the job did not stop within 60 s of the signal"
+            time.sleep(1)
+        log = (traces / f"cluster-{jid}.out").read_text()
+        assert exit_code(jid) == "3:0", log
+        t = read_trace(trace)
+        assert t.state == "stopped" and t.num_steps >= 3 and "stopped by SIGUSR1" in log
+        # Every rank wrote every step it ran (the trace holds whole steps: all ranks or none).
+        assert np.all(t.phase_time_s.sum(axis=(1, 3)) > 0)
+
+    def test_a_dead_node_ends_the_job(self, two_nodes, tmp_path):
+        trace = tmp_path / "t.h5"
+        proc = subprocess.Popen(cluster_cmd("mpiexec", "-n", "4", *run_args(trace, "--steps", "100000",
+                                                                                 "--watchdog", "20")),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+        try:
+            wait_for_steps(trace, 3, proc)
+            assert cluster("kill", "node1").returncode == 0
+            t0 = time.monotonic()
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode != 0 and time.monotonic() - t0 < 30, err[-2000:]
+        finally:
+            _reap(proc)
+        assert read_trace(trace).num_steps >= 3
+
+    def test_a_pulled_cable_ends_the_job_by_the_watchdog(self, two_nodes, tmp_path):
+        trace, watchdog = tmp_path / "t.h5", 10
+        proc = subprocess.Popen(cluster_cmd("mpiexec", "-n", "4", *run_args(trace, "--steps", "100000",
+                                                                                 "--watchdog", str(watchdog))),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+        try:
+            wait_for_steps(trace, 3, proc)
+            assert cluster("link", "node1", "down").returncode == 0
+            t0 = time.monotonic()
+            _, err = proc.communicate(timeout=watchdog + 60)
+            took = time.monotonic() - t0
+        finally:
+            cluster("link", "node1", "up")
+            cluster("kill", "node1")  # node1's ranks, cut off from their launcher
+            _reap(proc)
+        assert proc.returncode == 4, err[-2000:]
+        assert took < watchdog + 30, took
+        assert "rank(s) 2, 3 on node1 did not answer" in err  # the watchdog names the lost node
+        assert read_trace(trace).num_steps >= 3
+
+
+class TestFourNodes:
+    @pytest.mark.parametrize("cyclic", [False, True], ids=["block", "cyclic"])
+    def test_engine_exact_on_real_nodes(self, four_nodes, cyclic):
+        mpi_tests(4, 8, cyclic)
+
+    def test_scaling_job_on_four_nodes(self, four_nodes, traces):
+        jid, code, log = job("-N", "4", *CPU_ONLY, "-o", "traces/cluster-%j.out", "jobs/scaling.sbatch",
+                             env={"FIRST": "2", "SEQ_LEN": "16"})
+        assert code == "0:0", log
+        series = traces / f"scaling-{jid}"
+        assert sorted(p.name for p in series.glob("n*.h5")) == ["n2.h5", "n4.h5", "n8.h5"]
+        assert [read_trace(series / f"n{n}.h5").num_nodes for n in (2, 4, 8)] == [1, 2, 4]
+        assert (series / "report" / "scaling.png").exists()
+
+
+def cluster_cmd(*args: str) -> list[str]:
+    return [CLUSTER, *args]
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
