@@ -2,7 +2,7 @@
 the same shapes and inputs, runs interleaved so that both see the same machine, medians of repeats.
 
     .venv/bin/python scripts/compare_layer.py [--np 8] [--repeats 3] [--iters 20] [--out out/compare]
-        [--shapes comm-heavy,compute-heavy] [--dispatch auto|flat|hierarchical]
+        [--shapes comm-heavy,compute-heavy] [--dispatch auto|flat|hierarchical] [--micro-batches M]
         [--launcher "scripts/cluster.sh mpiexec"]   # across the nodes of the cluster on one machine
 
 Prints, per shape, layer_ms of each (median over repeats of each run's median) and the speed-up
@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # the two shapes of the issue: communication-heavy (wide rows, few FLOPs per byte) and compute-heavy
     "comm-heavy": dict(tokens=128, hidden=7168, inter=256, experts=8, topk=2),
     "compute-heavy": dict(tokens=256, hidden=2048, inter=512, experts=8, topk=4),
-    # 16 ranks on 4 nodes of 1 Gbit/s (docs/benchmarks.md): wide rows, the link is the bottleneck
-    "cluster": dict(tokens=96, hidden=5120, inter=320, experts=16, topk=2),
+    # 16 ranks on 4 nodes of 1 Gbit/s (docs/benchmarks.md): wide rows, DeepSeek's top-8, the link
+    # is the bottleneck
+    "cluster": dict(tokens=96, hidden=5120, inter=128, experts=16, topk=8),
 }
 
 
@@ -47,6 +48,7 @@ def main() -> int:
     p.add_argument("--out", default="out/compare")
     p.add_argument("--shapes", default="comm-heavy,compute-heavy", help=f"of {', '.join(SHAPES)}")
     p.add_argument("--dispatch", default="auto", choices=["auto", "flat", "hierarchical"], help="hpc_moe's scheme")
+    p.add_argument("--micro-batches", type=int, default=1, help="hpc_moe's parts in flight at once")
     p.add_argument("--launcher", default=str(Path(sys.executable).parent / "mpiexec"),
                    help="the mpiexec to start both with (e.g. 'scripts/cluster.sh mpiexec')")
     a = p.parse_args()
@@ -63,11 +65,13 @@ def main() -> int:
         ours, theirs = [], []
         for r in range(a.repeats):
             ours.append(run(mpiexec + ["-m", "mpi4py", "-m", "hpc_moe", "bench", "layer", *flags,
-                                       f"--dispatch={a.dispatch}"], out / f"{name}-hpc-{r}.json"))
+                                       f"--dispatch={a.dispatch}", f"--micro-batches={a.micro_batches}"],
+                            out / f"{name}-hpc-{r}.json"))
             theirs.append(run(mpiexec + ["scripts/torch_moe_layer.py", *flags], out / f"{name}-torch-{r}.json"))
         med = {k: statistics.median(x[k] for x in ours) for k in ("layer_ms", "floor_ms", "expert_floor_ms")}
         torch_ms = statistics.median(x["layer_ms"] for x in theirs)
-        summary[name] = {**shape, "ranks": a.np, "dispatch": a.dispatch, "launcher": a.launcher,
+        summary[name] = {**shape, "ranks": a.np, "dispatch": a.dispatch, "micro_batches": a.micro_batches,
+                         "launcher": a.launcher,
                          "repeats": a.repeats, "hpc_moe_layer_ms": med["layer_ms"],
                          "torch_layer_ms": torch_ms, "speedup": torch_ms / med["layer_ms"],
                          "raw_alltoall_floor_ms": med["floor_ms"], "gemm_floor_ms": med["expert_floor_ms"],

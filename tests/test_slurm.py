@@ -70,7 +70,8 @@ def slurm(tmp_path_factory):
         key.chmod(0o400)
     Path("/run/munge").mkdir(exist_ok=True)
     shutil.chown("/run/munge", "munge", "munge")
-    if _sh("munge", "-n").returncode:
+    started_munged = bool(_sh("munge", "-n").returncode)
+    if started_munged:
         _sh("munged", "--force")
     host = socket.gethostname()
     for d in ("state", "spool", "log"):
@@ -94,14 +95,17 @@ def slurm(tmp_path_factory):
     deadline = time.monotonic() + 30
     while _sh("sinfo", "-h", "-o", "%T", env=env).stdout.strip() != "idle":
         if time.monotonic() > deadline:
-            _stop(root)
+            _stop(root, started_munged)
             pytest.skip(f"the one-node Slurm did not come up in 30 s: {(root / 'log/slurmctld.log').read_text()[-300:]}")
         time.sleep(0.5)
-    yield env
-    _stop(root)
+    try:
+        yield env
+    finally:
+        _stop(root, started_munged)
 
 
-def _stop(root: Path) -> None:
+def _stop(root: Path, munged: bool) -> None:
+    """The daemons this fixture started (munged too, unless it was running before)."""
     for daemon in ("slurmd", "slurmctld"):
         pid = root / f"{daemon}.pid"
         if pid.exists():
@@ -109,6 +113,8 @@ def _stop(root: Path) -> None:
                 os.kill(int(pid.read_text()), 15)
             except (OSError, ValueError):
                 pass
+    if munged:
+        _sh("pkill", "-x", "munged")
 
 
 def _job(env, *args, timeout=180) -> tuple[str, str]:

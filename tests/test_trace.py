@@ -426,6 +426,19 @@ def test_reader_errors(tmp_path):
         read_trace(tmp_path / "other.h5")
 
 
+@pytest.mark.timeout(60)
+def test_a_truncated_trace_is_refused_at_once(tmp_path):
+    """A copy or disk that lost the file's end: one line, no SWMR metadata retries for minutes."""
+    write_synthetic(tmp_path / "t.h5", Dims())
+    full = (tmp_path / "t.h5").read_bytes()
+    for keep in (len(full) - 1, len(full) // 2, 40, 20):
+        (tmp_path / "cut.h5").write_bytes(full[:keep])
+        with pytest.raises(TraceError, match="truncated file"):
+            read_trace(tmp_path / "cut.h5")
+    (tmp_path / "cut.h5").write_bytes(full + b"\0" * 100)  # longer than recorded: HDF5 reads it
+    assert read_trace(tmp_path / "cut.h5").num_steps == read_trace(tmp_path / "t.h5").num_steps
+
+
 def test_events_from_profiler_arrays(tmp_path):
     """timing.Profiler.events_array() gives float64 [n, 4] (layer, phase id, t_start, t_end)."""
     ev = np.array([[0, 0, 0.0, 1e-3], [1, 3, 1e-3, 2.5e-3]])

@@ -7,7 +7,10 @@ shared expert, random weights, routing by the gate. ``--experts`` equal to the r
 expert per rank. Times are the max over ranks of one iteration, medians over iterations:
 layer_ms is start to finish of the layer; the phases are the profiler's exclusive phase times
 (``wait`` is time blocked on the network). With ``--ranks-per-node`` the layer runs on simulated
-nodes (``--dispatch`` picks the scheme). Two floors, measured in the same run: floor_ms, a bare
+nodes (``--dispatch`` picks the scheme). With ``--micro-batches M`` the rank's tokens go in M parts
+on M channels, as ``run --overlap on`` schedules them: every part's dispatch is posted before the
+first part's experts run, so part i's exchanges fly under the experts of the others (polled between
+them). Two floors, measured in the same run: floor_ms, a bare
 Ialltoallv of the flat dispatch's bytes plus one of its combine's on the same transport; and
 expert_floor_ms, this rank's expert GEMMs alone on the rows it received (all ranks at once, the
 slowest sets it). layer_ms / (expert_floor_ms + floor_ms) is what the code adds to the machine.
@@ -51,6 +54,7 @@ class BenchLayerOptions:
     deterministic: bool = False
     ranks_per_node: int | None = None
     dispatch: str = "auto"
+    micro_batches: int = 1
     iters: int = 20
     warmup: int = 3
     seed: int = 0
@@ -66,12 +70,16 @@ def add_layer_args(p) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--ranks-per-node", type=int, default=None, help="simulate nodes of k ranks")
     p.add_argument("--dispatch", default="auto", choices=["auto", "flat", "hierarchical"])
+    p.add_argument("--micro-batches", type=int, default=1, help="parts of the tokens in flight at once (overlap)")
     add_common_args(p)
 
 
 def check(o: BenchLayerOptions) -> None:
-    if min(o.tokens, o.hidden, o.inter, o.experts, o.topk, o.iters) < 1 or o.warmup < 0:
-        raise UsageError("--tokens, --hidden, --inter, --experts, --topk and --iters must be >= 1, --warmup >= 0")
+    if min(o.tokens, o.hidden, o.inter, o.experts, o.topk, o.iters, o.micro_batches) < 1 or o.warmup < 0:
+        raise UsageError("--tokens, --hidden, --inter, --experts, --topk, --micro-batches and --iters must be >= 1, "
+                         "--warmup >= 0")
+    if o.micro_batches > o.tokens:
+        raise UsageError(f"--micro-batches {o.micro_batches} is more than --tokens {o.tokens}")
     if o.topk > o.experts:
         raise UsageError(f"--topk {o.topk} is more than --experts {o.experts}")
     if o.experts < 2:
@@ -95,17 +103,34 @@ def run_bench_layer(o: BenchLayerOptions) -> int:
     weights = SyntheticWeights(cfg, o.seed)
     placement = ExpertPlacement.build(o.experts, ctx.ep_size, 1, ctx.node_of_ep_rank, layers=[0])
     options = DispatchOptions(transport=o.transport, payload=o.payload, deterministic=o.deterministic, scheme=o.dispatch)
-    executor = ExpertParallelExecutor(cfg, weights, be, ctx, placement, options, [0])
+    executor = ExpertParallelExecutor(cfg, weights, be, ctx, placement, options, [0], channels=o.micro_batches)
     flat = Dispatcher(ctx, placement, be, dataclasses.replace(options, scheme="flat"))
     block = MoEBlock(cfg, 0, weights, be, executor)
     x = be.asarray(np.random.default_rng([o.seed, ctx.rank]).standard_normal((o.tokens, o.hidden), np.float32))
     prof = Profiler(1, be.phase_clock())
     comm, sync = ctx.ep_comm, be.synchronize
 
+    xs = [x[p[0]:p[-1] + 1] for p in np.array_split(np.arange(o.tokens), o.micro_batches)]
+    inflight = []
+
+    def poll():  # MPI progresses an exchange only inside a call
+        for s in inflight:
+            s.pending.progress()
+
     def layer():
-        step = block.start(x, prof)
-        step.pending.run_experts()
-        return block.finish(step)
+        inflight[:] = []
+        for i, x_m in enumerate(xs):
+            inflight.append(block.start(x_m, prof, micro_batch=i, poll=poll))
+        for s in inflight:
+            s.pending.run_experts(poll=poll)
+        return [block.finish(s) for s in inflight]
+
+    if o.micro_batches > 1:  # once, untimed: the parts give the layer's answer for all the tokens
+        whole = block.finish(block.start(x, prof))
+        xp = be.xp
+        got = xp.concatenate(layer())
+        if not bool(xp.allclose(got, whole, rtol=1e-4, atol=1e-4 * float(xp.abs(whole).max()))):
+            raise RuntimeError("bench layer: the micro-batched layer differs from the whole one")
 
     layer_s, phase_s, floor_s, expert_s, exchange = [], [], [], [], None
     for it in range(o.warmup + o.iters):
@@ -174,6 +199,7 @@ def _table(r: dict) -> str:
     c = r["config"]
     lines = [(f"# hpc-moe bench layer: EP {c['world_size']}, {c['tokens']} tokens/rank, hidden {c['hidden']}, "
               f"inter {c['inter']}, top-{c['topk']} of {c['experts']}, {c['dtype']}, transport {c['transport']}, "
+              f"dispatch {c['dispatch']}, {c['micro_batches']} micro-batch(es), "
               f"{c['iters']} iters (+{c['warmup']} warmup)"),
              f"{'phase':<12}{'median ms':>11}"]
     lines += [f"{p:<12}{v:>11.2f}" for p, v in r["phases_ms"].items()]

@@ -283,6 +283,7 @@ def read_trace(path: str | os.PathLike) -> Trace:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise TraceError(f"trace {path}: no such file")
+    _check_not_truncated(path)
     try:
         # swmr=True also opens files whose SWMR writer died (a plain open refuses those).
         with h5py.File(path, "r", swmr=True) as f:
@@ -291,6 +292,26 @@ def read_trace(path: str | os.PathLike) -> Trace:
         raise
     except (OSError, KeyError, IndexError, ValueError, TypeError) as e:
         raise TraceError(f"cannot read trace {path}: {_one_line(e)}") from None
+
+
+def _check_not_truncated(path: str) -> None:
+    """A file shorter than the end its superblock records is refused here: an SWMR open skips
+    HDF5's own end-of-file check and then retries its metadata reads for minutes. The superblock
+    (versions 2 and 3, which libver="latest" writes) holds, after the 8-byte signature, version,
+    offset and length sizes and flags, the base, extension and end-of-file addresses (HDF5 file
+    format specification, "Superblock Version 2 and 3"). Older superblocks are left to HDF5."""
+    with open(path, "rb") as f:
+        head = f.read(48)
+    if len(head) < 12 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (2, 3):
+        return
+    width = head[9]
+    if len(head) < 12 + 3 * width:
+        raise TraceError(f"cannot read trace {path}: truncated file ({len(head)} bytes)")
+    base, eof = (int.from_bytes(head[12 + i * width:12 + (i + 1) * width], "little") for i in (0, 2))
+    size = os.path.getsize(path)
+    if size < base + eof:
+        raise TraceError(f"cannot read trace {path}: truncated file ({size} bytes of {base + eof}; "
+                         "the copy or the disk lost its end)")
 
 
 def _read(f: h5py.File, path: str) -> Trace:

@@ -43,15 +43,17 @@ def test_bench_dispatch_json(tmp_path_factory, extra):
     assert 0 < r["rows_sent_per_rank"] <= r["pairs_per_rank"]
 
 
-def test_bench_layer_json(tmp_path_factory):
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_bench_layer_json(tmp_path_factory, micro_batches):
     path = out_file(tmp_path_factory, "layer")
-    assert main(["bench", "layer", "--tokens", "32", "--hidden", "128", "--inter", "64",
-                 "--experts", str(max(2, WORLD.Get_size())), "--topk", "1", "--iters", "3", "--warmup", "1", "--json", path]) == 0
+    assert main(["bench", "layer", "--tokens", "32", "--hidden", "128", "--inter", "64", "--micro-batches",
+                 str(micro_batches), "--experts", str(max(2, WORLD.Get_size())), "--topk", "1", "--iters", "3",
+                 "--warmup", "1", "--json", path]) == 0
     WORLD.Barrier()
     if WORLD.Get_rank():
         return
     r = json.loads(Path(path).read_text())
-    assert r["config"]["world_size"] == WORLD.Get_size()
+    assert r["config"]["world_size"] == WORLD.Get_size() and r["config"]["micro_batches"] == micro_batches
     assert set(r["phases_ms"]) == {"gate", "dispatch", "expert", "combine", "wait"}
     assert r["layer_ms"] > 0 and r["floor_ms"] > 0 and r["expert_floor_ms"] > 0
     assert r["layer_ms"] >= r["phases_ms"]["expert"]  # the layer contains its expert phase

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The figures of docs/benchmarks.md "On the cluster on one machine", in one go (root; about 15 min):
+# 4 nodes x 4 ranks, each node's NIC shaped to 1 Gbit/s (scripts/cluster.sh), the `wide` preset
+# (the tiny model with 2048-wide rows, so that a step's bytes, not its FLOPs, bound it).
+#
+#   scripts/bench_cluster.sh [OUT]          # default out/cluster; brings the cluster up and down
+#   RATE=250mbit PARTS="runs" scripts/bench_cluster.sh OUT    # another link rate, some parts only
+#
+# OUT/runs.tsv: one line per run: name, ranks, nodes, dispatch, overlap, step ms (median), MoE
+# layer ms (slowest rank), cross-node bytes (trace, measured steps), NIC TX bytes (all nodes, the
+# whole run: warm-up and start-up included), the exchanges' in-flight and exposed ms a step and
+# the hidden share, and the CPU seconds the whole run took in user and kernel mode; OUT/*.h5 the
+# traces, OUT/*.json the summaries; OUT/compare-*/ the PyTorch layer
+# against bench layer; OUT/floor.txt the raw Ialltoallv of the same bytes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-out/cluster}
+PY=${PY:-.venv/bin/python}
+STEPS=${STEPS:-6}
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+mkdir -p "$OUT"
+C=scripts/cluster.sh
+PARTS=${PARTS:-runs scaling floor compare}  # any of them
+$C up --nodes 4 --rate "${RATE:-1gbit}"
+trap '$C down >/dev/null' EXIT
+
+tx() { $C nic-bytes | awk '{s += $2} END {printf "%.0f\n", s}'; }
+# CPU seconds of the machine's cores so far: user (with nice), then kernel (system, irq, softirq:
+# where TCP, the veths, the bridge and the shapers run).
+cpu() { awk '/^cpu / {printf "%.2f %.2f\n", ($2 + $3) / 100, ($4 + $7 + $8) / 100}' /proc/stat; }
+# NAME NP ARGS...: one hpc-moe run, its NIC bytes and its figures on one line of runs.tsv.
+run() {
+  local name=$1 np=$2; shift 2
+  local before cpu0 cpu1; before=$(tx); cpu0=$(cpu)
+  $C mpiexec ${PPN:+--ppn "$PPN"} -n "$np" "$PY" -m mpi4py -m hpc_moe run --config wide --mode prefill --seq-len 64 \
+     --steps "$STEPS" --warmup 1 --trace "$OUT/$name.h5" --overwrite --summary-json "$OUT/$name.json" "$@" \
+     > "$OUT/$name.log" 2>&1
+  cpu1=$(cpu)
+  "$PY" - "$OUT/$name.h5" "$name" "$np" "$(( $(tx) - before ))" "$*" $cpu0 $cpu1 >> "$OUT/runs.tsv" <<'EOF'
+import sys
+import numpy as np
+from hpc_moe.trace.reader import exchange_overlap, read_trace
+t = read_trace(sys.argv[1])
+node_R = np.asarray(t.rank_node)
+cross = int((t.bytes_sent * (node_R[:, None] != node_R[None, :])).sum())
+moe = t.phase_time_s[:, list(t.moe_layers)].sum(axis=(1, 3)).max(axis=1) / len(t.moe_layers)  # [S] slowest rank
+ov = exchange_overlap(t)
+print("\t".join(map(str, [sys.argv[2], sys.argv[3], t.num_nodes, sys.argv[5],
+                          round(1e3 * float(np.median(t.wall_time_s)), 1), round(1e3 * float(np.median(moe)), 1),
+                          cross, sys.argv[4], round(ov["total_in_flight"], 1), round(ov["total_blocked"], 1),
+                          round(ov["total_hidden"], 3),
+                          round(float(sys.argv[8]) - float(sys.argv[6]), 1), round(float(sys.argv[9]) - float(sys.argv[7]), 1)])))
+EOF
+  tail -n 1 "$OUT/runs.tsv"
+}
+
+printf 'name\tranks\tnodes\targs\tstep_ms\tmoe_layer_ms\tcross_node_B\tnic_tx_B\tin_flight_ms\texposed_ms\thidden\tcpu_user_s\tcpu_kernel_s\n' > "$OUT/runs.tsv"
+part() { [[ " $PARTS " == *" $1 "* ]]; }
+# Hierarchical against flat, overlap off and on: 32 sequences of 64 tokens a step, 2 a rank.
+if part runs; then
+  for dispatch in flat hierarchical; do
+    for overlap in off on; do
+      run "$dispatch-$overlap" 16 --batch 32 --dispatch "$dispatch" --overlap "$overlap"
+    done
+  done
+fi
+# Scaling at fixed work per rank (2 sequences a rank), 1 to 4 nodes of 4 ranks.
+if part scaling; then
+  for n in 1 2 4; do PPN=4 run "scale-n$n" $((4 * n)) --batch $((8 * n)); done
+fi
+# What the fabric imposes: a raw Ialltoallv of the same bytes (bench dispatch's floor column).
+part floor && $C mpiexec -n 16 "$PY" -m mpi4py -m hpc_moe bench dispatch --tokens 128 --hidden 2048 --experts 16 --topk 4 \
+   --dtype float32 --no-overlap --iters 5 > "$OUT/floor.txt" 2>&1 || true
+# Against PyTorch over the same fabric (gloo), both started by Hydra across the nodes, interleaved.
+if part compare; then
+  for variant in ${VARIANTS:-flat:1 hierarchical:1 hierarchical:2}; do  # dispatch:micro-batches
+    "$PY" scripts/compare_layer.py --np 16 --repeats 3 --iters 5 --shapes cluster --dispatch "${variant%:*}" \
+       --micro-batches "${variant#*:}" --launcher "$C mpiexec" --out "$OUT/compare-${variant/:/-mb}" 2>/dev/null \
+       | tee -a "$OUT/compare.txt"
+  done
+fi
