@@ -203,7 +203,7 @@ cmd_mpiexec() {
   n=$(nodes)
   per=${ppn:-$(( (np + n - 1) / n ))}  # block: node0's ranks first, then node1's, ...
   [ "$cyclic" = 1 ] && per=1  # Hydra deals one rank per host in turn: round-robin
-  [ $(( (np + per - 1) / per )) -le "$n" ] || die "mpiexec: $np ranks at $per a node need more than $n nodes"
+  [ -z "$ppn" ] || [ $(( (np + ppn - 1) / ppn )) -le "$n" ] || die "mpiexec: $np ranks at $ppn a node need more than $n nodes"
   # With --ppn, only the nodes the ranks fill (a job on part of the cluster).
   for ns in $(node_names | head -n $(( ppn ? (np + per - 1) / per : n ))); do hosts+="${hosts:+,}$ns:$per"; done
   local mpiexec=${MPIEXEC:-}

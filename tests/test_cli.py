@@ -80,6 +80,13 @@ def test_generate_output_in_a_missing_directory_is_refused_at_the_start(tmp_path
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_run_summary_json_in_a_missing_directory_is_refused_at_the_start(tmp_path):
+    out = tmp_path / "missing" / "s.json"
+    r = hpc_moe("run", "--steps", "100000", "--trace", "none", "--summary-json", str(out), ranks=2)
+    assert r.returncode == 2, r.stderr  # at once: 100000 steps would not end within the test's time
+    assert f"--summary-json: cannot write in {out.parent}" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_run_killed_with_sigkill_leaves_a_readable_trace(tmp_path):
     trace = tmp_path / "killed.h5"
     cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_moe", "run", "--steps",

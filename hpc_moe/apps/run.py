@@ -23,7 +23,7 @@ from mpi4py import MPI
 from hpc_moe.apps.common import loads_from_trace, on_root, open_weights, write_json
 from hpc_moe.apps.options import RunOptions
 from hpc_moe.apps.progress import Progress
-from hpc_moe.apps.selftest import run_checks
+from hpc_moe.apps.selftest import check_output_dir, run_checks
 from hpc_moe.apps.workload import Step, Workload, assign
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
@@ -45,6 +45,8 @@ def run_job(o: RunOptions) -> int:
                                  ranks_per_node=o.layout.ranks_per_node)
     if ctx.rank != 0:
         log.setLevel(logging.WARNING)  # the other ranks speak only of trouble
+    if o.summary_json:  # written at the end: known to be writable before the first step
+        on_root(ctx, lambda: check_output_dir(o.summary_json, "--summary-json"))
     cfg, weights = open_weights(o)
     layers = o.layers or cfg.num_hidden_layers
     if not 1 <= layers <= cfg.num_hidden_layers:
