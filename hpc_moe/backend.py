@@ -195,16 +195,21 @@ def nccl_available() -> bool:
         return False
 
 
-def nccl_unique_id() -> np.ndarray:
-    """A fresh NCCL unique id as int16 [128] (so that MPI can broadcast it with Bcast)."""
+NCCL_UNIQUE_ID_BYTES = 128  # sizeof(ncclUniqueId)
+
+
+def nccl_unique_id() -> bytes:
+    """A fresh NCCL unique id, 128 bytes (MPI broadcasts it as MPI.BYTE). CuPy 14 returns bytes;
+    older CuPy a tuple of signed chars."""
     from cupy.cuda import nccl
-    return np.asarray(nccl.get_unique_id(), dtype=np.int16)
+    uid = nccl.get_unique_id()
+    return bytes(uid) if isinstance(uid, (bytes, bytearray)) else bytes(b & 0xFF for b in uid)
 
 
-def nccl_communicator(nranks: int, uid: np.ndarray, rank: int):
+def nccl_communicator(nranks: int, uid: bytes, rank: int):
     """NCCL communicator of ``nranks`` from a unique id made by nccl_unique_id on one rank."""
     from cupy.cuda import nccl
-    return nccl.NcclCommunicator(int(nranks), tuple(int(b) for b in uid), int(rank))
+    return nccl.NcclCommunicator(int(nranks), uid, int(rank))
 
 
 def comm_stream():

@@ -109,7 +109,9 @@ def run_bench_kernels(o: BenchKernelsOptions) -> int:
             x = rand(T, H, scale=1.0)
             add(name, f"{T}x{H}->{inter}->{H}", timer(w, x), 6 * T * H * inter,
                 (3 * H * inter + 2 * T * H) * b, tt and tt.mlp(w, x))
-    gate, bias = be.asarray(rng.standard_normal((E, H), dtype=np.float32) * 0.02, np.float32), np.zeros(E, np.float32)
+    # Every array a kernel touches comes from the backend (CuPy refuses implicit host-to-device copies).
+    gate = be.asarray(rng.standard_normal((E, H), dtype=np.float32) * 0.02, np.float32)
+    bias = be.asarray(np.zeros(E, np.float32), np.float32)
     for T in o.tokens:
         x = rand(T, H, scale=1.0)
         add("router", f"{T}x{H}->{E} top-{K}", timer(route, x, gate, bias, cfg), 2 * T * H * E,

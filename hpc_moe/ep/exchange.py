@@ -188,7 +188,7 @@ class Exchange:
     # ---- progress ------------------------------------------------------------------------------
     def progress(self) -> bool:
         """Advance what is in flight without blocking; True once the combine has landed."""
-        if self._state in ("dispatching", "combining") and self._reqs and MPI.Request.Testall(self._reqs):
+        if self._state in ("dispatching", "combining") and self._reqs and self._d.transport.test_all(self._reqs):
             self._landed()
         return self._state in ("combined", "done")
 
@@ -203,7 +203,7 @@ class Exchange:
             what = "the dispatch" if times is self.dispatch_times else "the combine"
             with self._prof.phase(self.layer, "wait", what=what):
                 t = time.perf_counter()
-                MPI.Request.Waitall(self._reqs)
+                self._d.transport.wait_all(self._reqs)
                 times.blocked += time.perf_counter() - t
             self._landed()
 

@@ -100,6 +100,15 @@ class MpiTransport:
         sc, rc = _ints(send_counts_P), _ints(recv_counts_P)
         return self.comm.Ialltoallv([send, (sc, _offsets(sc)), t], [recv, (rc, _offsets(rc)), t])
 
+    @staticmethod
+    def test_all(reqs) -> bool:
+        """Whether every request of this transport's (ialltoallv, isend, irecv) is done."""
+        return MPI.Request.Testall(reqs)
+
+    @staticmethod
+    def wait_all(reqs) -> None:
+        MPI.Request.Waitall(reqs)
+
     def isend(self, wire, start: int, rows: int, peer: int, tag: int) -> MPI.Request:
         return self.comm.Isend([wire[start:start + rows], rows, self.rowtype(wire.shape[1])], peer, tag)
 
@@ -151,11 +160,26 @@ class NcclTransport:
     device_buffers = True
 
     def __init__(self, comm: MPI.Comm, backend: Backend):
+        """Collective. A failure on any rank (making the id on rank 0, the communicator anywhere)
+        is a TransportError on every rank, agreed on before any rank goes on to its next collective."""
         self.comm, self.backend = comm, backend
-        uid = _bk.nccl_unique_id() if comm.Get_rank() == 0 else np.zeros(128, dtype=np.int16)
-        comm.Bcast([uid, MPI.INT16_T], root=0)
-        self._nccl = _bk.nccl_communicator(comm.Get_size(), uid, comm.Get_rank())
-        self._stream = _bk.comm_stream()
+        uid, why = bytearray(_bk.NCCL_UNIQUE_ID_BYTES), None
+        if comm.Get_rank() == 0:
+            try:
+                uid[:] = _bk.nccl_unique_id()
+            except Exception as e:  # noqa: BLE001 (whatever CuPy or NCCL raise, every rank must hear of it)
+                why = f"rank 0 cannot make an NCCL unique id: {e}"
+        why = comm.bcast(why, root=0)
+        if why is None:
+            comm.Bcast([uid, MPI.BYTE], root=0)
+            try:
+                self._nccl = _bk.nccl_communicator(comm.Get_size(), bytes(uid), comm.Get_rank())
+                self._stream = _bk.comm_stream()
+            except Exception as e:  # noqa: BLE001
+                why = f"rank {comm.Get_rank()}: {e}"
+        whys = [w for w in comm.allgather(why) if w is not None]
+        if whys:
+            raise TransportError(f"nccl transport: {whys[0]}")
 
     def scratch(self, rows: int, width: int):
         return self.backend.xp.empty((max(rows, 1), width), dtype=np.uint8)[:rows]
@@ -171,6 +195,16 @@ class NcclTransport:
 
     def release(self, *wires) -> None:
         pass
+
+    @staticmethod
+    def test_all(reqs) -> bool:
+        """Whether every request (an _EventRequest, which MPI's Testall cannot take) is done."""
+        return all(r.Test() for r in reqs)
+
+    @staticmethod
+    def wait_all(reqs) -> None:
+        for r in reqs:
+            r.Wait()
 
     def ialltoallv(self, send, send_counts_P, recv, recv_counts_P):
         w = send.shape[1]

@@ -30,7 +30,7 @@ from hpc_moe.comm import ParallelContext, ParallelError
 from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions
 from hpc_moe.ep.exchange import Exchange, Received
 from hpc_moe.ep.placement import ExpertPlacement
-from hpc_moe.ep.transport import TransportError, make_transport
+from hpc_moe.ep.transport import MpiTransport, NcclTransport, TransportError, make_transport
 from hpc_moe.errors import InputError
 from hpc_moe.fp8 import _e4m3_bits, fp8_dequantize, fp8_quantize
 from hpc_moe.model.moe import combine_pairs, weigh_pairs
@@ -515,6 +515,70 @@ def test_transport_choice_on_cpu(ctx):
         DispatchOptions(payload="int4")
     with pytest.raises(ValueError):
         DispatchOptions(transport="bogus")
+
+
+class _NotAnMpiRequest:
+    """A request MPI's Testall/Waitall would refuse (as NCCL's CUDA-event requests are)."""
+
+    def __init__(self, req: MPI.Request):
+        self._req = req
+
+    def Test(self) -> bool:
+        return self._req.Test()
+
+    def Wait(self) -> None:
+        self._req.Wait()
+
+
+class _ForeignRequests(MpiTransport):
+    """Host MPI underneath, requests of its own kind on top, tested and waited for as NCCL's are."""
+
+    test_all, wait_all = staticmethod(NcclTransport.test_all), staticmethod(NcclTransport.wait_all)
+
+    def ialltoallv(self, *args):
+        return _NotAnMpiRequest(super().ialltoallv(*args))
+
+
+def test_exchanges_leave_their_requests_to_the_transport(ctx):
+    """Exchange tests and waits through its transport, never with MPI.Request on what the
+    transport returned (NCCL's requests are CUDA events)."""
+    e = ctx.ep_size
+    pl = ExpertPlacement.build(e, ctx.ep_size, 1, ctx.node_of_ep_rank)
+    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(scheme="flat"))
+    d.transport.close()
+    d.transport = _ForeignRequests(d.comm, NUMPY, False)
+    x, idx, w = tokens(ctx.ep_rank, 9, min(3, e), e, seed=4)
+    ex = d.post(None, x, idx, w)
+    ex.progress()  # polled while in flight
+    ex.run_experts(expert_fn_for(d))
+    y = ex.wait()
+    assert_matches_reference(d, x, idx, w, y)
+    d.close()
+
+
+@pytest.mark.parametrize("failing", ["id on rank 0", "communicator on the last rank"])
+def test_nccl_set_up_failing_on_one_rank_fails_on_every_rank(ctx, monkeypatch, failing):
+    """Rank 0 failing to make the id, or one rank its communicator: a TransportError on every
+    rank, never one rank in a collective the others left (the hang of a broadcast skipped)."""
+    comm, last = ctx.ep_comm, ctx.ep_comm.Get_size() - 1
+
+    def unique_id():
+        if failing.startswith("id"):
+            raise RuntimeError("no NCCL here")
+        return bytes(range(128))
+
+    def communicator(n, uid, rank):
+        assert uid == bytes(range(128))  # the id crossed intact, as bytes
+        if rank == last:
+            raise RuntimeError("NCCL refuses two ranks on one GPU")
+        return object()
+
+    monkeypatch.setattr(bk, "nccl_unique_id", unique_id)
+    monkeypatch.setattr(bk, "nccl_communicator", communicator)
+    monkeypatch.setattr(bk, "comm_stream", lambda: None)
+    with pytest.raises(TransportError, match="no NCCL here" if failing.startswith("id") else "two ranks on one GPU"):
+        NcclTransport(comm, NUMPY)
+    comm.Barrier()  # every rank got here: nobody is left in the id's broadcast
 
 
 @pytest.mark.gpu
