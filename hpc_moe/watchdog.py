@@ -125,7 +125,6 @@ class Watchdog:
             parts.append("every rank is waiting: a collective that some rank never entered")
         abort_job("hpc-moe: watchdog: " + "; ".join(parts) + "; aborting the job", EXIT_WATCHDOG)
 
-
     def _ranks(self, ranks: list[int]) -> str:
         """"2, 3" or, with hosts, "2, 3 on node1; 9 on node4" (hosts in order of first rank)."""
         if not self.hosts:

@@ -62,7 +62,6 @@ def test_host_clock_phases_add_up():
     assert ev[0, 3] - ev[0, 2] == pytest.approx(t.sum())
 
 
-
 def test_an_exchange_posted_after_a_host_phase_is_never_recorded_before_its_end(monkeypatch):
     """A rank may be descheduled between any two clock readings (here: 9 s after the phase's first)."""
     readings = iter([0.0, 1.0, 10.0, 11.0, 12.0, 13.0])
@@ -75,6 +74,7 @@ def test_an_exchange_posted_after_a_host_phase_is_never_recorded_before_its_end(
     monkeypatch.undo()
     (_, _, _, t_end), = prof.events
     assert t_end <= prof.exchanges[0][4]
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(gpu_count() == 0, reason="needs a GPU (CuPy)")
