@@ -39,10 +39,10 @@ run() {
   "$PY" - "$OUT/$name.h5" "$name" "$np" "$(( $(tx) - before ))" "$*" $cpu0 $cpu1 >> "$OUT/runs.tsv" <<'EOF'
 import sys
 import numpy as np
-from hpc_moe.trace.reader import exchange_overlap, read_trace
+from hpc_moe.trace.metrics import comm_stats, exchange_overlap
+from hpc_moe.trace.reader import read_trace
 t = read_trace(sys.argv[1])
-node_R = np.asarray(t.rank_node)
-cross = int((t.bytes_sent * (node_R[:, None] != node_R[None, :])).sum())
+cross = int(comm_stats(t)["inter_node_bytes_per_step"] * t.num_steps)
 moe = t.phase_time_s[:, list(t.moe_layers)].sum(axis=(1, 3)).max(axis=1) / len(t.moe_layers)  # [S] slowest rank
 ov = exchange_overlap(t)
 print("\t".join(map(str, [sys.argv[2], sys.argv[3], t.num_nodes, sys.argv[5],

@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 import pytest
 
+from hpc_moe.trace.metrics import achieved_bandwidth, expert_load_imbalance, phase_totals_per_layer
 from hpc_moe.trace.reader import (
     EVENT_DTYPE,
     EXCHANGE_DTYPE,
@@ -28,9 +29,6 @@ from hpc_moe.trace.reader import (
     SCHEMA_VERSION,
     Trace,
     TraceError,
-    achieved_bandwidth,
-    expert_load_imbalance,
-    phase_totals_per_layer,
     read_trace,
     throughput_per_step,
 )

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from hpc_moe.trace.reader import Trace, expert_load_imbalance
+from hpc_moe.trace.metrics import expert_load_imbalance
+from hpc_moe.trace.reader import Trace
 
 _WARM = ("#d95f02", "#e6ab02", "#fdbf6f", "#e31a1c", "#fb9a99", "#a6761d", "#ffff99", "#b15928")
 _COOL = ("#1f78b4", "#6a3d9a", "#a6cee3", "#cab2d6", "#0b3c5d", "#80b1d3")

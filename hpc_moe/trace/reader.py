@@ -1,4 +1,5 @@
-"""The throughput trace as data: schema constants, root attributes, ``Trace``, ``read_trace``, analysis.
+"""The throughput trace as data: schema constants, root attributes, ``Trace``, ``read_trace``
+(figures derived from it: hpc_moe.trace.metrics).
 
 hpc_moe.trace.writer records a trace (``TraceWriter`` into an HDF5 file, ``MemoryTrace`` in memory); this
 module defines what both record and reads the files back. The schema is docs/trace-format.md
@@ -351,53 +352,6 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 
 # -------------------------------------------------------------------------------------------- analysis
 
-def phase_totals_per_layer(trace: Trace) -> np.ndarray:
-    """float64 [L, P]: seconds per layer and phase, summed over steps, mean over ranks."""
-    return trace.phase_time_s.sum(axis=0).mean(axis=1)
-
-
 def throughput_per_step(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
     """(input tokens/s, output tokens/s), each float64 [S], over the whole job (all ranks)."""
     return trace.input_tokens / trace.wall_time_s, trace.output_tokens / trace.wall_time_s
-
-
-def expert_load_imbalance(trace: Trace, *, per_step: bool = True) -> np.ndarray:
-    """max/mean of routed tokens over experts: float64 [S, M] per step, or [M] for all steps summed.
-
-    1.0 is perfect balance; the slowest expert bounds a layer, so per-step values are what costs time.
-    NaN where a layer routed no tokens.
-    """
-    counts = trace.expert_tokens if per_step else trace.expert_tokens.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return counts.max(axis=-1) / counts.mean(axis=-1)
-
-
-def achieved_bandwidth(trace: Trace, *, per_step: bool = False) -> np.ndarray:
-    """Bytes/s each rank sent to other ranks per second it spent communicating (the comm phases:
-    dispatch and combine, their local work, and wait, the time blocked on them).
-
-    float64 [R] over all steps, or [S, R] per step; self-sends (the diagonal) are local copies and
-    do not count. NaN where a rank spent no time in them.
-    """
-    sent = trace.bytes_sent.sum(axis=2) - np.diagonal(trace.bytes_sent, axis1=1, axis2=2)  # [S, R]
-    secs = trace.phase_time_s[..., trace.phase_ids(trace.comm_phases)].sum(axis=(1, 3))  # [S, R]
-    if not per_step:
-        sent, secs = sent.sum(axis=0), secs.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(secs > 0, sent / np.where(secs > 0, secs, 1), np.nan)
-
-
-def exchange_overlap(trace: Trace) -> dict[str, np.ndarray]:
-    """Per MoE layer (and in total) the all-to-all time of a step, mean over steps and ranks, ms:
-    in_flight float64 [M] (started to seen complete, dispatch + combine, all micro-batches),
-    blocked float64 [M] (the exposed part: the rank waited), hidden float64 [M] the share of the
-    in-flight time that ran under compute (1 - blocked / in_flight; NaN without exchanges); and
-    the same over all layers as scalars under "total_*"."""
-    x = trace.exchange_time_s[:, trace.moe_layers] if trace.num_steps else np.zeros((0, len(trace.moe_layers), 1, 2, 2))
-    per = x.sum(axis=3).mean(axis=(0, 2)) * 1e3 if len(x) else np.zeros((len(trace.moe_layers), 2))  # [M, 2]
-    flight, blocked = per[:, 0], per[:, 1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        hidden = np.where(flight > 0, 1 - np.minimum(blocked, flight) / flight, np.nan)
-        total_hidden = 1 - min(blocked.sum(), flight.sum()) / flight.sum() if flight.sum() > 0 else float("nan")
-    return {"in_flight": flight, "blocked": blocked, "hidden": hidden, "total_in_flight": float(flight.sum()),
-            "total_blocked": float(blocked.sum()), "total_hidden": float(total_hidden)}

@@ -17,15 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from hpc_moe.trace.reader import (
-    KINDS,
-    Trace,
-    TraceError,
-    achieved_bandwidth,
-    exchange_overlap,
-    expert_load_imbalance,
-    read_trace,
-)
+from hpc_moe.trace.metrics import comm_stats, exchange_overlap, expert_load_imbalance
+from hpc_moe.trace.reader import KINDS, Trace, TraceError, read_trace
 
 
 def _groups(trace: Trace) -> list[tuple[str, np.ndarray]]:
@@ -49,21 +42,6 @@ def throughput_rows(trace: Trace) -> list[dict[str, Any]]:
                              "per_gpu": tps / trace.num_gpus if trace.num_gpus else float("nan"),
                              "per_node": tps / trace.num_nodes})
     return rows
-
-
-def comm_stats(trace: Trace) -> dict[str, float]:
-    """Off-rank all-to-all bytes per step (total, intra-node, inter-node) and achieved bandwidth
-    per rank (bytes / dispatch+combine seconds; min, mean, max over ranks) in B/s."""
-    off = trace.bytes_sent.sum(axis=0) * ~np.eye(trace.num_ranks, dtype=bool)  # [R, R], all steps
-    same = trace.rank_node[:, None] == trace.rank_node[None, :]
-    steps = max(trace.num_steps, 1)
-    bw = achieved_bandwidth(trace)
-    ok = bw[np.isfinite(bw)]
-    return {"bytes_per_step": off.sum() / steps, "intra_node_bytes_per_step": (off * same).sum() / steps,
-            "inter_node_bytes_per_step": (off * ~same).sum() / steps,
-            "bw_min": float(ok.min()) if ok.size else float("nan"),
-            "bw_mean": float(ok.mean()) if ok.size else float("nan"),
-            "bw_max": float(ok.max()) if ok.size else float("nan")}
 
 
 def summary_stats(trace: Trace) -> dict[str, Any]:
