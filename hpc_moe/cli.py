@@ -8,15 +8,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 
 from hpc_moe import __version__
-from hpc_moe.errors import EXIT_INPUT, EXIT_STOPPED, InputError
+from hpc_moe.errors import EXIT_INPUT, EXIT_STOPPED, InputError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    def error(self, message):  # one line, not the whole usage block, and one for the whole job
+        where = self.prog.removeprefix("hpc-moe").strip()  # "run", "bench layer"; "" for the top level
+        sys.exit(_fail(f"{where + ': ' if where else ''}error: {message}", EXIT_INPUT))
 
 
 def _add_generate(sub):
@@ -139,6 +141,9 @@ def _add_run(sub):
     b.add_argument("--eplb", default="auto", choices=["auto", "hierarchical", "global"],
                    help="how loads place experts: DeepSeek EPLB's hierarchical (groups packed onto nodes, replicas "
                    "inside them) or global (replicas anywhere) policy; auto: hierarchical when nodes divide the groups")
+    b.add_argument("--probe-links", default="on", choices=["on", "off"],
+                   help="with more than one node: time every node pair's link at the start (about a second), record "
+                   "them in the trace, and give the heaviest nodes' experts to the nodes with the fastest links")
     b.add_argument("--redundant-experts", type=int, default=0, metavar="N",
                    help="replicas beyond one per expert when experts are colocated (more experts than ranks)")
     b.add_argument("--bias-update-rate", type=float, default=0.0,
@@ -191,6 +196,9 @@ def _add_plan(sub):
                    help="predict these traces' steps from their shapes on --hardware (or the --calibrate fit) "
                    "against what they measured; --loads-from sets the expert imbalance")
     p.add_argument("--save", metavar="FILE.json", help="write the --calibrate fit as a hardware file")
+    p.add_argument("--links-from", metavar="TRACE.h5", help="the links between and inside nodes as a run measured "
+                   "them at its start (run --probe-links), instead of --hardware's; with --calibrate, the fit "
+                   "finds what an all-to-all reaches of them")
 
 
 def _add_bench_kernels(p):
@@ -295,9 +303,14 @@ def _dispatch(args) -> int:
 
 def _checkpoint(args) -> int:
     from hpc_moe.config import load_config
+    from hpc_moe.outputs import check_output
     from hpc_moe.weights.checkpoint import Checkpoint, save_checkpoint
     from hpc_moe.weights.synthetic import SyntheticWeights
     if args.action == "make":
+        if os.path.isdir(args.out) and os.listdir(args.out):
+            raise UsageError(f"--out {args.out} exists and is not empty (a checkpoint's shards would mix with "
+                             "what is there)")
+        check_output(os.path.join(args.out, "config.json"), "--out")
         cfg = load_config(args.config)
         if args.fp8 and cfg.quantization_config is None:
             cfg = cfg.replace(quantization_config={"quant_method": "fp8", "fmt": "e4m3",
@@ -318,16 +331,18 @@ def options_from(cls, args: argparse.Namespace, **given):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in given}, **given)
 
 
+_LAUNCHED = ("PMI_SIZE", "PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "SLURM_PROCID")  # a rank of a job
+
+
 def _fail(message: str, code: int) -> int:
-    """One line on stderr; under MPI with several ranks, abort them all."""
-    try:
+    """One line on stderr; under MPI with several ranks, from rank 0 when every rank failed alike,
+    else from the failing rank as it aborts them all (hpc_moe.comm.fail_together)."""
+    if "mpi4py.MPI" in sys.modules or any(v in os.environ for v in _LAUNCHED):
         from mpi4py import MPI
 
-        from hpc_moe.comm import abort_job
-        world = MPI.COMM_WORLD
-        if world.Get_size() > 1:
-            abort_job(f"hpc-moe [rank {world.Get_rank()}]: {message}", code)
-    except ImportError:
-        pass
+        from hpc_moe.comm import fail_together
+        if MPI.COMM_WORLD.Get_size() > 1:
+            fail_together(message, code)
+            return code
     sys.stderr.write(f"hpc-moe: {message}\n")
     return code

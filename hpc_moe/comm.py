@@ -36,8 +36,10 @@ class ParallelContext:
     world/rank/size: the communicator the run was started on. node_comm/local_rank/local_size: the
     ranks of this node. node_id: index of this node (nodes numbered in order of their lowest world
     rank); num_nodes; node_of_rank: node id of every world rank [W]; hostnames: host of every world
-    rank [W]. ep_comm/ep_rank/ep_size: the EP group (one model replica). dp_comm/dp_rank/dp_size: the
-    ranks with this ep_rank in all replicas. expert_tp: ranks per expert slot. node_of_ep_rank: node
+    rank [W]; machines: the physical machine of every world rank [W] (the kernel's boot id: nodes
+    that are network namespaces of one machine share its cores and memory). ep_comm/ep_rank/
+    ep_size: the EP group (one model replica). dp_comm/dp_rank/dp_size: the ranks with this
+    ep_rank in all replicas. expert_tp: ranks per expert slot. node_of_ep_rank: node
     id of every rank of this EP group [P], the input of placement. simulated_ranks_per_node: k when
     the topology is simulated, else None.
     """
@@ -52,6 +54,7 @@ class ParallelContext:
     num_nodes: int
     node_of_rank: tuple[int, ...]
     hostnames: tuple[str, ...]
+    machines: tuple[str, ...]
     ep_comm: MPI.Comm
     ep_rank: int
     ep_size: int
@@ -104,7 +107,8 @@ class ParallelContext:
             world=comm, rank=rank, size=size, node_comm=node_comm,
             local_rank=node_comm.Get_rank(), local_size=node_comm.Get_size(),
             node_id=node_of_rank[rank], num_nodes=len(uniq), node_of_rank=node_of_rank,
-            hostnames=_gather_hostnames(comm), ep_comm=ep_comm, ep_rank=ep_rank, ep_size=ep_size,
+            hostnames=_gather_strings(comm, MPI.Get_processor_name()),
+            machines=_gather_strings(comm, _machine_id()), ep_comm=ep_comm, ep_rank=ep_rank, ep_size=ep_size,
             dp_comm=dp_comm, dp_rank=ep_index, dp_size=dp, expert_tp=expert_tp,
             node_of_ep_rank=node_of_rank[first:first + ep_size],
             simulated_ranks_per_node=ranks_per_node)
@@ -135,8 +139,17 @@ def _check(ok: bool, msg: str) -> None:
         raise ParallelError(msg)
 
 
-def _gather_hostnames(comm: MPI.Comm) -> tuple[str, ...]:
-    name = MPI.Get_processor_name().encode()[:_NAME_BYTES]
+def _machine_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:  # not Linux: the host is the machine
+        return MPI.Get_processor_name()
+
+
+def _gather_strings(comm: MPI.Comm, text: str) -> tuple[str, ...]:
+    """Every rank's ``text`` (at most _NAME_BYTES bytes of it), in rank order. Collective."""
+    name = text.encode()[:_NAME_BYTES]
     mine = np.zeros(_NAME_BYTES, dtype=np.uint8)
     mine[:len(name)] = np.frombuffer(name, dtype=np.uint8)
     every = np.empty((comm.Get_size(), _NAME_BYTES), dtype=np.uint8)
@@ -152,3 +165,31 @@ def abort_job(line: str, code: int) -> None:
     sys.stderr.flush()
     time.sleep(1.0)
     MPI.COMM_WORLD.Abort(code)
+
+
+_FAILED, _AGREED = 32001, 32002  # point-to-point tags: apart from every collective's matching
+
+
+def fail_together(message: str, code: int, wait_s: float = 10.0) -> None:
+    """End a job whose ranks found bad input: where every rank failed (inputs are checked alike on
+    every rank, before any collective), rank 0 alone writes ``message`` and every rank finalizes
+    MPI and returns to exit with ``code``; where some rank has not failed within ``wait_s`` (it
+    waits in a collective for this one), abort the job with this rank's message."""
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    if rank == 0:
+        reqs = [world.irecv(source=r, tag=_FAILED) for r in range(1, size)]
+    else:
+        world.isend(None, dest=0, tag=_FAILED)
+        reqs = [world.irecv(source=0, tag=_AGREED)]
+    deadline = time.monotonic() + wait_s
+    while not MPI.Request.Testall(reqs):
+        if time.monotonic() > deadline:
+            abort_job(f"hpc-moe [rank {rank}]: {message}", code)
+        time.sleep(0.005)
+    if rank == 0:
+        for r in range(1, size):
+            world.send(None, dest=r, tag=_AGREED)
+        sys.stderr.write(f"hpc-moe: {message}\n")
+        sys.stderr.flush()
+    MPI.Finalize()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -15,6 +16,18 @@ from typing import Any
 
 from hpc_moe.errors import InputError
 
+log = logging.getLogger("hpc_moe.config")
+# Keys of Hugging Face's DeepseekV3Config (and PretrainedConfig's that its files carry) that this
+# program reads past: a key outside them and the fields is a misspelling as far as we can tell.
+HF_KEYS_UNUSED = frozenset({
+    "architectures", "attention_dropout", "aux_loss_alpha", "ep_size", "initializer_range", "num_nextn_predict_layers",
+    "pretraining_tp", "seq_aux", "transformers_version", "use_cache", "auto_map", "pad_token_id", "dtype", "head_dim",
+    "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "rope_parameters",
+    "moe_layer_freq", "partial_rotary_factor", "use_sliding_window", "sliding_window", "tie_word_embeddings"})
+# The fields that set the model's shape: missing ones silently become DeepSeek-V3's.
+CORE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "n_routed_experts", "num_experts_per_tok", "kv_lora_rank", "qk_nope_head_dim",
+               "qk_rope_head_dim", "v_head_dim", "n_group", "topk_group", "first_k_dense_replace")
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "configs")
 
 
@@ -134,6 +147,7 @@ class ModelConfig:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object")
+        _warn_keys(path, d)
         try:
             return cls.from_dict(d)
         except ConfigError as e:
@@ -216,6 +230,18 @@ class ModelConfig:
             bs = blk.get("weight_block_size", [128, 128])
             need(isinstance(bs, (list, tuple)) and len(bs) == 2 and all(isinstance(b, int) and b > 0 for b in bs),
                  "quantization_config.weight_block_size must be two positive integers")
+
+
+def _warn_keys(path: str, d: dict) -> None:
+    """One warning line for a config.json whose keys look wrong (Hugging Face loads such a file
+    with defaults too, so we do): keys no DeepSeek-V3 config has, core fields left out."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(k for k in d if k not in fields and k not in HF_KEYS_UNUSED)
+    missing = [k for k in CORE_FIELDS if k not in d]
+    parts = ([f"unknown keys ignored: {', '.join(unknown)}"] if unknown else []) + \
+        ([f"missing, DeepSeek-V3's used: {', '.join(f'{k}={getattr(ModelConfig, k)}' for k in missing)}"] if missing else [])
+    if parts:
+        log.warning("config %s: %s", path, "; ".join(parts))
 
 
 def preset_names() -> list[str]:

@@ -11,7 +11,10 @@
 # whole run: warm-up and start-up included), the exchanges' in-flight and exposed ms a step and
 # the hidden share, and the CPU seconds the whole run took in user and kernel mode; OUT/*.h5 the
 # traces, OUT/*.json the summaries; OUT/compare-*/ the PyTorch layer
-# against bench layer; OUT/floor.txt the raw Ialltoallv of the same bytes.
+# against bench layer; OUT/floor.txt the raw Ialltoallv of the same bytes; links-*: node0's NIC
+# at SLOW (default 250mbit), experts skewed (zipf), placed without and with the measured links;
+# OUT/planner.txt: the planner calibrated on fit-* traces (links as run measured them) against the
+# held-out held-* and scale-* traces.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/cluster}
@@ -20,7 +23,7 @@ STEPS=${STEPS:-6}
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 mkdir -p "$OUT"
 C=scripts/cluster.sh
-PARTS=${PARTS:-runs scaling floor compare}  # any of them
+PARTS=${PARTS:-runs scaling floor compare links planner}  # any of them
 $C up --nodes 4 --rate "${RATE:-1gbit}"
 trap '$C down >/dev/null' EXIT
 
@@ -78,4 +81,30 @@ if part compare; then
        --micro-batches "${variant#*:}" --launcher "$C mpiexec" --out "$OUT/compare-${variant/:/-mb}" 2>/dev/null \
        | tee -a "$OUT/compare.txt"
   done
+fi
+# One slow node: placement by the loads of a skewed run, without and with the links measured at
+# the start (the heaviest node's experts away from the slow node).
+if part links; then
+  $C rate node0 "${SLOW:-250mbit}"
+  run links-loads 16 --batch 32 --routing zipf:1.2 --probe-links off
+  for probe in off on; do
+    run "links-$probe" 16 --batch 32 --routing zipf:1.2 --loads-from "$OUT/links-loads.h5" --probe-links "$probe"
+  done
+  $C rate node0 "${RATE:-1gbit}"
+fi
+# The planner on real links: fitted to some shapes, predicting others (and the scaling runs).
+if part planner; then
+  run fit-p16 16 --batch 16
+  run fit-p32-flat 16 --batch 32 --dispatch flat
+  run fit-p64 16 --batch 64 --seq-len 32
+  run fit-d64 16 --mode decode --batch 64 --seq-len 256
+  PPN=4 run fit-p16-n2 8 --batch 16
+  PPN=4 run fit-p4-n1 4 --batch 4 --seq-len 128
+  run held-p48 16 --batch 48 --seq-len 48
+  run held-d128-flat 16 --mode decode --batch 128 --seq-len 128 --dispatch flat
+  run held-p32-mb2 16 --batch 32 --overlap on
+  part scaling || for n in 1 2 4; do PPN=4 run "scale-n$n" $((4 * n)) --batch $((8 * n)); done
+  "$PY" -m hpc_moe plan --calibrate "$OUT"/fit-*.h5 --validate "$OUT"/held-*.h5 "$OUT"/scale-*.h5 \
+     --hardware cpu-2core --links-from "$OUT/fit-p16.h5" --json "$OUT/planner.json" > "$OUT/planner.txt" 2>&1
+  tail -n 3 "$OUT/planner.txt"
 fi

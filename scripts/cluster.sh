@@ -9,6 +9,7 @@
 #   scripts/cluster.sh sbatch|srun|squeue|sinfo|scancel|scontrol ARGS...   Slurm's commands (node0)
 #   scripts/cluster.sh nic-bytes                               NODE TX_BYTES RX_BYTES since `up`
 #   scripts/cluster.sh link NODE up|down                       a node's cable plugged or pulled
+#   scripts/cluster.sh rate NODE RATE                          a node's NIC shaped to RATE (a slower node)
 #   scripts/cluster.sh kill NODE [SIGNAL]                      a node's processes (not slurmd) killed
 #   scripts/cluster.sh info                                    nodes, rate, addresses, Slurm or not
 #   scripts/cluster.sh down                                    remove everything `up` made
@@ -29,7 +30,7 @@ REPO=$(dirname "$HERE")
 
 die() { echo "cluster.sh: $*" >&2; exit 2; }
 
-usage() { sed -n '6,15s/^# //p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '6,16s/^# //p' "${BASH_SOURCE[0]}"; }
 
 can_make_namespaces() {
   [ "$(id -u)" = 0 ] || die "needs root to make network namespaces (running as uid $(id -u))"
@@ -231,6 +232,14 @@ cmd_link() {
   ip -n "$1" link set eth0 "$2"
 }
 
+cmd_rate() {  # both directions, as up shapes them; "replace" also works on an unshaped node
+  need_up; need_node rate "${1:-}"
+  [[ ${2:-} =~ ^[0-9.]+[kmg]?bit$ ]] || die "rate: a tc rate such as 250mbit (got '${2:-}')"
+  local i=${1#node}
+  ip netns exec "$1" tc qdisc replace dev eth0 root tbf rate "$2" burst 512kb latency 50ms
+  ip netns exec "$SWITCH" tc qdisc replace dev "p$i" root tbf rate "$2" burst 512kb latency 50ms
+}
+
 cmd_kill() {  # every process of the node but its slurmd, as a node that dies takes its jobs
   need_up; need_node kill "${1:-}"
   local pid sig=${2:-KILL}
@@ -290,6 +299,7 @@ case $verb in
   exec) cmd_exec "$@" ;;
   nic-bytes) cmd_nic_bytes ;;
   link) cmd_link "$@" ;;
+  rate) cmd_rate "$@" ;;
   kill) cmd_kill "$@" ;;
   info) cmd_info ;;
   sbatch|srun|squeue|sinfo|scancel|scontrol|sacct) need_up; slurm_cmd "$verb" "$@" ;;

@@ -147,8 +147,9 @@ class TestTwoNodes:
             wire = sum(nic_tx().values()) - sum(before.values())
             t = read_trace(tmp_path / "t.h5")
             assert sorted(set(t.rank_host)) == ["node0", "node1"] and list(t.rank_node) == [0, 0, 1, 1]
-            payload = comm_stats(t)["inter_node_bytes_per_step"] * t.num_steps
-            assert payload > 100_000
+            # The links measured at the start crossed the wire too; the trace says how much.
+            payload = comm_stats(t)["inter_node_bytes_per_step"] * t.num_steps + t.meta["links"]["cross_node_bytes"]
+            assert payload > 100_000 and t.meta["links"]["cross_node_bytes"] > 0
             assert payload <= wire <= payload * (1 + NIC_OVERHEAD) + NIC_FIXED, (scheme, payload, wire)
 
     def test_run_job_on_two_nodes(self, two_nodes, traces):
@@ -219,6 +220,28 @@ class TestFourNodes:
     @pytest.mark.parametrize("cyclic", [False, True], ids=["block", "cyclic"])
     def test_engine_exact_on_real_nodes(self, four_nodes, cyclic):
         mpi_tests(4, 8, cyclic)
+
+    def test_a_slow_node_is_measured_and_gets_the_lightest_experts(self, four_nodes, tmp_path):
+        """node0's NIC at a tenth of the others': the links measured at the start say so, and the
+        placement by a skewed run's loads gives node0 the least loaded experts, where without the
+        links (--probe-links off) it gives it the most (the policy alone puts the hottest group there)."""
+        skew = ["--routing", "zipf:1.2", "--steps", "2", "--warmup", "0"]
+        assert cluster("rate", "node0", "100mbit").returncode == 0
+        try:
+            r = cluster("mpiexec", "-n", "4", *run_args(tmp_path / "loads.h5", *skew, "--probe-links", "off"))
+            assert r.returncode == 0, r.stderr[-2000:]
+            node_load = {}
+            for probe in ("off", "on"):
+                r = cluster("mpiexec", "-n", "4", *run_args(tmp_path / f"{probe}.h5", *skew, "--probe-links", probe,
+                                                            "--loads-from", str(tmp_path / "loads.h5")))
+                assert r.returncode == 0, r.stderr[-2000:]
+                t = read_trace(tmp_path / f"{probe}.h5")
+                node_load[probe] = t.rank_tokens.sum(axis=(0, 1))  # one rank a node: its rows, [R]
+        finally:
+            cluster("rate", "node0", "1gbit")
+        bw = np.array(t.meta["links"]["bytes_per_s"], dtype=float)
+        assert bw[1:, 0].max() < 0.25 * bw[1:, 1:][~np.eye(3, dtype=bool)].min(), bw
+        assert np.argmax(node_load["off"]) == 0 and np.argmin(node_load["on"]) == 0, node_load
 
     def test_scaling_job_on_four_nodes(self, four_nodes, traces):
         jid, code, log = job("-N", "4", *CPU_ONLY, "-o", "traces/cluster-%j.out", "jobs/scaling.sbatch",

@@ -1,9 +1,12 @@
 """Expert placement rules (single process, no MPI). Legend: E experts, S slots, T tokens, K top-k."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
+from hpc_moe.apps.plan import format_placement
 from hpc_moe.ep.placement import ExpertPlacement, PlacementError
 
 
@@ -26,7 +29,7 @@ def test_one_expert_per_rank():
 
 def test_colocation_is_even():
     p = ExpertPlacement.build(22, 8, node_of_rank=nodes(2, 4))
-    assert p.colocated and "colocated" in p.format()
+    assert p.colocated and "colocated" in format_placement(p)
     assert sorted(slot_counts(p)) == [2, 2, 3, 3, 3, 3, 3, 3]
     assert sorted(e for r in range(8) for e in p.local_experts(r)) == list(range(22))
     table = p.local_index_table()
@@ -145,7 +148,7 @@ def test_errors_and_format():
         ExpertPlacement.build(8, 4, node_of_rank=[0, 0])
     with pytest.raises(PlacementError, match="loads"):
         ExpertPlacement.build(8, 4, loads=[1.0] * 7)
-    text = ExpertPlacement.build(4, 8, node_of_rank=nodes(2, 4)).format(hostnames=["h0"] * 4 + ["h1"] * 4)
+    text = format_placement(ExpertPlacement.build(4, 8, node_of_rank=nodes(2, 4)), hostnames=["h0"] * 4 + ["h1"] * 4)
     assert "replicas" in text and "h1" in text
 
 
@@ -190,3 +193,42 @@ def test_redundant_experts_split_the_hot_ones_when_colocated():
     assert p.from_loads(loads).policy == "global" and p.from_loads(loads).redundant == 16
     with pytest.raises(PlacementError, match="policy"):
         ExpertPlacement.build(8, 8, policy="random")
+
+
+def _node_loads(p: ExpertPlacement, loads: np.ndarray, n_nodes: int) -> np.ndarray:
+    per = _slot_loads(p, loads)
+    node = np.array(p.node_of_rank[::p.expert_tp])
+    return np.array([per[node == k].sum() for k in range(n_nodes)])
+
+
+@pytest.mark.parametrize("policy,experts", [("hierarchical", 16), ("global", 16), ("global", 12)])
+def test_the_cheapest_links_take_the_heaviest_node(policy, experts):
+    loads = 1.0 / np.arange(1, experts + 1) ** 1.2  # zipf: whichever node holds expert 0 is the heaviest
+    node_of_rank = nodes(4, 4)
+    plain = ExpertPlacement.build(experts, 16, node_of_rank=node_of_rank, n_group=4, loads=loads, policy=policy)
+    for slow in range(4):
+        cost = np.ones(4)
+        cost[slow] = 2.0
+        cost[(slow + 1) % 4] = 1.5
+        p = ExpertPlacement.build(experts, 16, node_of_rank=node_of_rank, n_group=4, loads=loads, policy=policy,
+                                  node_cost=cost)
+        before, after = _node_loads(plain, loads, 4), _node_loads(p, loads, 4)
+        assert np.allclose(sorted(before), sorted(after))  # the same node packs, moved whole
+        assert np.allclose(sorted(_slot_loads(plain, loads)), sorted(_slot_loads(p, loads)))
+        assert np.argmin(after) == slow and np.argsort(after)[1] == (slow + 1) % 4
+        assert np.isclose((after * cost).max(), min((before[list(q)] * cost).max()
+                                                    for q in itertools.permutations(range(4))))
+        again = p.from_loads(loads)  # re-placement keeps the costs
+        assert again.node_cost == p.node_cost and again.slot_experts == p.slot_experts
+
+
+def test_link_costs_leave_equal_loads_and_unequal_nodes_alone():
+    even = ExpertPlacement.build(16, 16, node_of_rank=nodes(4, 4), n_group=4)
+    assert ExpertPlacement.build(16, 16, node_of_rank=nodes(4, 4), n_group=4,
+                                 node_cost=[3, 1, 1, 1]).slot_experts == even.slot_experts
+    uneven = [0] * 6 + [1] * 2
+    loads = np.arange(8, 0, -1.0)
+    assert ExpertPlacement.build(8, 8, node_of_rank=uneven, loads=loads, node_cost=[2, 1]).slot_experts == \
+        ExpertPlacement.build(8, 8, node_of_rank=uneven, loads=loads).slot_experts
+    with pytest.raises(PlacementError, match="node_cost"):
+        ExpertPlacement.build(8, 8, node_of_rank=nodes(2, 4), node_cost=[1.0])

@@ -6,13 +6,16 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from test_trace import Dims, layout, meta, write_synthetic
 
 from hpc_moe.cli import main
 from hpc_moe.config import load_config
+from hpc_moe.links import Links
 from hpc_moe.perf.calibrate import fit_link, fit_phase
 from hpc_moe.perf.footprint import Layout, Workload, memory_per_gpu, parameter_counts
 from hpc_moe.perf.hardware import Link, PhaseRate, load_hardware
 from hpc_moe.perf.predict import predict_step, reach
+from hpc_moe.trace.writer import TraceWriter
 
 
 def by_hand(c) -> tuple[int, int]:
@@ -236,3 +239,20 @@ def test_plan_sweep(tmp_path):
         rows[2]["decode_tokens_per_s_per_gpu"] / rows[0]["decode_tokens_per_s_per_gpu"])
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert main(["plan", "--config", "paper", "--ranks", "16", "--sweep-plot", str(png)]) == 2
+
+
+def test_links_from_a_trace_replace_the_files_links(tmp_path, capsys):
+    lk = Links(np.array([[4e9, 1e8, 2e8], [1e8, 5e9, 3e8], [2e8, 3e8, np.nan]]),
+               np.array([[1e-6, 1e-4, 2e-4], [1e-4, 2e-6, 3e-4], [2e-4, 3e-4, np.nan]]), 1 << 20)
+    hw = load_hardware("h100-sxm").with_links(lk, "t.h5")
+    assert hw.inter_node == Link(2e8, 2e-4, 1.0) and hw.intra_node == Link(4.5e9, 1.5e-6, 1.0)
+    assert hw.name == "h100-sxm, links of t.h5" and hw.phases == load_hardware("h100-sxm").phases
+    write_synthetic(tmp_path / "t.h5")  # its links: 2 GB/s inside a node, 0.1 GB/s between
+    out = tmp_path / "p.json"
+    assert main(["plan", "--config", "tiny", "--ranks", "4", "--ranks-per-node", "2", "--hardware", "cpu-2core",
+                 "--links-from", str(tmp_path / "t.h5"), "--json", str(out)]) == 0
+    assert "links of t.h5" in json.loads(out.read_text())["hardware"]
+    with TraceWriter(tmp_path / "none.h5", meta(links=None), **layout(Dims())):
+        pass
+    assert main(["plan", "--config", "tiny", "--ranks", "4", "--links-from", str(tmp_path / "none.h5")]) == 2
+    assert "has no measured links" in capsys.readouterr().err

@@ -69,7 +69,9 @@ def meta(**over) -> dict:
          "run_config": {"steps": 6}, "parallel_config": {"ep": 4},
          "mpi_library_version": "MPICH Version: 4.3.0\n", "transport": "mpi-host-staging",
          "cuda_aware": False, "array_backend": "numpy", "truncated": True,
-         "command_line": "hpc-moe run --layers 4"}
+         "command_line": "hpc-moe run --layers 4",
+         "links": {"bytes_per_s": [[2e9, 1e8], [1e8, 2e9]], "latency_s": [[1e-5, 1e-4], [1e-4, 1e-5]],
+                   "message_bytes": 1 << 20}}
     return {**m, **over}
 
 

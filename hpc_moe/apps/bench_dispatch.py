@@ -35,11 +35,12 @@ from hpc_moe.apps.benchkit import (
     summary,
     timed,
 )
-from hpc_moe.apps.common import write_json
+from hpc_moe.apps.common import on_root
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions
 from hpc_moe.ep.placement import ExpertPlacement
+from hpc_moe.outputs import check_output, write_json
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ def add_dispatch_args(p) -> None:
 
 def run_bench_dispatch(o: BenchDispatchOptions) -> int:
     ctx = ParallelContext.create(ranks_per_node=o.ranks_per_node)
+    on_root(ctx, lambda: check_output(o.json, "--json"))
     be = get_backend(o.backend, o.dtype, ctx.local_rank)
     pl = ExpertPlacement.build(o.experts, ctx.ep_size, 1, ctx.node_of_ep_rank)
     d = Dispatcher(ctx, pl, be, DispatchOptions(o.algorithm, o.transport, o.payload, o.deterministic, "flat"))

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpc_moe.apps.common import write_json
 from hpc_moe.backend import Backend, get_backend
 from hpc_moe.config import load_config
 from hpc_moe.errors import UsageError
 from hpc_moe.model.layers import MLA, softmax_scale
 from hpc_moe.model.moe import ExpertWeights
 from hpc_moe.model.router import route
+from hpc_moe.outputs import check_output, write_json
 from hpc_moe.rowops import take_rows, weighted_rows_sum
 
 
@@ -77,6 +77,7 @@ class _Timer:
 def run_bench_kernels(o: BenchKernelsOptions) -> int:
     if o.warmup < 0:
         raise UsageError("--warmup must be >= 0")
+    check_output(o.json, "--json")
     decode = _decode_shapes(o)
     cfg = load_config(o.config)
     be = get_backend(o.backend, o.dtype)

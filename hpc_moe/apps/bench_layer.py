@@ -24,7 +24,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpc_moe.apps.benchkit import RawFloor, add_common_args, max_over_ranks, timed
-from hpc_moe.apps.common import write_json
+from hpc_moe.apps.common import on_root
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.config import load_config
@@ -34,6 +34,7 @@ from hpc_moe.ep.executor import ExpertParallelExecutor
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.errors import UsageError
 from hpc_moe.model.moe import MoEBlock
+from hpc_moe.outputs import check_output, write_json
 from hpc_moe.timing import PHASES, Profiler
 from hpc_moe.weights.synthetic import SyntheticWeights
 
@@ -98,6 +99,7 @@ def layer_config(o: BenchLayerOptions):
 def run_bench_layer(o: BenchLayerOptions) -> int:
     check(o)
     ctx = ParallelContext.create(ranks_per_node=o.ranks_per_node)
+    on_root(ctx, lambda: check_output(o.json, "--json"))
     be = get_backend(o.backend, o.dtype, ctx.local_rank)
     cfg = layer_config(o)
     weights = SyntheticWeights(cfg, o.seed)

@@ -9,10 +9,10 @@ import os
 
 import numpy as np
 
-from hpc_moe.apps.common import write_json
+from hpc_moe.apps.common import hardware_of
 from hpc_moe.errors import UsageError
+from hpc_moe.outputs import write_json
 from hpc_moe.perf.calibrate import calibrate, compare
-from hpc_moe.perf.hardware import load_hardware
 from hpc_moe.perf.shape import shapes_of
 from hpc_moe.trace.reader import read_trace
 
@@ -26,7 +26,7 @@ def run_calibrate(o) -> int:
     loads = shapes_of(read_trace(o.loads_from))[0].loads_ME if o.loads_from else None
     if loads is not None and any(loads.shape[1] != sh.cfg.n_routed_experts for sh in held):
         raise UsageError(f"--loads-from {o.loads_from}: its experts differ from the --validate traces'")
-    hw = load_hardware(o.hardware)
+    hw = hardware_of(o.hardware, o.links_from)
     if fit:
         name = os.path.splitext(os.path.basename(o.save))[0] if o.save else f"{hw.name}-calibrated"
         peaks = hw.calibration.get("peaks", f"{hw.name}: {hw.source}")

@@ -1,8 +1,7 @@
-"""Helpers the jobs share: weights from the options, rank 0's checks shared with every rank, and
-outputs written atomically."""
+"""Helpers the jobs share: weights from the options, rank 0's checks shared with every rank."""
 from __future__ import annotations
 
-import json
+import logging
 import os
 
 import numpy as np
@@ -10,7 +9,17 @@ import numpy as np
 from hpc_moe.apps.options import GenerateOptions, RunOptions
 from hpc_moe.config import load_config
 from hpc_moe.errors import InputError, UsageError
+from hpc_moe.links import Links
+from hpc_moe.perf.hardware import Hardware, load_hardware
 from hpc_moe.trace.reader import read_trace
+
+
+def quiet_other_ranks(ctx) -> None:
+    """Ranks but 0 speak only of trouble of their own: warnings, but not the config's, which every
+    rank would repeat."""
+    if ctx.rank != 0:
+        logging.getLogger("hpc_moe").setLevel(logging.WARNING)
+        logging.getLogger("hpc_moe.config").setLevel(logging.ERROR)
 
 
 def open_weights(o: RunOptions | GenerateOptions):
@@ -22,25 +31,6 @@ def open_weights(o: RunOptions | GenerateOptions):
     from hpc_moe.weights.synthetic import SyntheticWeights
     cfg = load_config(o.config)
     return cfg, SyntheticWeights(cfg, o.seed)
-
-
-def write_npz(path: str, **arrays) -> None:
-    """Write atomically: a crash never leaves a half-written output."""
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def write_json(path: str, obj) -> None:
-    """Write ``obj`` as JSON atomically (a file that exists is complete)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UsageError(f"cannot write {path}: {e.strerror}") from None
 
 
 def on_root(ctx, fn, share: bool = True):
@@ -58,6 +48,19 @@ def on_root(ctx, fn, share: bool = True):
     if error is not None:
         raise UsageError(error)
     return shared if share else result
+
+
+def hardware_of(name_or_path: str, links_from: str | None) -> Hardware:
+    """--hardware, with the links an earlier run measured at its start (run --probe-links) when
+    --links-from names its trace."""
+    hw = load_hardware(name_or_path)
+    if not links_from:
+        return hw
+    t = read_trace(links_from)
+    if not t.meta.get("links"):
+        raise UsageError(f"--links-from {links_from}: the trace has no measured links (it ran on one node, or "
+                         "with --probe-links off)")
+    return hw.with_links(Links.from_dict(t.meta["links"]), os.path.basename(links_from))
 
 
 def loads_from_trace(path: str, layers: int, cfg) -> np.ndarray:

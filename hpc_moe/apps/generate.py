@@ -7,15 +7,16 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from hpc_moe.apps.common import on_root, open_weights, write_npz
+from hpc_moe.apps.common import on_root, open_weights, quiet_other_ranks
 from hpc_moe.apps.options import GenerateOptions
-from hpc_moe.apps.selftest import check_output_dir, run_checks
+from hpc_moe.apps.selftest import run_checks
 from hpc_moe.apps.workload import assign
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.ep.engine import Engine
 from hpc_moe.errors import UsageError
 from hpc_moe.model.generate import generate
+from hpc_moe.outputs import check_output, write_npz
 
 
 def load_input_ids(path: str) -> np.ndarray:
@@ -74,10 +75,11 @@ def run_generate(o: GenerateOptions) -> int:
     every MoE layer expert-parallel over the EP group; rank 0 writes the output."""
     ctx = ParallelContext.create(dp=o.layout.dp, expert_tp=o.layout.expert_tp,
                                  ranks_per_node=o.layout.ranks_per_node)
+    quiet_other_ranks(ctx)
     cfg, weights = open_weights(o)
 
     def read():
-        check_output_dir(o.output, "--output")  # here, not after the whole generation
+        check_output(o.output, "--output")  # here, not after the whole generation
         ids = load_input_ids(o.input_ids)
         check_ids(ids, cfg, o.max_new_tokens)
         return ids

@@ -49,7 +49,8 @@ class RunOptions:
     """``hpc-moe run``: the model (config preset or checkpoint, layers, seed), the workload (mode,
     batch, seq_len, prefill_fraction, routing), the length (steps or duration, warmup), the
     outputs (trace or None, overwrite, events_every, profile, baseline, summary_json), load
-    balancing (loads_from, replan_every, bias_update_rate) and the layout."""
+    balancing (loads_from, replan_every, bias_update_rate, eplb, probe_links: time the links
+    between nodes and place by them) and the layout."""
 
     layout: LayoutOptions = LayoutOptions()
     config: str = "tiny"
@@ -74,6 +75,7 @@ class RunOptions:
     replan_every: int = 0
     bias_update_rate: float = 0.0
     eplb: str = "auto"
+    probe_links: str = "on"
     redundant_experts: int = 0
     watchdog: float = 600.0
 

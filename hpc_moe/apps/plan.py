@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from hpc_moe.apps.common import loads_from_trace, write_json
+from hpc_moe.apps.common import hardware_of, loads_from_trace
 from hpc_moe.config import ModelConfig, load_config
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.errors import UsageError
+from hpc_moe.outputs import check_output, write_json
 from hpc_moe.perf.footprint import Layout, Workload, memory_per_gpu, parameter_counts
-from hpc_moe.perf.hardware import Hardware, load_hardware
+from hpc_moe.perf.hardware import Hardware
 from hpc_moe.perf.predict import predict_step
 
 
@@ -43,6 +44,7 @@ class PlanOptions:
     calibrate: tuple[str, ...] = ()
     validate: tuple[str, ...] = ()
     save: str | None = None
+    links_from: str | None = None
 
     def __post_init__(self):
         for name in ("calibrate", "validate"):
@@ -110,10 +112,12 @@ def _imbalance(p: ExpertPlacement, loads_ME) -> float:
 
 
 # What --calibrate / --validate use; every other option describes a layout, which the traces give.
-_CALIBRATION_OPTIONS = {"calibrate", "validate", "save", "hardware", "loads_from", "json"}
+_CALIBRATION_OPTIONS = {"calibrate", "validate", "save", "hardware", "loads_from", "json", "links_from"}
 
 
 def run_plan(o: PlanOptions) -> int:
+    for path, what in ((o.json, "--json"), (o.sweep_plot, "--sweep-plot"), (o.save, "--save")):
+        check_output(path, what)
     if o.calibrate or o.validate:
         unused = [f"--{f.name.replace('_', '-')}" for f in fields(o)
                   if f.name not in _CALIBRATION_OPTIONS and getattr(o, f.name) != f.default]
@@ -125,7 +129,7 @@ def run_plan(o: PlanOptions) -> int:
     if o.save:
         raise UsageError("--save needs --calibrate")
     cfg = load_config(o.config)
-    hw = _with_nics(load_hardware(o.hardware), o.nics_per_node)
+    hw = _with_nics(hardware_of(o.hardware, o.links_from), o.nics_per_node)
     if o.ranks is None and not o.sweep_ep:
         raise UsageError("plan needs --ranks N or --sweep-ep LIST")
     if o.ranks is not None and o.ranks % o.dp:
@@ -169,7 +173,7 @@ def _report(cfg: ModelConfig, hw: Hardware, o: PlanOptions, pl: _Plan) -> int:
         print("\nnote: more experts than slots: ranks hold several experts per layer "
               "(breaks the one-expert-per-GPU principle)")
     if o.placement:
-        print("\n" + pl.placement.format())
+        print("\n" + format_placement(pl.placement))
     if o.json:
         pred = pl.predicted
         write_json(o.json, {"params_total": params["all"]["total"], "params_activated": params["all"]["activated"],
@@ -229,3 +233,28 @@ def _sweep_figure(table: list[dict], title: str):
     tput.legend(title="x: does not fit")
     fig.suptitle(title)
     return fig
+
+
+def format_placement(p: ExpertPlacement, layer: int | None = None, hostnames=None) -> str:
+    """A table of the placement's map of ``layer`` (a model layer id; None: the shared or only
+    map): per slot its node, ranks and experts (replicas marked), then a summary."""
+    slots = [p.local_experts(s * p.expert_tp, layer) for s in range(p.n_slots)]
+    n_rep_E = [len(p.owners(e, layer)) for e in range(p.n_experts)]
+    where = "all MoE layers" if p.layer_ids is None else f"layer {layer if layer is not None else p.layer_ids[0]}"
+    lines = [f"expert placement ({where}): {p.n_experts} experts, {p.ep_size} EP ranks, expert_tp {p.expert_tp}, "
+             f"{p.n_slots} slots, {len(set(p.node_of_rank))} nodes",
+             f"{'node':>4} {'host':<12} {'slot':>4} {'ranks':<9} experts"]
+    for s, experts in enumerate(slots):
+        ranks = p.slot_ranks(s)
+        host = hostnames[ranks[0]] if hostnames is not None else "-"
+        rk = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+        ex = ", ".join(f"{e}" + (f" (1 of {n_rep_E[e]} replicas)" if n_rep_E[e] > 1 else "") for e in experts)
+        lines.append(f"{p.node_of_rank[ranks[0]]:>4} {host[:12]:<12} {s:>4} {rk:<9} {ex}")
+    if p.colocated:
+        per = [len(x) for x in slots]
+        lines.append(f"colocated: {min(per)}-{max(per)} experts per slot (E > slots breaks one expert per GPU)")
+    elif p.replicated:
+        lines.append(f"replicated: {p.n_slots - p.n_experts} spare slots hold replicas (max {max(n_rep_E)} per expert)")
+    else:
+        lines.append("one expert per slot")
+    return "\n".join(lines)

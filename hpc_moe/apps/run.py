@@ -20,17 +20,19 @@ from contextlib import contextmanager
 import numpy as np
 from mpi4py import MPI
 
-from hpc_moe.apps.common import loads_from_trace, on_root, open_weights, write_json
+from hpc_moe.apps.common import loads_from_trace, on_root, open_weights, quiet_other_ranks
 from hpc_moe.apps.options import RunOptions
 from hpc_moe.apps.progress import Progress
-from hpc_moe.apps.selftest import check_output_dir, run_checks
+from hpc_moe.apps.selftest import run_checks
 from hpc_moe.apps.workload import Step, Workload, assign
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.ep.engine import Engine
 from hpc_moe.errors import EXIT_STOPPED, UsageError
+from hpc_moe.links import measure_links
 from hpc_moe.model.kvcache import Batch, KVCache
 from hpc_moe.model.router import SyntheticRouting
+from hpc_moe.outputs import check_output, write_json
 from hpc_moe.timing import COMM_PHASES, PHASES, Profiler
 from hpc_moe.watchdog import Watchdog
 from hpc_moe.weights.checkpoint import tensor_shapes
@@ -43,10 +45,9 @@ def run_job(o: RunOptions) -> int:
     with the same one-line InputError everywhere, before any rank waits in a collective."""
     ctx = ParallelContext.create(dp=o.layout.dp, expert_tp=o.layout.expert_tp,
                                  ranks_per_node=o.layout.ranks_per_node)
-    if ctx.rank != 0:
-        log.setLevel(logging.WARNING)  # the other ranks speak only of trouble
-    if o.summary_json:  # written at the end: known to be writable before the first step
-        on_root(ctx, lambda: check_output_dir(o.summary_json, "--summary-json"))
+    quiet_other_ranks(ctx)
+    # Written by rank 0 at the start and the end: known to be writable before any work.
+    on_root(ctx, lambda: (check_output(o.trace, "--trace"), check_output(o.summary_json, "--summary-json")))
     cfg, weights = open_weights(o)
     layers = o.layers or cfg.num_hidden_layers
     if not 1 <= layers <= cfg.num_hidden_layers:
@@ -59,16 +60,17 @@ def run_job(o: RunOptions) -> int:
     watchdog = Watchdog(ctx.world, o.watchdog, hosts=ctx.hostnames)
     prof = Profiler(layers, backend.phase_clock(), enabled=o.profile == "on", watchdog=watchdog)
     options = dataclasses.replace(o.layout.engine_options(), eplb=o.eplb, redundant_experts=o.redundant_experts)
-    engine = Engine(cfg, weights, backend, ctx, options=options, num_layers=layers,
-                    loads=loads, synthetic_routing=synthetic, profiler=prof)
+    links = measure_links(ctx) if o.probe_links == "on" and ctx.num_nodes > 1 else None
+    engine = Engine(cfg, weights, backend, ctx, options=options, num_layers=layers, loads=loads,
+                    synthetic_routing=synthetic, profiler=prof, node_cost=links and links.node_cost())
     for line in run_checks(ctx, backend, engine.executor.channels[0].transport, o.layout.allow_shared_gpu):
         log.debug("selftest: %s", line)
     rank_map = ctx.world.gather({"host": ctx.hostnames[ctx.rank], "node": ctx.node_id, "gpu": backend.device_id,
-                                 "device": backend.device}, root=0)
+                                 "device": backend.device, "machine": ctx.machines[ctx.rank]}, root=0)
     recorder = on_root(ctx, lambda: _open_recorder(o, cfg, layers, ctx, backend, engine,
-                                                   workload, rank_map), share=False)
+                                                   workload, rank_map, links), share=False)
     if ctx.rank == 0:
-        _announce(cfg, layers, ctx, engine, workload, o)
+        _announce(cfg, layers, ctx, engine, workload, o, links)
     stop = StopRequest()
     try:
         with stop.installed():
@@ -293,14 +295,14 @@ def _placement_ranks(placement) -> np.ndarray:
     return np.where(np.repeat(slots, tp, axis=-1) >= 0, ranks, -1).astype(np.int32)
 
 
-def _open_recorder(o: RunOptions, cfg, layers, ctx, backend, engine: Engine, workload, rank_map):
+def _open_recorder(o: RunOptions, cfg, layers, ctx, backend, engine: Engine, workload, rank_map, links):
     from hpc_moe.ep.transport import mpi_cuda_support
     from hpc_moe.trace.writer import MemoryTrace, TraceWriter
     run_config = {**dataclasses.asdict(o), "workload": workload.describe()}
     meta = {"model_config": cfg.to_dict(), "run_config": run_config, "parallel_config": ctx.describe(),
             "mpi_library_version": MPI.Get_library_version(), "transport": engine.executor.transport_name,
             "cuda_aware": mpi_cuda_support() == 1, "array_backend": f"{backend.name} ({backend.dtype})",
-            "truncated": layers < cfg.num_hidden_layers}
+            "truncated": layers < cfg.num_hidden_layers, "links": links and links.to_dict()}
     layout = dict(num_layers=layers, moe_layers=engine.moe_layers, placement=_placement_ranks(engine.placement),
                   rank_map=rank_map, phases=PHASES, comm_phases=COMM_PHASES)
     if o.trace is None:
@@ -308,11 +310,16 @@ def _open_recorder(o: RunOptions, cfg, layers, ctx, backend, engine: Engine, wor
     return TraceWriter(o.trace, meta, overwrite=o.overwrite, **layout)
 
 
-def _announce(cfg, layers, ctx, engine: Engine, workload, o: RunOptions) -> None:
+def _announce(cfg, layers, ctx, engine: Engine, workload, o: RunOptions, links) -> None:
     log.info("%s: %d of %d layers%s, %d experts, top-%d; %d ranks on %d nodes (EP %d x DP %d, expert TP %d)",
              o.checkpoint or o.config, layers, cfg.num_hidden_layers,
              " (truncated with --layers)" if layers < cfg.num_hidden_layers else "", cfg.n_routed_experts,
              cfg.num_experts_per_tok, ctx.size, ctx.num_nodes, ctx.ep_size, ctx.dp_size, ctx.expert_tp)
+    if links is not None:
+        cost = links.node_cost()
+        log.info("links %s%s", links.describe(), "" if cost is None else
+                 "; uneven: the heaviest experts on the nodes of cheapest links (cost " +
+                 " ".join(f"{c:.2f}" for c in cost) + ")")
     if engine.placement.replicated:
         p = engine.placement
         log.info("%d expert slots for %d experts: %d replicas of the hottest experts",

@@ -7,13 +7,14 @@ and ``generate``, which stop with one line if one fails:
 * gpu: each rank drives a GPU of its own (unless ``--allow-shared-gpu``), or the run is on NumPy;
 * transport: the dispatch transport moves variable-count rows between every pair of ranks,
   zero counts and self-sends included, each row tagged with its source so that misrouting shows;
-* trace: the trace's directory is writable (selftest only, given ``--trace``).
+* trace: the trace's directory is writable (selftest only, given ``--trace``);
+* links: the bandwidth and latency between every pair of nodes and inside each node
+  (hpc_moe.links; selftest only: run measures them itself).
 """
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,8 @@ from hpc_moe.backend import Backend, get_backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.ep.transport import make_transport
 from hpc_moe.errors import InputError
+from hpc_moe.links import Links, measure_links
+from hpc_moe.outputs import check_output
 
 
 class SelftestError(InputError):
@@ -82,15 +85,10 @@ def check_transport(ctx: ParallelContext, backend: Backend, transport) -> str:
     return f"{transport.name} moves variable-count rows, zero counts and self-sends included"
 
 
-def check_output_dir(path: str, what: str = "trace") -> str:
-    """That the file ``path`` can be created; what: the output's name in the error."""
-    where = os.path.dirname(os.path.abspath(path)) or "."
-    try:
-        with tempfile.NamedTemporaryFile(dir=where):
-            pass
-    except OSError as e:
-        raise SelftestError(f"{what}: cannot write in {where} ({e.strerror})") from None
-    return f"{where} is writable"
+def _link_table(links: Links) -> list[str]:
+    """One line per node: its bandwidth to every node in GB/s (to itself: inside it)."""
+    head = "links GB/s, from \\ to " + " ".join(f"{b:>7}" for b in range(links.num_nodes))
+    return [head] + [f"{a:>21} " + " ".join(f"{x / 1e9:7.3f}" for x in row) for a, row in enumerate(links.bytes_per_s_NN)]
 
 
 def run_checks(ctx: ParallelContext, backend: Backend, transport, allow_shared_gpu: bool = False) -> list[str]:
@@ -103,10 +101,15 @@ def run_checks(ctx: ParallelContext, backend: Backend, transport, allow_shared_g
 
 def run_selftest(o: SelftestOptions) -> int:
     ctx = ParallelContext.create()
-    trace = [f"trace: {on_root(ctx, lambda: check_output_dir(o.trace))}"] if o.trace else []
+    on_root(ctx, lambda: check_output(o.trace, "trace"))
+    trace = [f"trace: {os.path.dirname(os.path.abspath(o.trace))} is writable"] if o.trace else []
     backend = get_backend(o.backend, o.dtype, ctx.local_rank)
     transport = make_transport(ctx.ep_comm, backend, o.transport, logger=logging.getLogger("hpc_moe.channel"))
     lines = run_checks(ctx, backend, transport, o.allow_shared_gpu) + trace
+    links = measure_links(ctx)
+    lines.append(f"links: {links.describe()}")
+    if links.num_nodes > 1:
+        lines.extend(_link_table(links))
     if ctx.rank == 0:
         print("\n".join(f"ok  {line}" for line in lines), flush=True)
     transport.close()

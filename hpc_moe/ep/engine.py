@@ -59,9 +59,11 @@ class Engine:
 
     def __init__(self, cfg: ModelConfig, weights, backend: Backend, ctx: ParallelContext, *,
                  options: EngineOptions = EngineOptions(), num_layers: int | None = None, loads=None,
-                 synthetic_routing: SyntheticRouting | None = None, profiler: Profiler | None = None):
+                 synthetic_routing: SyntheticRouting | None = None, profiler: Profiler | None = None,
+                 node_cost=None):
         """loads: expected tokens per expert (float [E] or [M, E]) for the placement's replicas and
-        colocation; None places experts evenly."""
+        colocation; None places experts evenly. node_cost: float per node, the relative cost of its
+        links (hpc_moe.links.Links.node_cost), or None where the links are even."""
         n = cfg.num_hidden_layers if num_layers is None else num_layers
         self.cfg, self.backend, self.ctx, self.options = cfg, backend, ctx, options
         self.moe_layers = [i for i in range(n) if cfg.is_moe_layer(i)]
@@ -69,7 +71,7 @@ class Engine:
         policy = options.eplb if options.eplb != "auto" else "hierarchical" if cfg.n_group % nodes == 0 else "global"
         placement = ExpertPlacement.build(cfg.n_routed_experts, ctx.ep_size, ctx.expert_tp, ctx.node_of_ep_rank,
                                           cfg.n_group, loads=loads, layers=self.moe_layers or None, policy=policy,
-                                          redundant=options.redundant_experts)
+                                          redundant=options.redundant_experts, node_cost=node_cost)
         self.executor = ExpertParallelExecutor(cfg, weights, backend, ctx, placement, options.dispatch,
                                                self.moe_layers, channels=options.micro_batches)
         if placement.colocated and ctx.rank == 0:

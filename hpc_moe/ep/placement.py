@@ -23,6 +23,7 @@ K top-k.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,7 +48,9 @@ class ExpertPlacement:
     policy: how loads place experts (EPLB's two): "hierarchical" (routing groups packed onto nodes
     by load, then replicas and packing inside each node) or "global" (replicas of the hot experts
     anywhere, packed over all slots); redundant: replicas beyond one per expert when experts are
-    colocated (E > slots), as DeepSeek's redundant experts; both are kept for re-placement.
+    colocated (E > slots), as DeepSeek's redundant experts; node_cost: float per node id, the
+    relative cost of its links (hpc_moe.links.Links.node_cost), whose cheapest nodes take the
+    heaviest nodes' experts, or None where the links are even; all three are kept for re-placement.
     """
 
     n_experts: int
@@ -59,6 +62,7 @@ class ExpertPlacement:
     layer_ids: tuple[int, ...] | None = None
     policy: str = "hierarchical"
     redundant: int = 0
+    node_cost: tuple[float, ...] | None = None
     _tables: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -68,13 +72,13 @@ class ExpertPlacement:
     @classmethod
     def build(cls, n_experts: int, ep_size: int, expert_tp: int = 1, node_of_rank=None,
               n_group: int = 1, loads=None, layers=None, policy: str = "hierarchical",
-              redundant: int = 0) -> ExpertPlacement:
+              redundant: int = 0, node_cost=None) -> ExpertPlacement:
         """Place E experts on ep_size ranks in slots of expert_tp ranks.
 
         node_of_rank: node id per EP rank [ep_size] (default: one node); n_group: routing groups
         (E / n_group consecutive experts each); loads: expected tokens per expert, float [E] (one
         map) or [L, E] (one map per layer, needs ``layers``); layers: model layer ids for per-layer
-        maps (default: one map shared by all layers); policy, redundant: see the class.
+        maps (default: one map shared by all layers); policy, redundant, node_cost: see the class.
         """
         _need(policy in POLICIES, f"policy must be one of {', '.join(POLICIES)} (got {policy!r})")
         _need(redundant >= 0, f"redundant must be >= 0 (got {redundant})")
@@ -92,9 +96,11 @@ class ExpertPlacement:
         n_maps = 1 if layer_ids is None else len(layer_ids)
         loads_LE = _loads(loads, n_experts, n_maps)
         node_of_slot = node_of_rank[::expert_tp]
-        maps = tuple(_place_layer(n_experts, node_of_slot, n_group, loads_LE[i], policy, redundant)
+        cost = None if node_cost is None else tuple(float(c) for c in node_cost)
+        _need(cost is None or len(cost) > max(node_of_rank), f"node_cost needs a cost for each of nodes 0..{max(node_of_rank)}")
+        maps = tuple(_place_layer(n_experts, node_of_slot, n_group, loads_LE[i], policy, redundant, cost)
                      for i in range(n_maps))
-        return cls(n_experts, ep_size, expert_tp, node_of_rank, n_group, maps, layer_ids, policy, redundant)
+        return cls(n_experts, ep_size, expert_tp, node_of_rank, n_group, maps, layer_ids, policy, redundant, cost)
 
     def from_loads(self, loads, layer: int | None = None) -> ExpertPlacement:
         """Re-place from measured tokens per expert: [E] for one layer (``layer`` given) or for all
@@ -107,13 +113,12 @@ class ExpertPlacement:
                   "with layers=... to re-place layers one by one")
             _need(loads.shape == (self.n_experts,), f"loads must have shape ({self.n_experts},)")
             maps[self._index(layer)] = _place_layer(self.n_experts, node_of_slot, self.n_group, loads,
-                                                    self.policy, self.redundant)
+                                                    self.policy, self.redundant, self.node_cost)
         else:
             loads_LE = _loads(loads, self.n_experts, len(maps))
-            maps = [_place_layer(self.n_experts, node_of_slot, self.n_group, loads_LE[i], self.policy, self.redundant)
-                    for i in range(len(maps))]
-        return ExpertPlacement(self.n_experts, self.ep_size, self.expert_tp, self.node_of_rank,
-                               self.n_group, tuple(maps), self.layer_ids, self.policy, self.redundant)
+            maps = [_place_layer(self.n_experts, node_of_slot, self.n_group, loads_LE[i], self.policy, self.redundant,
+                                 self.node_cost) for i in range(len(maps))]
+        return dataclasses.replace(self, slot_experts=tuple(maps))
 
     # ---- queries ---------------------------------------------------------------------------
     @property
@@ -175,35 +180,6 @@ class ExpertPlacement:
             return out
         return self._tables[self._index(layer)][0].astype(np.int32)
 
-    def format(self, layer: int | None = None, hostnames=None) -> str:
-        """A table: per slot its node, ranks and experts (replicas marked), then a summary."""
-        li = self._index(layer)
-        slots = self.slot_experts[li]
-        n_rep_E = self._tables[li][1]
-        head = (f"expert placement (layer {self.layer_ids[li]})" if self.layer_ids is not None
-                else "expert placement (all MoE layers)")
-        lines = [(f"{head}: {self.n_experts} experts, {self.ep_size} EP ranks, expert_tp "
-                  f"{self.expert_tp}, {self.n_slots} slots, {len(set(self.node_of_rank))} nodes"),
-                 f"{'node':>4} {'host':<12} {'slot':>4} {'ranks':<9} experts"]
-        for s, experts in enumerate(slots):
-            ranks = self.slot_ranks(s)
-            node = self.node_of_rank[ranks[0]]
-            host = hostnames[ranks[0]] if hostnames is not None else "-"
-            rk = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
-            ex = ", ".join(f"{e}" + (f" (1 of {n_rep_E[e]} replicas)" if n_rep_E[e] > 1 else "")
-                           for e in experts)
-            lines.append(f"{node:>4} {host[:12]:<12} {s:>4} {rk:<9} {ex}")
-        if self.colocated:
-            per = [len(x) for x in slots]
-            lines.append(f"colocated: {min(per)}-{max(per)} experts per slot (E > slots breaks "
-                         "one expert per GPU)")
-        elif self.replicated:
-            lines.append(f"replicated: {self.n_slots - self.n_experts} spare slots hold replicas "
-                         f"(max {int(n_rep_E.max())} per expert)")
-        else:
-            lines.append("one expert per slot")
-        return "\n".join(lines)
-
     def _index(self, layer: int | None) -> int:
         if self.layer_ids is None:
             return 0
@@ -236,12 +212,13 @@ def _loads(loads, n_experts: int, n_maps: int) -> np.ndarray:
 
 
 def _place_layer(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray, policy: str = "hierarchical",
-                 redundant: int = 0):
+                 redundant: int = 0, node_cost=None):
     """-> tuple over slots of sorted expert tuples."""
     s_total = len(node_of_slot)
     if policy == "global":
         counts = _replicate(loads_E, max(s_total, n_experts + redundant), s_total)
-        return tuple(tuple(sorted(x)) for x in _pack(counts, loads_E, list(range(s_total)), node_of_slot))
+        packed = _pack(counts, loads_E, list(range(s_total)), node_of_slot)
+        return _by_links(tuple(tuple(sorted(x)) for x in packed), node_of_slot, loads_E, node_cost)
     nodes = sorted(set(node_of_slot))
     slots_by_node = [[s for s in range(s_total) if node_of_slot[s] == n] for n in nodes]
     # Node n gets a contiguous share of the expert order proportional to its slots.
@@ -275,7 +252,27 @@ def _place_layer(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray
             e = int(np.argmax(loads_E / counts))
             counts[e] += 1
             result[s] = [e]
-    return tuple(tuple(sorted(x)) for x in result)
+    return _by_links(tuple(tuple(sorted(x)) for x in result), node_of_slot, loads_E, node_cost)
+
+
+def _by_links(slot_map, node_of_slot, loads_E: np.ndarray, node_cost):
+    """The nodes' contents exchanged whole (each node's slots keep their experts, groups and
+    replicas together) so that the heavier a node's experts, the cheaper its links: the heaviest
+    load on the node of least cost minimises the largest (load x cost). Unchanged without costs,
+    with nodes of unequal size, or with equal loads."""
+    nodes = sorted(set(node_of_slot))
+    slots_of = [[s for s, n in enumerate(node_of_slot) if n == k] for k in nodes]
+    if node_cost is None or len({len(x) for x in slots_of}) != 1:
+        return slot_map
+    replicas = np.bincount([e for held in slot_map for e in held], minlength=len(loads_E))
+    load_N = np.array([sum(loads_E[e] / replicas[e] for s in slots for e in slot_map[s]) for slots in slots_of])
+    if np.ptp(load_N) <= 1e-6 * load_N.max():
+        return slot_map
+    out = list(slot_map)
+    for pack, node in zip(np.argsort(-load_N, kind="stable"), np.argsort([node_cost[k] for k in nodes], kind="stable")):
+        for src, dst in zip(slots_of[pack], slots_of[node]):
+            out[dst] = slot_map[src]
+    return tuple(out)
 
 
 def _group_order(n_experts: int, n_group: int, per_node, loads_E) -> np.ndarray:

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from hpc_moe.errors import InputError
+from hpc_moe.links import Links
 
 HARDWARE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                             "data", "hardware")
@@ -121,6 +124,20 @@ class Hardware:
         if ranks_per_node <= self.gpus_per_node:
             return 1.0
         return min(1.0, self.gpus_per_node / (1 + (ranks_per_node - 1) * concurrency)) * self.oversubscribed_efficiency
+
+    def with_links(self, links: Links, where: str) -> Hardware:
+        """This hardware with the links a run measured (hpc_moe.links; ``where``: the trace, for
+        the name): inside and between nodes, the median bandwidth and latency of the measured
+        pairs as the links' bytes/s and latency, reached in full (efficiency 1): what the links
+        carried, before what an all-to-all loses on them (the calibration fits that fraction)."""
+        def link(bw, lat, fallback: Link) -> Link:
+            return Link(float(np.median(bw)), float(np.median(lat)), 1.0) if len(bw) else fallback
+
+        n = links.num_nodes
+        off, diag = ~np.eye(n, dtype=bool), np.isfinite(np.diag(links.bytes_per_s_NN))
+        inter = link(links.between(), links.latency_s_NN[off], self.inter_node)
+        intra = link(links.inside(), np.diag(links.latency_s_NN)[diag], self.intra_node)
+        return replace(self, name=f"{self.name}, links of {where}", intra_node=intra, inter_node=inter)
 
     def to_dict(self) -> dict:
         link = lambda k: {"bytes_per_s": k.bytes_per_s, "latency_s": k.latency_s, "efficiency": k.efficiency}  # noqa: E731

@@ -178,7 +178,7 @@ def predict_step(cfg: ModelConfig, layout: Layout, hw: Hardware, *, mode: str, t
                  ranks_per_host: int | None = None, attention: str = "materialised") -> dict:
     """Per-phase predictions of one layer of each kind and of the whole step, per GPU (times in ms).
 
-    ranks_per_host: ranks sharing a node's devices (default: the layout's ranks per node, or fewer
+    ranks_per_host: ranks sharing a machine's devices (default: the layout's ranks per node, or fewer
     when the job is smaller); more ranks than the hardware's GPUs per node divide its rates while
     they compute (Hardware.device_share): how much depends on how often they compute at once,
     so the share and the step's busy fraction are solved together. attention: the kernels' form

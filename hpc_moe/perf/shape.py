@@ -101,7 +101,7 @@ def shapes_of(tr: Trace) -> list[Shape]:
     R, ep, M = tr.num_ranks, int(par["ep_size"]), len(tr.moe_layers)
     rpn = int(par["simulated_ranks_per_node"] or max(par["ranks_per_node"]))
     lay = run["layout"]
-    hosts = np.unique(tr.rank_host, return_counts=True)[1]
+    hosts = np.unique(tr.rank_machine, return_counts=True)[1]  # ranks that share a machine's devices
     nodes = int(tr.rank_node.max()) + 1
     dispatch = lay["dispatch"] if lay["dispatch"] != "auto" else ("hierarchical" if nodes > 1 and rpn > 1 else "flat")
     m = int(lay["micro_batches"]) if lay["overlap"] == "on" else 1

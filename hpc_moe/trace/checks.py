@@ -48,7 +48,9 @@ def rank_columns(rank_map: Sequence[Mapping]) -> dict[str, np.ndarray]:
         node = np.array([int(r.get("node", hosts.index(h))) for r, h in zip(rank_map, host)], np.int32)
         gpu = np.array([int(r["gpu"]) for r in rank_map], np.int32)
         device = np.array([str(r["device"]) for r in rank_map])
+        machine = np.array([str(r.get("machine", h)) for r, h in zip(rank_map, host)])
     except (KeyError, TypeError, ValueError) as e:
         raise TraceError(f"rank_map entries need host (str), gpu (int), device (str): {e!r}") from None
     local = np.array([int(np.sum(node[:r] == node[r])) for r in range(len(node))], np.int32)
-    return {"host": np.array(host), "node": node, "local_rank": local, "gpu": gpu, "device": device}
+    return {"host": np.array(host), "node": node, "local_rank": local, "gpu": gpu, "device": device,
+            "machine": machine}

@@ -49,7 +49,7 @@ UNITS = {"rank_tokens": "tokens", "nodes_reached": "1", "wall_time_s": "s", "inp
          "output_tokens_per_s": "tokens/s", "phase_time_s": "s", "expert_tokens": "tokens",
          "bytes_sent": "B", "events": "s", "exchange_time_s": "s", "exchanges": "s", "elapsed_s": "s",
          "end_time_unix": "s"}
-RANK_COLUMNS = ("host", "node", "local_rank", "gpu", "device")  # /layout/rank_<name>
+RANK_COLUMNS = ("host", "node", "local_rank", "gpu", "device", "machine")  # /layout/rank_<name>
 
 
 class TraceError(InputError):
@@ -62,9 +62,9 @@ class TraceError(InputError):
 # adds the provenance it can find itself (version, commit, date, command line, Slurm job id).
 REQUIRED_META = ("model_config", "run_config", "parallel_config", "mpi_library_version", "transport",
                  "cuda_aware", "array_backend", "truncated")
-_OPTIONAL_META = ("command_line", "extra")
+_OPTIONAL_META = ("command_line", "extra", "links")
 _JSON_ATTRS = ("model_config", "run_config", "parallel_config", "hostnames", "device_names", "units",
-               "phases", "comm_phases", "extra")
+               "phases", "comm_phases", "extra", "links")
 
 
 def root_attributes(meta: Mapping[str, Any], ranks: Mapping[str, np.ndarray], *, phases: Sequence[str],
@@ -97,6 +97,7 @@ def root_attributes(meta: Mapping[str, Any], ranks: Mapping[str, np.ndarray], *,
         "num_layers": int(num_layers), "num_moe_layers": int(num_moe_layers), "num_ranks": len(ranks["node"]),
         "num_nodes": int(ranks["node"].max()) + 1, "num_experts": int(num_experts),
         "extra": _jsonable(meta.get("extra") or {}, "extra"),
+        "links": _jsonable(meta.get("links") or {}, "links"),
     }
 
 
@@ -162,7 +163,8 @@ class Trace:
     events: EVENT_DTYPE [N] and exchanges: EXCHANGE_DTYPE [X] (only those of the steps above);
     placements: every re-placement (placement_dtype [H]: the step it took effect from, the
     placement padded to R); ``placement`` is the one the run started with. moe_layers int64 [M];
-    placement int32 [M or 1, E, K]; rank_host / rank_device str [R]; rank_node / rank_local_rank /
+    placement int32 [M or 1, E, K]; rank_host / rank_device / rank_machine str [R] (machine: the
+    physical machine, its boot id, or the host in older files); rank_node / rank_local_rank /
     rank_gpu int32 [R]. state: "running" (still written, or killed), "completed" or "failed".
     path: the file, or "<memory>" for a hpc_moe.trace.MemoryTrace.
     """
@@ -193,6 +195,7 @@ class Trace:
     rank_local_rank: np.ndarray
     rank_gpu: np.ndarray
     rank_device: np.ndarray
+    rank_machine: np.ndarray
     state: str
 
     @classmethod
@@ -213,7 +216,7 @@ class Trace:
                   "exchanges": exchanges[np.isin(exchanges["step"], rows["step"])], "placements": placements,
                   **{k: layout[k] for k in ("moe_layers", "placement")},
                   **{f"rank_{k}": layout[f"rank_{k}"] for k in RANK_COLUMNS}}
-        for k in ("rank_host", "rank_device"):
+        for k in ("rank_host", "rank_device", "rank_machine"):
             arrays[k] = arrays[k].astype(str)
         return cls(path=path, meta=meta, phases=tuple(meta["phases"]), comm_phases=tuple(meta["comm_phases"]),
                    state=state, **{k: _frozen(v) for k, v in arrays.items()})
@@ -323,6 +326,7 @@ def _read(f: h5py.File, path: str) -> Trace:
     steps = f["steps"]
     n = min(steps[name].shape[0] for name in steps)  # /steps/step is the shortest unless corrupted
     layout = {name: ds[:] for name, ds in f["layout"].items()}
+    layout.setdefault("rank_machine", layout["rank_host"])  # files before the machine column
     rows = {name: steps[name][:n] for name in _PER_STEP if name in steps}
     L, R = steps["phase_time_s"].shape[1:3]
     M = len(f["layout/moe_layers"])

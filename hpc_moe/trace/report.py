@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from hpc_moe.outputs import OutputError, check_output
 from hpc_moe.trace.metrics import comm_stats, exchange_overlap, expert_load_imbalance
 from hpc_moe.trace.reader import KINDS, Trace, TraceError, read_trace
 
@@ -302,6 +303,9 @@ def run_report(args: argparse.Namespace) -> int:
     try:
         if args.skip_steps < 0:
             raise TraceError(f"--skip-steps must be >= 0, got {args.skip_steps}")
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.traces[0])), "report")
+        if not args.no_plots:
+            check_output(os.path.join(out, "plot.png"), "--out")
         traces = [read_trace(p).subset(slice(args.skip_steps, None)) for p in args.traces]
         for t in traces:
             print(summary_table(t), end="\n\n")
@@ -310,10 +314,9 @@ def run_report(args: argparse.Namespace) -> int:
             if len({t.num_layers for t in traces}) == 1 and len(traces[0].moe_layers):
                 print(overlap_table(traces), end="\n\n")
         if not args.no_plots:
-            out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.traces[0])), "report")
             for path in write_plots(traces, out, step=args.step):
                 print(f"wrote {path}")
-    except TraceError as e:
+    except (TraceError, OutputError) as e:
         print(f"hpc-moe report: error: {e}", file=sys.stderr)
         return 2
     return 0
