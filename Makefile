@@ -29,7 +29,7 @@ run: install
 	mkdir -p out
 	$(MPIEXEC) -n $(NP) $(PY) -m mpi4py -m hpc_moe run --config tiny --mode mixed --batch 32 \
 	    --seq-len uniform:8,64 --steps 20 --warmup 2 --overlap on --ranks-per-node 4 --trace out/run.h5 --overwrite
-	$(PY) -m hpc_moe report out/run.h5 --out out/report
+	$(PY) -m hpc_moe report out/run.h5 --out out/report --no-tables
 
 test: test-unit test-mpi test-slurm test-cluster
 

@@ -130,7 +130,8 @@ def _add_run(sub):
                    help="a rank that waits in communication this long ends the job, naming the ranks that do not "
                    "answer (exit status 4; 0: off)")
     s.add_argument("--profile", default="on", choices=["on", "off"],
-                   help="time every phase (on a GPU this synchronises the device at each phase)")
+                   help="time every phase (on a GPU by CUDA events, read once a step: the device is not synchronised "
+                   "at each phase)")
     s.add_argument("--baseline", metavar="TRACE.h5", help="a smaller run of the same scaling series: "
                    "print scaling efficiency against it")
     b = p.add_argument_group("load balancing")
@@ -153,6 +154,7 @@ def _add_run(sub):
 
 
 def _add_plan(sub):
+    from hpc_moe.perf.hardware import hardware_names
     p = sub.add_parser("plan", help="a deployment before it runs: parameters, memory per GPU and whether it "
                        "fits, the expert placement, the predicted prefill and decode step (a projection)")
     p.add_argument("--config", default="deepseek-v3", help="preset name or config.json")
@@ -169,7 +171,8 @@ def _add_plan(sub):
     p.add_argument("--context", type=_positive, default=4096, help="positions per sequence")
     p.add_argument("--tokens", type=_positive, default=4096, help="tokens per GPU through a layer at once")
     p.add_argument("--hardware", default="h100-sxm", metavar="NAME|FILE",
-                   help="a GPU and its links: a name from data/hardware (seeds-h100, h100-sxm, h200) or such a JSON file")
+                   help="a device and its links: a name from data/hardware (" + ", ".join(hardware_names()) + ") or such "
+                   "a JSON file")
     p.add_argument("--hbm-gib", type=float, default=None, help="GPU memory, GiB (default: the hardware's)")
     p.add_argument("--dispatch", default="auto", choices=["auto", "flat", "hierarchical"],
                    help="the all-to-all to predict (auto: hierarchical across nodes, as run does)")

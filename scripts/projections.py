@@ -1,7 +1,7 @@
 """The throughput tables of docs/projections.md: hpc-moe plan over EP sizes and deployment
 variants on an H100 cluster, printed as Markdown. Every figure is `hpc-moe plan --json`'s.
 
-    python scripts/projections.py [--hardware h100-sxm] > tables.md
+    .venv/bin/python scripts/projections.py [--hardware h100-sxm] > tables.md
 """
 import argparse
 import json

@@ -1,4 +1,6 @@
 """The command line as users meet it: one-line errors, a killed run's trace, a failing rank."""
+import io
+import json
 import os
 import signal
 import socket
@@ -38,6 +40,7 @@ def hpc_moe(*args, ranks=0, timeout=120):
     (["run", "--dp", "3"], "not divisible by dp=3"),
     (["generate", "--config", "tiny", "--input-ids", "missing.npy", "--output", "o.npz"], "input ids file not found"),
     (["report", "missing.h5"], "missing.h5"),
+    (["generate", "--config", "tiny", "--input-ids", "/dev/null", "--output", "o.npz"], "not a readable .npy file"),
     (["plan", "--ranks", "6", "--expert-tp", "4"], "must be divisible"),
     (["checkpoint", "check", "/nonexistent"], "not found"),
     (["run", "--transport", "nccl", "--backend", "numpy"], "transport nccl needs the cupy backend"),
@@ -48,6 +51,7 @@ def hpc_moe(*args, ranks=0, timeout=120):
     (["run", "--mode", "decode", "--seq-len", "uniform:8,512"], "(a decode adds a token)"),
     (["run", "--config", "deepseek-v3"], "GiB per rank (weights and KV cache) but"),
     (["bench", "layer", "--topk", "9"], "--topk 9 is more than --experts 8"),
+    (["bench", "dispatch", "--topk", "20", "--experts", "16"], "--topk 20 is more than --experts 16"),
     (["selftest", "--trace", "/proc/x/t.h5"], "trace: cannot write in /proc/x"),
     (["run", "--summary-json", "/proc/x.json", "--steps", "100000"], "--summary-json: cannot write in /proc"),
     (["run", "--trace", "/proc/x/t.h5", "--steps", "100000"], "--trace: cannot write in /proc/x"),
@@ -91,8 +95,10 @@ def test_bad_input_on_16_ranks_is_one_line_from_rank_0(args, message):
 def test_outputs_in_missing_folders_are_made(tmp_path):
     np.save(tmp_path / "ids.npy", np.zeros((2, 3), np.int64))
     gen = tmp_path / "new" / "o.npz"
-    assert hpc_moe("generate", "--config", "tiny", "--input-ids", str(tmp_path / "ids.npy"), "--output", str(gen),
-                   "--max-new-tokens", "1", ranks=2).returncode == 0 and gen.exists()
+    r = hpc_moe("generate", "--config", "tiny", "--input-ids", str(tmp_path / "ids.npy"), "--output", str(gen),
+                "--max-new-tokens", "1")
+    assert r.returncode == 0 and gen.exists() and f"wrote {gen}" in r.stdout, r.stderr
+    assert "one-expert-per-GPU" not in r.stderr  # one process holds every expert: nothing to warn of
     trace, summary = tmp_path / "a" / "t.h5", tmp_path / "b" / "s.json"
     r = hpc_moe("run", "--steps", "1", "--warmup", "0", "--trace", str(trace), "--summary-json", str(summary))
     assert r.returncode == 0 and trace.exists() and summary.exists(), r.stderr
@@ -249,3 +255,24 @@ def test_workload_lengths_fit_the_model(tmp_path):
     (tmp_path / "lens.txt").write_text("8 512")
     with pytest.raises(WorkloadError, match="max_position_embeddings 512"):
         Workload.create("mixed", "4", f"file:{tmp_path / 'lens.txt'}", max_positions=512)
+
+
+def test_a_config_with_a_misspelled_or_missing_key_says_so_in_one_line(tmp_path):
+    d = json.loads((REPO / "data/configs/tiny.json").read_text())
+    d["n_routed_expert"] = d.pop("n_routed_experts")
+    del d["hidden_size"]
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    r = hpc_moe("plan", "--config", str(tmp_path / "c.json"), "--ranks", "4", "--hardware", "cpu-2core")
+    assert r.returncode == 0, r.stderr  # loaded with defaults, as transformers would
+    warned = [line for line in r.stderr.splitlines() if "c.json" in line]
+    assert len(warned) == 1 and "unknown keys ignored: n_routed_expert" in warned[0]
+    assert "missing, DeepSeek-V3's used: hidden_size=7168, n_routed_experts=256" in warned[0]
+    assert "c.json" not in hpc_moe("plan", "--config", "tiny", "--ranks", "4", "--hardware", "cpu-2core").stderr
+
+
+def test_progress_line_names_only_the_tokens_a_run_has():
+    from hpc_moe.apps.progress import Progress
+    from hpc_moe.apps.workload import Step
+    p = Progress(steps=2, duration=None, stream=io.StringIO())
+    p.update(Step(np.zeros(0, np.int64), np.full(4, 9, np.int64)), 0.5)  # a decode step: 4 new tokens
+    assert "output tok/s" in p.line(p.t0 + 1) and "input" not in p.line(p.t0 + 1)

@@ -203,6 +203,14 @@ def test_run_report_cli(synthetic, tmp_path, capsys):
     (tmp_path / "bad.h5").write_text("garbage")
     assert run_report(parser.parse_args([str(path), str(tmp_path / "bad.h5"), "--no-plots"])) == 2
     assert "cannot read trace" in capsys.readouterr().err
+    # Two traces of one size are no scaling series: their overlap side by side, no efficiency.
+    assert run_report(parser.parse_args([str(path), str(path), "--no-plots"])) == 0
+    out = capsys.readouterr().out
+    assert "Scaling" not in out and out.count("== synth") == 2
+    assert run_report(parser.parse_args([str(path), "--out", str(tmp_path / "p"), "--no-tables"])) == 0
+    out = capsys.readouterr().out
+    assert "Throughput" not in out and out.count("wrote ") == 6
+    assert "slowest rank" in summary_table(read_trace(path))
 
 
 def test_report_on_killed_and_empty_traces(tmp_path, capsys):

@@ -40,6 +40,7 @@ from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions
 from hpc_moe.ep.placement import ExpertPlacement
+from hpc_moe.errors import UsageError
 from hpc_moe.outputs import check_output, write_json
 
 
@@ -76,13 +77,15 @@ def add_dispatch_args(p) -> None:
 
 
 def run_bench_dispatch(o: BenchDispatchOptions) -> int:
+    if o.topk > o.experts:
+        raise UsageError(f"--topk {o.topk} is more than --experts {o.experts}")
     ctx = ParallelContext.create(ranks_per_node=o.ranks_per_node)
     on_root(ctx, lambda: check_output(o.json, "--json"))
     be = get_backend(o.backend, o.dtype, ctx.local_rank)
     pl = ExpertPlacement.build(o.experts, ctx.ep_size, 1, ctx.node_of_ep_rank)
     d = Dispatcher(ctx, pl, be, DispatchOptions(o.algorithm, o.transport, o.payload, o.deterministic, "flat"))
     rng = np.random.default_rng(o.seed * 100_003 + ctx.rank)
-    k = min(o.topk, o.experts)
+    k = o.topk
     x = be.asarray(rng.standard_normal((o.tokens, o.hidden)).astype(np.float32))
     idx = np.argsort(rng.random((o.tokens, o.experts)), axis=1)[:, :k].astype(np.int64)
     w = rng.random((o.tokens, k)).astype(np.float32)
@@ -213,7 +216,7 @@ def _figures(o: BenchDispatchOptions, ctx, d, times, sent, rows_sent, overlap) -
                    "algorithm": o.algorithm, "deterministic": o.deterministic, "transport": d.transport.name,
                    "iters": o.iters, "warmup": o.warmup, "mpi": MPI.Get_library_version().splitlines()[0].strip()},
         "rows_sent_per_rank": rows_sent,
-        "pairs_per_rank": o.tokens * min(o.topk, o.experts),
+        "pairs_per_rank": o.tokens * o.topk,
         "ops": ops,
         "floor_ms": 1e3 * floor,
         "ratio_vs_raw": (med["dispatch"] + med["combine"]) / floor if floor > 0 else None,

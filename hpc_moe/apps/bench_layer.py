@@ -66,7 +66,8 @@ def add_layer_args(p) -> None:
     p.add_argument("--tokens", type=int, default=128, help="tokens per rank")
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--inter", type=int, default=256, help="moe_intermediate_size")
-    p.add_argument("--experts", type=int, default=8, help="routed experts (= ranks: one per rank)")
+    p.add_argument("--experts", type=int, default=8,
+                   help="routed experts (as many as ranks: one a rank; more are colocated, fewer replicated)")
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--ranks-per-node", type=int, default=None, help="simulate nodes of k ranks")

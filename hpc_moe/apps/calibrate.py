@@ -5,6 +5,7 @@ phase predicted against measured: for the traces of the fit and for held-out one
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 
 import numpy as np
@@ -15,6 +16,8 @@ from hpc_moe.outputs import write_json
 from hpc_moe.perf.calibrate import calibrate, compare
 from hpc_moe.perf.shape import shapes_of
 from hpc_moe.trace.reader import read_trace
+
+log = logging.getLogger("hpc_moe")
 
 
 def run_calibrate(o) -> int:
@@ -27,6 +30,14 @@ def run_calibrate(o) -> int:
     if loads is not None and any(loads.shape[1] != sh.cfg.n_routed_experts for sh in held):
         raise UsageError(f"--loads-from {o.loads_from}: its experts differ from the --validate traces'")
     hw = hardware_of(o.hardware, o.links_from)
+    other = sorted({f"{sh.name} ({sh.dtype})" for sh in fit + held if sh.dtype != hw.compute_dtype})
+    if other:
+        log.warning("%s computed in another dtype than --hardware %s (%s): its peaks are of another machine "
+                    "(a CPU trace wants --hardware cpu-2core or a file calibrated on such traces)",
+                    ", ".join(other), hw.name, hw.compute_dtype)
+    if fit and len(fit) < 4:
+        log.warning("%d shape(s) to fit a phase rate per phase and mode, the links and the sharing of devices: "
+                    "the fit's own errors say little; judge it by --validate on other traces", len(fit))
     if fit:
         name = os.path.splitext(os.path.basename(o.save))[0] if o.save else f"{hw.name}-calibrated"
         peaks = hw.calibration.get("peaks", f"{hw.name}: {hw.source}")

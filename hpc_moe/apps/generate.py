@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from hpc_moe.apps.common import on_root, open_weights, quiet_other_ranks
+from hpc_moe.apps.common import on_root, open_weights, quiet_other_ranks, warn_shared_cores
 from hpc_moe.apps.options import GenerateOptions
 from hpc_moe.apps.selftest import run_checks
 from hpc_moe.apps.workload import assign
@@ -25,7 +25,7 @@ def load_input_ids(path: str) -> np.ndarray:
         ids = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise UsageError(f"input ids file not found: {path}") from None
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:
         raise UsageError(f"{path}: not a readable .npy file ({e})") from None
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise UsageError(f"{path}: expected integer token ids of shape [batch, prompt_len], "
@@ -89,6 +89,7 @@ def run_generate(o: GenerateOptions) -> int:
     owner = assign(np.full(shape[0], shape[1]), ctx.size)  # the same on every rank
     mine = scatter_sequences(ctx, ids, owner, shape[1])
     backend = get_backend(o.layout.backend, o.layout.dtype, ctx.local_rank)
+    warn_shared_cores(ctx, backend)
     engine = Engine(cfg, weights, backend, ctx, options=o.layout.engine_options())
     run_checks(ctx, backend, engine.executor.channels[0].transport, o.layout.allow_shared_gpu)
     gen = generate(engine.model, list(mine), o.max_new_tokens, forward=engine.forward)
@@ -97,5 +98,6 @@ def run_generate(o: GenerateOptions) -> int:
     tokens = gather_sequences(ctx, gen.tokens, owner, np.int64, MPI.INT64_T)
     if ctx.rank == 0:
         write_npz(o.output, prefill_logits=logits, tokens=tokens)
+        print(f"wrote {o.output}: prefill_logits {list(logits.shape)}, tokens {list(tokens.shape)}", flush=True)
     engine.close()
     return 0

@@ -37,8 +37,9 @@ class Progress:
         else:
             left = max(0.0, (self.duration or 0) - elapsed)
             where = f"step {self.done}"
-        return (f"{where}  {self.tokens_in / self.busy:,.0f} input tok/s  "
-                f"{self.tokens_out / self.busy:,.0f} output tok/s  ETA {left:,.0f} s")
+        rates = [f"{n / self.busy:,.0f} {kind} tok/s" for n, kind in ((self.tokens_in, "input"), (self.tokens_out, "output"))
+                 if n]  # a decode-only run has no input tokens to speak of
+        return f"{where}  {'  '.join(rates)}  ETA {left:,.0f} s"
 
     def close(self) -> None:
         if self.tty and self.done:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import numpy as np
 from mpi4py import MPI
 
-from hpc_moe.apps.common import loads_from_trace, on_root, open_weights, quiet_other_ranks
+from hpc_moe.apps.common import loads_from_trace, on_root, open_weights, quiet_other_ranks, warn_shared_cores
 from hpc_moe.apps.options import RunOptions
 from hpc_moe.apps.progress import Progress
 from hpc_moe.apps.selftest import run_checks
@@ -57,6 +57,7 @@ def run_job(o: RunOptions) -> int:
     loads = on_root(ctx, lambda: loads_from_trace(o.loads_from, layers, cfg)) if o.loads_from else None
     backend = get_backend(o.layout.backend, o.layout.dtype, ctx.local_rank)
     _check_fits(cfg, layers, workload, ctx, backend)
+    warn_shared_cores(ctx, backend)
     watchdog = Watchdog(ctx.world, o.watchdog, hosts=ctx.hostnames)
     prof = Profiler(layers, backend.phase_clock(), enabled=o.profile == "on", watchdog=watchdog)
     options = dataclasses.replace(o.layout.engine_options(), eplb=o.eplb, redundant_experts=o.redundant_experts)
@@ -164,11 +165,12 @@ def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workloa
         engine.forward(batch, cache, last_only=True)
         with watchdog.waiting("the device's queued work (kernels, NCCL transfers)"):
             backend.synchronize()
+        mine = time.perf_counter() - t0
         with watchdog.waiting("the barrier after the step"):
             ctx.world.Barrier()
         wall = time.perf_counter() - t0
         with watchdog.waiting("the step's accounting (Allreduce, Gathers)"):
-            counts, times, sent, exchange, loads = _gather_step(ctx, engine, prof)
+            counts, times, sent, exchange, loads = _gather_step(ctx, engine, prof, mine)
         if o.bias_update_rate:
             engine.update_biases(counts, o.bias_update_rate)
         index += 1
@@ -248,10 +250,10 @@ def _local_batch(model, cache: KVCache | None, step: Step, owner: np.ndarray, ra
     return Batch(tokens, np.arange(len(new), dtype=np.int64), start, new), cache
 
 
-def _gather_step(ctx: ParallelContext, engine: Engine, prof: Profiler):
+def _gather_step(ctx: ParallelContext, engine: Engine, prof: Profiler, step_s: float):
     """-> (expert tokens int64 [M, E] on every rank; on rank 0: phase times float64 [L, R, F],
     bytes sent int64 [R, R], exchange times float64 [L, R, 2, 2], and the trace's rank_tokens
-    [M, R] and nodes_reached [M, R, 3] by name). Collective."""
+    [M, R], nodes_reached [M, R, 3] and rank_time_s [R] (each rank's step_s) by name). Collective."""
     stats = engine.step_stats()
     counts = stats.expert_tokens_ME
     times = np.empty((ctx.size,) + prof.times_LP.shape) if ctx.rank == 0 else None
@@ -268,10 +270,12 @@ def _gather_step(ctx: ParallelContext, engine: Engine, prof: Profiler):
     ctx.world.Gather([ex.received_M, MPI.INT64_T], [received, MPI.INT64_T], root=0)
     nodes = np.empty((ctx.size,) + ex.nodes_M3.shape, np.int64) if ctx.rank == 0 else None
     ctx.world.Gather([ex.nodes_M3, MPI.INT64_T], [nodes, MPI.INT64_T], root=0)
+    own = np.empty(ctx.size) if ctx.rank == 0 else None
+    ctx.world.Gather([np.array([step_s]), MPI.DOUBLE], [own, MPI.DOUBLE], root=0)
     if ctx.rank != 0:
         return counts, None, sent, None, None
     return (counts, times.transpose(1, 0, 2), sent, exchange.transpose(1, 0, 2, 3),
-            {"rank_tokens": received.T, "nodes_reached": nodes.transpose(1, 0, 2)})
+            {"rank_tokens": received.T, "nodes_reached": nodes.transpose(1, 0, 2), "rank_time_s": own})
 
 
 def _gather_rows(ctx: ParallelContext, rows_NC: np.ndarray):
@@ -311,10 +315,10 @@ def _open_recorder(o: RunOptions, cfg, layers, ctx, backend, engine: Engine, wor
 
 
 def _announce(cfg, layers, ctx, engine: Engine, workload, o: RunOptions, links) -> None:
-    log.info("%s: %d of %d layers%s, %d experts, top-%d; %d ranks on %d nodes (EP %d x DP %d, expert TP %d)",
+    log.info("%s: %d of %d layers%s, %d experts, top-%d; %d ranks on %s (EP %d x DP %d, expert TP %d)",
              o.checkpoint or o.config, layers, cfg.num_hidden_layers,
              " (truncated with --layers)" if layers < cfg.num_hidden_layers else "", cfg.n_routed_experts,
-             cfg.num_experts_per_tok, ctx.size, ctx.num_nodes, ctx.ep_size, ctx.dp_size, ctx.expert_tp)
+             cfg.num_experts_per_tok, ctx.size, _plural(ctx.num_nodes, "node"), ctx.ep_size, ctx.dp_size, ctx.expert_tp)
     if links is not None:
         cost = links.node_cost()
         log.info("links %s%s", links.describe(), "" if cost is None else
@@ -324,8 +328,12 @@ def _announce(cfg, layers, ctx, engine: Engine, workload, o: RunOptions, links) 
         p = engine.placement
         log.info("%d expert slots for %d experts: %d replicas of the hottest experts",
                  p.n_slots, cfg.n_routed_experts, p.n_slots - cfg.n_routed_experts)
-    log.info("workload %s; routing %s; %d warm-up steps, then %s", workload.describe(), o.routing,
-             o.warmup, f"{o.steps} steps" if o.steps else f"{o.duration} s")
+    log.info("workload %s; routing %s; %s, then %s", workload.label(), o.routing, _plural(o.warmup, "warm-up step"),
+             _plural(o.steps, "step") if o.steps else f"{o.duration:g} s")
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _finish(o: RunOptions, recorder, steps: int) -> None:

@@ -165,6 +165,16 @@ class Workload:
         """The first n steps of :meth:`stream`."""
         return list(itertools.islice(self.stream(), n))
 
+    def label(self) -> str:
+        """The workload as the command line spells it: "prefill, batch 8, seq-len uniform:8,64"."""
+        def spell(d) -> str:
+            if d.kind == "file":
+                return f"from a file of {len(d.params)} values"
+            params = ",".join(f"{p:g}" for p in d.params)
+            return params if d.kind == "fixed" else f"{d.kind}:{params}"
+        mixed = f", prefill fraction {self.prefill_fraction:g}" if self.mode == "mixed" else ""
+        return f"{self.mode}, batch {spell(self.batch)}, seq-len {spell(self.seq_len)}{mixed}, seed {self.seed}"
+
     def describe(self) -> dict:
         return {"mode": self.mode, "batch": [self.batch.kind, list(self.batch.params)],
                 "seq_len": [self.seq_len.kind, list(self.seq_len.params)],

@@ -74,7 +74,7 @@ class Engine:
                                           redundant=options.redundant_experts, node_cost=node_cost)
         self.executor = ExpertParallelExecutor(cfg, weights, backend, ctx, placement, options.dispatch,
                                                self.moe_layers, channels=options.micro_batches)
-        if placement.colocated and ctx.rank == 0:
+        if placement.colocated and ctx.rank == 0 and placement.n_slots > 1:  # one process holds all: no news
             log.warning("%d experts on %d expert slots: ranks hold several experts per layer, which breaks "
                         "the one-expert-per-GPU principle", cfg.n_routed_experts, placement.n_slots)
         self.prof = profiler if profiler is not None else NullProfiler(n)

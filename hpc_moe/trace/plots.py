@@ -227,7 +227,7 @@ def plot_rank_load(trace: Trace):
         if keep.any():
             load = per_step[keep].mean(axis=0)
             ax.bar(ranks + (i - (len(series) - 1) / 2) * width, load, width,
-                   label=f"{label}: max/mean {load.max() / load.mean():.2f}")
+                   label=f"{label}: max/mean of these means {load.max() / load.mean():.2f}")
     ax.set_xlabel("rank")
     ax.set_ylabel("token rows received per step\n(all MoE layers)")
     ax.legend(fontsize=9)

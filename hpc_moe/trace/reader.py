@@ -44,7 +44,8 @@ def placement_dtype(maps: int, experts: int, ranks: int) -> np.dtype:
 
 STATUS_DTYPE = np.dtype([("state", "i1"), ("steps_written", "<i8"), ("elapsed_s", "<f8"),
                          ("end_time_unix", "<f8")])
-UNITS = {"rank_tokens": "tokens", "nodes_reached": "1", "wall_time_s": "s", "input_tokens": "tokens", "output_tokens": "tokens",
+UNITS = {"rank_tokens": "tokens", "rank_time_s": "s", "nodes_reached": "1", "wall_time_s": "s", "input_tokens": "tokens",
+         "output_tokens": "tokens",
          "num_sequences": "sequences", "input_tokens_per_s": "tokens/s",
          "output_tokens_per_s": "tokens/s", "phase_time_s": "s", "expert_tokens": "tokens",
          "bytes_sent": "B", "events": "s", "exchange_time_s": "s", "exchanges": "s", "elapsed_s": "s",
@@ -159,7 +160,9 @@ class Trace:
     exchange_time_s float64 [S, L, R, 2, 2]: per exchange kind (dispatch, combine) the seconds in
     flight (started to seen complete) and blocked, summed over micro-batches; rank_tokens int64
     [S, M, R]: token rows each rank received; nodes_reached int64 [S, M, R, 3]: per rank its tokens,
-    the nodes they reached in all, the most nodes one token reached.
+    the nodes they reached in all, the most nodes one token reached; rank_time_s float64 [S, R]:
+    each rank's own time in the step (from the barrier before it to the end of its work, on its
+    clock; wall_time_s is rank 0's, to the barrier after the step: the slowest rank's).
     events: EVENT_DTYPE [N] and exchanges: EXCHANGE_DTYPE [X] (only those of the steps above);
     placements: every re-placement (placement_dtype [H]: the step it took effect from, the
     placement padded to R); ``placement`` is the one the run started with. moe_layers int64 [M];
@@ -184,6 +187,7 @@ class Trace:
     bytes_sent: np.ndarray
     exchange_time_s: np.ndarray
     rank_tokens: np.ndarray
+    rank_time_s: np.ndarray
     nodes_reached: np.ndarray
     events: np.ndarray
     exchanges: np.ndarray
@@ -275,7 +279,8 @@ class Trace:
 
 
 _PER_STEP = ("step", "kind", "wall_time_s", "input_tokens", "output_tokens", "num_sequences",
-             "phase_time_s", "expert_tokens", "bytes_sent", "exchange_time_s", "rank_tokens", "nodes_reached")
+             "phase_time_s", "expert_tokens", "bytes_sent", "exchange_time_s", "rank_tokens", "nodes_reached",
+             "rank_time_s")
 
 
 def read_trace(path: str | os.PathLike) -> Trace:
@@ -331,7 +336,8 @@ def _read(f: h5py.File, path: str) -> Trace:
     L, R = steps["phase_time_s"].shape[1:3]
     M = len(f["layout/moe_layers"])
     for name, shape, dtype in (("exchange_time_s", (L, R, len(EXCHANGE_KINDS), 2), np.float64),
-                               ("rank_tokens", (M, R), np.int64), ("nodes_reached", (M, R, 3), np.int64)):
+                               ("rank_tokens", (M, R), np.int64), ("nodes_reached", (M, R, 3), np.int64),
+                               ("rank_time_s", (R,), np.float64)):
         if name not in rows:  # an older file (docs/trace-format.md, Versioning)
             rows[name] = np.zeros((n, *shape), dtype)
     exchanges = f["exchanges"][:] if "exchanges" in f else np.empty(0, EXCHANGE_DTYPE)

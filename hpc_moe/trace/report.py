@@ -101,6 +101,18 @@ def _header(trace: Trace) -> list[str]:
              f"created {m.get('created')}{slurm}")]
 
 
+def rank_stats(trace: Trace) -> dict[str, Any]:
+    """Which rank held the step up: per rank, the median over steps of its compute (every phase but
+    "wait", summed over layers) and of its own step time (/steps/rank_time_s); the slowest and last
+    ranks and the extremes in ms."""
+    wait = trace.phases.index("wait")
+    compute_R = np.median(np.delete(trace.phase_time_s, wait, axis=3).sum(axis=(1, 3)), axis=0) * 1e3
+    own_R = np.median(trace.rank_time_s, axis=0) * 1e3
+    return {"slowest_rank": int(np.argmax(compute_R)), "compute_ms_max": float(compute_R.max()),
+            "compute_ms_min": float(compute_R.min()), "last_rank": int(np.argmax(own_R)),
+            "own_ms_max": float(own_R.max()), "own_ms_min": float(own_R.min())}
+
+
 def summary_table(trace: Trace) -> str:
     """Text summary of one trace: throughput, time per layer split into phases, communication,
     expert load imbalance. Scaling over several traces is scaling_table's."""
@@ -114,10 +126,17 @@ def summary_table(trace: Trace) -> str:
           _num(r["tok_s"]), _num(r["per_rank"]), _num(r["per_gpu"]), _num(r["per_node"])]
          for r in st["throughput"]])]
     phases = list(trace.phases)
-    out += ["", "Time per step by phase (ms, summed over layers, mean over steps and ranks)", _table(
-        ["steps", *phases, "sum", "wall"],
+    out += ["", "Time per step by phase (ms, summed over layers, mean over steps and ranks; wall - sum: outside "
+            "the layers, embedding, head, sampling and the step's barriers)", _table(
+        ["kind", *phases, "sum", "wall"],
         [[kind, *(f"{v:.3f}" for v in ms), f"{ms.sum():.3f}", f"{st['wall_ms'][kind]:.3f}"]
          for kind, ms in st["step_ms"].items()])]
+    rk = rank_stats(trace)
+    out += ["", "Ranks (medians over steps)",
+            (f"  computing (phases less waiting in exchanges): slowest rank {rk['slowest_rank']} on "
+             f"{trace.rank_host[rk['slowest_rank']]} {rk['compute_ms_max']:.3f} ms, fastest {rk['compute_ms_min']:.3f} ms"),
+            (f"  own step time (to the end of its work): longest rank {rk['last_rank']} {rk['own_ms_max']:.3f} ms, "
+             f"shortest {rk['own_ms_min']:.3f} ms" if rk["own_ms_max"] else "  own step time: not recorded (an older trace)")]
     moe, ms = set(trace.moe_layers.tolist()), st["layer_ms"]
     rows = [[layer, "moe" if layer in moe else "dense", *(f"{v:.3f}" for v in ms[layer]), f"{ms[layer].sum():.3f}"]
             for layer in range(trace.num_layers)]
@@ -134,7 +153,8 @@ def summary_table(trace: Trace) -> str:
     loads = load_stats(trace)
     if loads["rank_load_max_over_mean"] is not None:
         out += ["", "Load per rank and nodes per token (token rows received; a token counts once per rank)",
-                f"  rank load max/mean {loads['rank_load_max_over_mean']:.2f} (mean over steps and MoE layers; 1.00 = balanced)",
+                f"  rank load max/mean {loads['rank_load_max_over_mean']:.2f} (each step's and MoE layer's, then their mean; "
+                "1.00 = balanced)",
                 f"  nodes a token reached: mean {loads['nodes_per_token_mean']:.2f}, max {loads['nodes_per_token_max']} "
                 f"of {trace.num_nodes}"]
     imb = st["imbalance"]
@@ -172,6 +192,7 @@ def summary_json(trace: Trace) -> dict[str, Any]:
         "exchange_hidden_fraction": num(ov["total_hidden"]),
         "expert_load_imbalance": num(np.nanmean(imb)) if imb.size and np.isfinite(imb).any() else None,
         **load_stats(trace),
+        **(rank_stats(trace) if trace.num_steps else {}),
     }
 
 
@@ -292,9 +313,11 @@ def add_report_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="directory for the PNG plots (default: report/ next to the first trace)")
     parser.add_argument("--skip-steps", type=int, default=0, metavar="N",
-                        help="leave out the first N steps of each trace (warm-up)")
-    parser.add_argument("--step", type=int, default=None, help="step for the timeline plot (default: last sampled)")
+                        help="leave out the first N measured steps of each trace (warm-up steps are never written)")
+    parser.add_argument("--step", type=int, default=None, help="step for the timeline plot (default: the last sampled; "
+                        "run records timelines every --events-every measured steps, 10 by default)")
     parser.add_argument("--no-plots", action="store_true", help="print the tables only")
+    parser.add_argument("--no-tables", action="store_true", help="write the plots only (the run printed its summary)")
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -307,12 +330,14 @@ def run_report(args: argparse.Namespace) -> int:
         if not args.no_plots:
             check_output(os.path.join(out, "plot.png"), "--out")
         traces = [read_trace(p).subset(slice(args.skip_steps, None)) for p in args.traces]
-        for t in traces:
-            print(summary_table(t), end="\n\n")
-        if len(traces) > 1:
-            print(scaling_table(traces), end="\n\n")
-            if len({t.num_layers for t in traces}) == 1 and len(traces[0].moe_layers):
-                print(overlap_table(traces), end="\n\n")
+        tables = [] if args.no_tables else [summary_table(t) for t in traces]
+        if len({t.num_ranks for t in traces}) > 1 and not args.no_tables:  # a scaling series
+            tables.append(scaling_table(traces))
+        if len(traces) > 1 and len({t.num_layers for t in traces}) == 1 and len(traces[0].moe_layers) \
+                and not args.no_tables:
+            tables.append(overlap_table(traces))
+        for table in tables:
+            print(table, end="\n\n")
         if not args.no_plots:
             for path in write_plots(traces, out, step=args.step):
                 print(f"wrote {path}")

@@ -84,7 +84,7 @@ class _Recorder:
         self._specs = {"phase_time_s": (np.float64, (L, R, P)), "expert_tokens": (np.int64, (M, E)),
                        "bytes_sent": (np.int64, (R, R)), "exchange_time_s": (np.float64, (L, R, len(EXCHANGE_KINDS), 2)),
                        "rank_tokens": (np.int64, (M, R)), "nodes_reached": (np.int64, (M, R, 3)),
-                       "kind": (np.int8, ()), "wall_time_s": (np.float64, ()),
+                       "rank_time_s": (np.float64, (R,)), "kind": (np.int8, ()), "wall_time_s": (np.float64, ()),
                        **dict.fromkeys(("input_tokens", "output_tokens", "num_sequences"), (np.int64, ())),
                        **dict.fromkeys(("input_tokens_per_s", "output_tokens_per_s"), (np.float64, ())),
                        "step": (np.int64, ())}
@@ -101,7 +101,8 @@ class _Recorder:
     def append_step(self, *, step: int, kind: str, wall_time_s: float, input_tokens: int,
                     output_tokens: int, num_sequences: int, phase_time_s: np.ndarray,
                     expert_tokens: np.ndarray, bytes_sent: np.ndarray, exchange_time_s: np.ndarray | None = None,
-                    rank_tokens: np.ndarray | None = None, nodes_reached: np.ndarray | None = None) -> None:
+                    rank_tokens: np.ndarray | None = None, nodes_reached: np.ndarray | None = None,
+                    rank_time_s: np.ndarray | None = None) -> None:
         """Append one step (TraceWriter: and flush it, readable from then on, also after a crash).
 
         step: increasing step index; kind: "prefill" | "decode" | "mixed"; wall_time_s: > 0;
@@ -109,8 +110,9 @@ class _Recorder:
         (all ranks); bytes_sent: int [R, R] EP bytes sent[src, dst] over the step;
         exchange_time_s: float [L, R, 2, 2] seconds in flight and blocked per exchange kind;
         rank_tokens: int [M, R] token rows each rank received; nodes_reached: int [M, R, 3] per
-        rank its tokens, the nodes they reached in all, the most one reached (None: not recorded,
-        zeros).
+        rank its tokens, the nodes they reached in all, the most one reached; rank_time_s: float [R]
+        each rank's own time in the step, its clock from the barrier before the step to the end of
+        its work (None: not recorded, zeros).
         """
         self._check_open()
         if int(step) <= self._last_step:
@@ -123,7 +125,7 @@ class _Recorder:
                   (("phase_time_s", phase_time_s), ("expert_tokens", expert_tokens), ("bytes_sent", bytes_sent),
                    *((name, np.zeros(self._specs[name][1], self._specs[name][0]) if value is None else value) for name, value in
                      (("exchange_time_s", exchange_time_s), ("rank_tokens", rank_tokens),
-                      ("nodes_reached", nodes_reached))),
+                      ("nodes_reached", nodes_reached), ("rank_time_s", rank_time_s))),
                    ("input_tokens", input_tokens), ("output_tokens", output_tokens),
                    ("num_sequences", num_sequences))}
         wall = float(wall_time_s)
@@ -349,7 +351,8 @@ def _create_row_datasets(f: h5py.File, w: TraceWriter) -> None:
     labels = {"phase_time_s": ("step", "layer", "rank", "phase"),
               "expert_tokens": ("step", "moe_layer", "expert"), "bytes_sent": ("step", "src", "dst"),
               "exchange_time_s": ("step", "layer", "rank", "kind", "in_flight|blocked"),
-              "rank_tokens": ("step", "moe_layer", "rank"), "nodes_reached": ("step", "moe_layer", "rank", "tokens|nodes|max")}
+              "rank_tokens": ("step", "moe_layer", "rank"), "nodes_reached": ("step", "moe_layer", "rank", "tokens|nodes|max"),
+              "rank_time_s": ("step", "rank")}
     steps = f.create_group("steps")
     for name, (dtype, tail) in w._specs.items():
         # Bulk rows get one chunk per step (one write each); scalar columns share chunks.

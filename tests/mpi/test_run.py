@@ -54,7 +54,7 @@ def test_run_trace_schema_and_token_accounting(tmp_path_factory, mode):
     through = np.array([s.input_tokens + len(s.decode_ctx) for s in steps])
     assert (t.expert_tokens.sum(axis=2) == cfg.num_experts_per_tok * through[:, None]).all()
     assert list(t.moe_layers) == [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
-    assert (t.phase_time_s >= 0).all() and (t.wall_time_s > 0).all()
+    assert (t.phase_time_s >= 0).all() and (t.wall_time_s > 0).all() and (t.rank_time_s > 0).all()
     attn = t.phase_ids(["attention"])[0]
     assert (t.phase_time_s[:, :, :, attn].sum(axis=(0, 1)) > 0).any()
     assert set(np.unique(t.events["step"])) == {0, 2}
