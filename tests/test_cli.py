@@ -61,6 +61,9 @@ def hpc_moe(*args, ranks=0, timeout=120):
     (["checkpoint", "make", "--config", "tiny", "--out", "data"], "--out data exists and is not empty"),
     (["report", "data/golden/README.md", "--out", "/proc/r"], "--out: cannot write in /proc/r"),
     (["bench", "kernels", "--json", "/proc/k.json"], "--json: cannot write in /proc"),
+    (["run", "--baseline", "/nonexistent.h5", "--steps", "100000"], "trace /nonexistent.h5: no such file"),
+    (["run", "--loads-from", "/dev/null"], "trace /dev/null: not a regular file"),
+    (["plan", "--ranks", "16", "--hbm-gib", "-1"], "--hbm-gib must be > 0"),
     (["selftest", "--transport", "cuda-aware", "--backend", "numpy"], "transport cuda-aware needs the cupy backend"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(args, message):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from hpc_moe.ep.dispatch import DispatchOptions, _hierarchical
-from hpc_moe.ep.hierarchical import NodeMap
+from hpc_moe.ep.plan import NodeMap
 from hpc_moe.errors import InputError
 
 

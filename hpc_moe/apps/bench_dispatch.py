@@ -40,6 +40,7 @@ from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions
 from hpc_moe.ep.placement import ExpertPlacement
+from hpc_moe.ep.plan import flat_plan, meta_layout
 from hpc_moe.errors import UsageError
 from hpc_moe.outputs import check_output, write_json
 
@@ -183,7 +184,8 @@ def _dispatched(d: Dispatcher, x, idx, w):
 
 def _pack_only(d: Dispatcher, x, idx, w) -> None:
     """The route + pack pass of a dispatch alone (no communication)."""
-    rows, meta = d.pack(d.plan(None, idx), x, w, d.meta_layout(x.shape[1], idx.shape[1]))
+    rows, meta = d.pack(flat_plan(d.placement, d.nodes, d.rank, None, idx), x, w,
+                        meta_layout(d.options.payload, x.shape[1], idx.shape[1]))
     d.transport.release(rows, meta)
 
 

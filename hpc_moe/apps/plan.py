@@ -49,6 +49,8 @@ class PlanOptions:
     def __post_init__(self):
         for name in ("calibrate", "validate"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.hbm_gib is not None and not self.hbm_gib > 0:
+            raise UsageError(f"--hbm-gib must be > 0 (got {self.hbm_gib:g})")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from hpc_moe.model.kvcache import Batch, KVCache
 from hpc_moe.model.router import SyntheticRouting
 from hpc_moe.outputs import check_output, write_json
 from hpc_moe.timing import COMM_PHASES, PHASES, Profiler
+from hpc_moe.trace.reader import read_trace
 from hpc_moe.watchdog import Watchdog
 from hpc_moe.weights.checkpoint import tensor_shapes
 
@@ -46,8 +47,14 @@ def run_job(o: RunOptions) -> int:
     ctx = ParallelContext.create(dp=o.layout.dp, expert_tp=o.layout.expert_tp,
                                  ranks_per_node=o.layout.ranks_per_node)
     quiet_other_ranks(ctx)
-    # Written by rank 0 at the start and the end: known to be writable before any work.
-    on_root(ctx, lambda: (check_output(o.trace, "--trace"), check_output(o.summary_json, "--summary-json")))
+
+    def files() -> None:  # rank 0's outputs and the baseline it reads at the end: checked before any work
+        check_output(o.trace, "--trace")
+        check_output(o.summary_json, "--summary-json")
+        if o.baseline:
+            read_trace(o.baseline)
+
+    on_root(ctx, files)
     cfg, weights = open_weights(o)
     layers = o.layers or cfg.num_hidden_layers
     if not 1 <= layers <= cfg.num_hidden_layers:
@@ -343,7 +350,6 @@ def _finish(o: RunOptions, recorder, steps: int) -> None:
     if o.summary_json:
         write_json(o.summary_json, summary_json(trace))
     if o.baseline:
-        from hpc_moe.trace.reader import read_trace
         print("\n" + scaling_table([read_trace(o.baseline), trace]), flush=True)
     if o.trace is not None:
         log.info("trace: %s (%d steps)", o.trace, steps)

@@ -21,10 +21,11 @@ from mpi4py import MPI
 
 from hpc_moe.backend import Backend
 from hpc_moe.comm import ParallelContext
-from hpc_moe.ep.exchange import Exchange, ExpertFn, Plan, plan_rows
-from hpc_moe.ep.hierarchical import HierarchicalExchange, NodeMap
+from hpc_moe.ep.exchange import Exchange, ExpertFn
+from hpc_moe.ep.hierarchical import HierarchicalExchange
 from hpc_moe.ep.pipelined import PipelinedExchange
 from hpc_moe.ep.placement import ExpertPlacement
+from hpc_moe.ep.plan import NodeMap, Plan
 from hpc_moe.ep.transport import TRANSPORTS, make_transport
 from hpc_moe.ep.wire import RowLayout, as_bytes
 from hpc_moe.errors import UsageError
@@ -115,13 +116,6 @@ class Dispatcher:
     def local_experts(self, layer: int | None = None) -> list[int]:
         return self.placement.local_experts(self.rank, layer)
 
-    def meta_layout(self, hidden: int, topk: int) -> RowLayout:
-        """The metadata row: local expert id and weight per k, FP8 scales."""
-        fields = {"local": 4 * topk, "weight": 4 * topk}
-        if self.options.payload == "fp8":
-            fields["scale"] = 4 * -(-hidden // 128)
-        return RowLayout.of(**fields)
-
     def post(self, layer: int | None, x_TD, topk_idx_TK, topk_weight_TK, prof: Profiler | None = None) -> Exchange:
         """Start an exchange: x [T, D] compute dtype, topk_idx_TK int [T, K] global expert ids
         (-1: none), topk_weight_TK float32 [T, K]. Collective over the channel. prof: where the
@@ -162,22 +156,3 @@ class Dispatcher:
             rows = take_rows(xp, as_bytes(xp, x_TD), tok, tr.scratch(m, x_TD.shape[1] * x_TD.itemsize))
         layout.pack_into(xp, meta, **fields)
         return rows, meta
-
-    def route(self, layer, topk_TK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Global expert ids [T, K] (-1: none) -> (the slot serving each, the expert's local index
-        there), int64 [T, K] host, -1 where there is no expert."""
-        valid = topk_TK >= 0
-        e_TK = np.where(valid, topk_TK, 0)
-        slot_TK = np.where(valid, self.placement.route(e_TK, self.rank, layer), -1)
-        local_TK = np.where(valid, self.placement.local_index_table(layer)[np.maximum(slot_TK, 0), e_TK], -1)
-        return slot_TK, local_TK
-
-    def plan(self, layer, topk_TK: np.ndarray) -> Plan:
-        """Routing -> send layout (host, vectorised): every rank of each slot a token uses gets its
-        row once. nodes_T counts the nodes a token reaches."""
-        slot_TK, local_TK = self.route(layer, topk_TK)
-        plan = plan_rows(slot_TK, local_TK, self.size // self.tp, self.tp)
-        dest_M = np.repeat(np.arange(self.size), plan.counts_P)
-        n_nodes = self.nodes.n_nodes
-        token_node = np.unique(plan.token_M * n_nodes + self.nodes.node_P[dest_M])
-        return dataclasses.replace(plan, nodes_T=np.bincount(token_node // n_nodes, minlength=len(slot_TK)))

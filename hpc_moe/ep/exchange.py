@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
+from hpc_moe.ep.plan import Plan, flat_plan, meta_layout
 from hpc_moe.ep.wire import as_bytes
 from hpc_moe.fp8 import fp8_dequantize
 from hpc_moe.rowops import group_rows_sum, take_rows, weighted_rows_sum
@@ -74,38 +75,6 @@ class ExchangeTimes:
     blocked: float = 0.0
 
 
-@dataclass(frozen=True, eq=False)
-class Plan:
-    """Where this rank's rows go, from its routing (host arrays; built by Dispatcher.plan)."""
-
-    token_M: np.ndarray    # int64 token of each sent row, grouped by destination rank
-    local_MK: np.ndarray   # int32 local expert id at the destination per k, -1 if not there
-    counts_P: np.ndarray   # int64 rows per destination
-    pair_counts_P: np.ndarray  # int64 (row, expert) pairs per destination
-    pair_index_TC: np.ndarray  # pairs form: row of the combine buffer of (t, k, tp rank j) at column k * tp + j
-    nodes_T: np.ndarray | None  # int64 nodes each token reaches (0: none of its experts is valid)
-
-
-def plan_rows(slot_TK: np.ndarray, local_TK: np.ndarray, n_slots: int, tp: int = 1) -> Plan:
-    """Where rows go, given each (token, k)'s destination slot (int [T, K], -1: none; slot s is
-    ranks [s * tp, (s + 1) * tp)) and the expert's local index there: each token's row once to
-    every rank of each slot it uses, grouped by rank and in token order within; its pairs come
-    back in (row, k) order. -> Plan with counts over n_slots * tp ranks (nodes_T not set)."""
-    t, k = slot_TK.shape
-    s = n_slots
-    slot = np.where(slot_TK >= 0, slot_TK, s)  # s: a dummy column
-    in_slot_TS = np.zeros((t, s + 1), dtype=bool)
-    in_slot_TS[np.arange(t)[:, None], slot] = True
-    dest_M, token_M = np.nonzero(np.repeat(in_slot_TS[:, :s], tp, axis=1).T)  # sorted by (dest, t)
-    local_MK = np.where(slot[token_M] == (dest_M // tp)[:, None], local_TK[token_M], -1).astype(np.int32)
-    m_B, k_B = np.nonzero(local_MK >= 0)
-    pair_index_TC = np.full((t, k * tp), len(m_B), dtype=np.int64)
-    pair_index_TC[token_M[m_B], k_B * tp + dest_M[m_B] % tp] = np.arange(len(m_B))
-    p = s * tp
-    return Plan(token_M.astype(np.int64), local_MK, np.bincount(dest_M, minlength=p).astype(np.int64),
-                np.bincount(dest_M[m_B], minlength=p).astype(np.int64), pair_index_TC, None)
-
-
 class Exchange:
     """One MoE exchange in flight (see the module docstring for its phases)."""
 
@@ -126,13 +95,13 @@ class Exchange:
         self.dtype, self.hidden, self.tokens, self.topk = np.dtype(x_TD.dtype), x_TD.shape[1], x_TD.shape[0], topk.shape[1]
         self.dispatch_times, self.combine_times = ExchangeTimes(), ExchangeTimes()
         self._w_TK = w_TK
-        plan = self._plan = d.plan(layer, topk) if plan is None else plan
+        plan = self._plan = flat_plan(d.placement, d.nodes, d.rank, layer, topk) if plan is None else plan
         self.recv_counts_P = np.zeros(d.size, dtype=np.int64)
         self.dispatch_times.t_start = time.perf_counter()
         counts_req = d.comm.Ialltoall([plan.counts_P, MPI.INT64_T], [self.recv_counts_P, MPI.INT64_T])
 
         # Pack while the counts fly.
-        layout = self._layout = d.meta_layout(self.hidden, topk.shape[1])
+        layout = self._layout = meta_layout(d.options.payload, self.hidden, topk.shape[1])
         rows, meta = d.pack(plan, x_TD, w_TK, layout)
         self._send = (tr.to_wire(rows), tr.to_wire(meta))
         self._scratch = (rows, meta)

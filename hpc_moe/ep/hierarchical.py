@@ -2,7 +2,7 @@
 experts live there, as DeepEP's internode kernels and Tutel's 2-D all-to-all do.
 
 EP ranks form N nodes of L ranks, placed in any order (blocks of consecutive ranks, or round-robin
-as ``srun -m cyclic`` places them: :class:`NodeMap`); rank (n, l) is the l-th rank of node n in rank
+as ``srun -m cyclic`` places them: hpc_moe.ep.plan.NodeMap); rank (n, l) is the l-th rank of node n in rank
 order, and talks across nodes only on its rail, the ranks with the same local index l. One
 exchange is two plain Exchanges:
 
@@ -20,48 +20,19 @@ Stage 1 is posted with the exchange and its combine is posted when stage 2 is do
 cross-node transfers overlap compute as the flat ones do; stage 2 and the experts run in
 run_experts. Needs expert_tp 1 and nodes of equal size (Dispatcher checks).
 
-Legend: T tokens of this rank, K top-k, D hidden, N rows received in stage 1 (in NodeMap: N nodes,
-L ranks per node), P EP ranks, R ranks sorted by node.
+The plans of both stages (the node codes included) are hpc_moe.ep.plan's.
+
+Legend: T tokens of this rank, K top-k, D hidden, N rows received in stage 1, P EP ranks.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import numpy as np
 
-from hpc_moe.ep.exchange import Exchange, ExchangeTimes, ExpertFn, plan_rows
+from hpc_moe.ep.exchange import Exchange, ExchangeTimes, ExpertFn
+from hpc_moe.ep.plan import node_codes, node_plan, rail_plan
 from hpc_moe.timing import Profiler
-
-
-@dataclass(frozen=True, eq=False)
-class NodeMap:
-    """Which node each EP rank is on, nodes numbered 0..N-1 in the order of their ids (an EP group
-    of a DP replica sees ids that need not start at 0). node_P int64 [P]: the node of each rank;
-    local_P int64 [P]: its index among its node's ranks, in rank order; rank_at_NL int64 [N, L]:
-    the rank of node n with local index l (None when nodes differ in size); unusable: why the
-    two-stage exchange cannot run on this map (None: it can)."""
-
-    node_P: np.ndarray
-    local_P: np.ndarray
-    rank_at_NL: np.ndarray | None
-    unusable: str | None
-
-    @classmethod
-    def of(cls, node_of_rank) -> NodeMap:
-        """From a node id per EP rank [P] (any integers)."""
-        _, node_P = np.unique(np.asarray(node_of_rank, np.int64), return_inverse=True)
-        size_N = np.bincount(node_P)
-        rank_R = np.argsort(node_P, kind="stable")  # node by node, in rank order inside each
-        local_P = np.empty_like(node_P)
-        local_P[rank_R] = np.arange(len(node_P)) - np.repeat(np.cumsum(size_N) - size_N, size_N)
-        equal = bool((size_N == size_N[0]).all())
-        return cls(node_P, local_P, rank_R.reshape(len(size_N), -1) if equal else None,
-                   None if equal else "nodes differ in size")
-
-    @property
-    def n_nodes(self) -> int:
-        return int(self.node_P.max()) + 1
 
 
 class HierarchicalExchange:
@@ -75,16 +46,10 @@ class HierarchicalExchange:
         self.pairs = d.options.deterministic
         topk = np.asarray(d.backend.to_numpy(topk_idx_TK), dtype=np.int64)
         w_TK = np.asarray(d.backend.to_numpy(topk_weight_TK), dtype=np.float32)
-        rank_TK, local_TK = d.route(layer, topk)  # expert_tp 1: a slot is a rank
         # A node id is a rank on the rail communicator and a local index one on the node's (the
-        # Dispatcher's Split keys); rank -1 indexes the last rank here, and is masked.
-        valid_TK = rank_TK >= 0
-        node_TK = np.where(valid_TK, d.nodes.node_P[rank_TK], -1)
-        in_node_TK = np.where(valid_TK, d.nodes.local_P[rank_TK], -1)
-        self._codes = int(d.placement.local_index_table(layer).max()) + 1  # local expert ids per rank
-        code_TK = np.where(valid_TK, in_node_TK * self._codes + local_TK, -1)
-        plan1 = plan_rows(node_TK, code_TK, d.rail.size)
-        plan1 = dataclasses.replace(plan1, nodes_T=np.bincount(plan1.token_M, minlength=len(topk)))
+        # Dispatcher's Split keys).
+        plan1 = rail_plan(d.placement, d.nodes, d.rank, layer, topk)
+        self._codes = node_codes(d.placement, layer)
         self.stage1 = Exchange(d.rail, layer, x_TD, topk, w_TK, prof, plan=plan1)
         self.stage2: Exchange | None = None
         self.hidden, self.dtype = self.stage1.hidden, self.stage1.dtype
@@ -97,12 +62,8 @@ class HierarchicalExchange:
         """Wait for stage 1, forward inside the node, run the experts, bring their rows back to
         this rail rank, post the stage-1 combine."""
         d, rec1 = self._d, self.stage1.received()
-        shape = (rec1.x_ND.shape[0], self.stage1.topk)
-        dest_NK, local_NK = np.full(shape, -1, np.int64), np.full(shape, -1, np.int64)
-        dest_NK[rec1.row_Q, rec1.k_Q], local_NK[rec1.row_Q, rec1.k_Q] = np.divmod(rec1.local_expert_Q, self._codes)
-        w_NK = np.zeros(shape, np.float32)
-        w_NK[rec1.row_Q, rec1.k_Q] = rec1.weight_Q
-        plan2 = plan_rows(dest_NK, local_NK, d.node.size)
+        plan2, dest_NK, w_NK = node_plan(self._codes, rec1.x_ND.shape[0], self.stage1.topk, rec1.row_Q, rec1.k_Q,
+                                         rec1.local_expert_Q, rec1.weight_Q, d.node.size)
         self.stage2 = Exchange(d.node, self.layer, rec1.x_ND, dest_NK, w_NK, self._prof, plan=plan2)
         self.stage2.run_experts(expert_fn)
         out = self.stage2.wait(pair_rows=self.pairs)  # per stage-1 row, or its (row, k) rows

@@ -291,7 +291,7 @@ def read_trace(path: str | os.PathLike) -> Trace:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise TraceError(f"trace {path}: no such file")
+        raise TraceError(f"trace {path}: " + ("not a regular file" if os.path.exists(path) else "no such file"))
     _check_not_truncated(path)
     try:
         # swmr=True also opens files whose SWMR writer died (a plain open refuses those).
