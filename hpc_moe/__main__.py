@@ -1,5 +1,3 @@
-import sys
+from hpc_moe.cli import entry
 
-from hpc_moe.cli import main
-
-sys.exit(main())
+entry()

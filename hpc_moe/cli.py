@@ -12,7 +12,7 @@ import os
 import sys
 
 from hpc_moe import __version__
-from hpc_moe.errors import EXIT_INPUT, EXIT_STOPPED, InputError, UsageError
+from hpc_moe.errors import EXIT_INPUT, InputError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -263,10 +263,22 @@ def main(argv=None) -> int:
         return _fail(f"error: {e}", EXIT_INPUT)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
-    if code == EXIT_STOPPED:  # an orderly non-zero end: finalize, or `python -m mpi4py` aborts the job on it
-        from mpi4py import MPI
-        MPI.Finalize()
     return code
+
+
+def entry() -> None:
+    """The program (``hpc-moe``, ``python -m hpc_moe``): main(), and an orderly non-zero end
+    (stopped, or bad input every rank agreed on) finalizes MPI first, or ``python -m mpi4py``
+    aborts the job on it and the launcher adds its own lines."""
+    try:
+        code = main()
+    except SystemExit as e:  # argparse: --help, or a bad flag (_Parser.error has agreed on it)
+        code = e.code if isinstance(e.code, int) else 1
+    if code and "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
+    sys.exit(code)
 
 
 def _dispatch(args) -> int:

@@ -172,9 +172,10 @@ _FAILED, _AGREED = 32001, 32002  # point-to-point tags: apart from every collect
 
 def fail_together(message: str, code: int, wait_s: float = 10.0) -> None:
     """End a job whose ranks found bad input: where every rank failed (inputs are checked alike on
-    every rank, before any collective), rank 0 alone writes ``message`` and every rank finalizes
-    MPI and returns to exit with ``code``; where some rank has not failed within ``wait_s`` (it
-    waits in a collective for this one), abort the job with this rank's message."""
+    every rank, before any collective), rank 0 alone writes ``message`` and every rank returns, to
+    exit with ``code`` (the program finalizes MPI on its way out: hpc_moe.cli.entry); where some
+    rank has not failed within ``wait_s`` (it waits in a collective for this one), abort the job
+    with this rank's message."""
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
     if rank == 0:
@@ -192,4 +193,3 @@ def fail_together(message: str, code: int, wait_s: float = 10.0) -> None:
             world.send(None, dest=r, tag=_AGREED)
         sys.stderr.write(f"hpc-moe: {message}\n")
         sys.stderr.flush()
-    MPI.Finalize()

@@ -40,7 +40,7 @@ from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions
 from hpc_moe.ep.placement import ExpertPlacement
-from hpc_moe.ep.plan import flat_plan, meta_layout
+from hpc_moe.ep.plan import NodeMap, flat_plan, meta_layout
 from hpc_moe.errors import UsageError
 from hpc_moe.outputs import check_output, write_json
 
@@ -149,11 +149,13 @@ def run_bench_dispatch(o: BenchDispatchOptions) -> int:
 
 
 def _schemes(o: BenchDispatchOptions, ctx, pl, be, x, idx, w, identity) -> dict:
-    """Flat against hierarchical on the simulated nodes: the one-call exchange (median ms, max over
-    ranks) and the bytes each rank sends across nodes and inside its node (mean over ranks, MB)."""
+    """Flat against hierarchical on the simulated nodes (hierarchical where it can run: the
+    alltoallv algorithm, nodes of one size): the one-call exchange (median ms, max over ranks) and
+    the bytes each rank sends across nodes and inside its node (mean over ranks, MB)."""
     out = {}
     other = np.asarray(ctx.node_of_ep_rank) != ctx.node_id
-    for scheme in ("flat", "hierarchical") if o.algorithm == "alltoallv" else ("flat",):
+    two_stage = o.algorithm == "alltoallv" and NodeMap.of(pl.node_of_rank).unusable is None
+    for scheme in ("flat", "hierarchical") if two_stage else ("flat",):
         d = Dispatcher(ctx, pl, be, DispatchOptions(o.algorithm, o.transport, o.payload, o.deterministic, scheme))
 
         def one(d=d):

@@ -91,7 +91,7 @@ def run_generate(o: GenerateOptions) -> int:
     backend = get_backend(o.layout.backend, o.layout.dtype, ctx.local_rank)
     warn_shared_cores(ctx, backend)
     engine = Engine(cfg, weights, backend, ctx, options=o.layout.engine_options())
-    run_checks(ctx, backend, engine.executor.channels[0].transport, o.layout.allow_shared_gpu)
+    run_checks(ctx, backend, engine.transport, o.layout.allow_shared_gpu)
     gen = generate(engine.model, list(mine), o.max_new_tokens, forward=engine.forward)
     local_logits = np.stack(gen.prefill_logits) if len(mine) else np.zeros((0, shape[1], cfg.vocab_size), np.float32)
     logits = gather_sequences(ctx, local_logits, owner, np.float32, MPI.FLOAT)

@@ -71,7 +71,7 @@ def run_job(o: RunOptions) -> int:
     links = measure_links(ctx) if o.probe_links == "on" and ctx.num_nodes > 1 else None
     engine = Engine(cfg, weights, backend, ctx, options=options, num_layers=layers, loads=loads,
                     synthetic_routing=synthetic, profiler=prof, node_cost=links and links.node_cost())
-    for line in run_checks(ctx, backend, engine.executor.channels[0].transport, o.layout.allow_shared_gpu):
+    for line in run_checks(ctx, backend, engine.transport, o.layout.allow_shared_gpu):
         log.debug("selftest: %s", line)
     rank_map = ctx.world.gather({"host": ctx.hostnames[ctx.rank], "node": ctx.node_id, "gpu": backend.device_id,
                                  "device": backend.device, "machine": ctx.machines[ctx.rank]}, root=0)
@@ -262,17 +262,16 @@ def _gather_step(ctx: ParallelContext, engine: Engine, prof: Profiler, step_s: f
     bytes sent int64 [R, R], exchange times float64 [L, R, 2, 2], and the trace's rank_tokens
     [M, R], nodes_reached [M, R, 3] and rank_time_s [R] (each rank's step_s) by name). Collective."""
     stats = engine.step_stats()
-    counts = stats.expert_tokens_ME
+    counts, ex = stats.expert_tokens_ME, stats.exchanges
     times = np.empty((ctx.size,) + prof.times_LP.shape) if ctx.rank == 0 else None
     ctx.world.Gather([np.ascontiguousarray(prof.times_LP), MPI.DOUBLE], [times, MPI.DOUBLE], root=0)
     row = np.zeros(ctx.size, np.int64)  # this rank's EP peers sit at world ranks first + p
     first = ctx.dp_rank * ctx.ep_size
-    row[first:first + ctx.ep_size] = stats.bytes_sent_P
+    row[first:first + ctx.ep_size] = ex.bytes_sent_P
     sent = np.empty((ctx.size, ctx.size), np.int64) if ctx.rank == 0 else None
     ctx.world.Gather([row, MPI.INT64_T], [sent, MPI.INT64_T], root=0)
     exchange = np.empty((ctx.size,) + prof.exchange_LK2.shape) if ctx.rank == 0 else None
     ctx.world.Gather([np.ascontiguousarray(prof.exchange_LK2), MPI.DOUBLE], [exchange, MPI.DOUBLE], root=0)
-    ex = engine.executor
     received = np.empty((ctx.size, len(ex.received_M)), np.int64) if ctx.rank == 0 else None
     ctx.world.Gather([ex.received_M, MPI.INT64_T], [received, MPI.INT64_T], root=0)
     nodes = np.empty((ctx.size,) + ex.nodes_M3.shape, np.int64) if ctx.rank == 0 else None
@@ -311,7 +310,7 @@ def _open_recorder(o: RunOptions, cfg, layers, ctx, backend, engine: Engine, wor
     from hpc_moe.trace.writer import MemoryTrace, TraceWriter
     run_config = {**dataclasses.asdict(o), "workload": workload.describe()}
     meta = {"model_config": cfg.to_dict(), "run_config": run_config, "parallel_config": ctx.describe(),
-            "mpi_library_version": MPI.Get_library_version(), "transport": engine.executor.transport_name,
+            "mpi_library_version": MPI.Get_library_version(), "transport": engine.transport.name,
             "cuda_aware": mpi_cuda_support() == 1, "array_backend": f"{backend.name} ({backend.dtype})",
             "truncated": layers < cfg.num_hidden_layers, "links": links and links.to_dict()}
     layout = dict(num_layers=layers, moe_layers=engine.moe_layers, placement=_placement_ranks(engine.placement),

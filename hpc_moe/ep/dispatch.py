@@ -21,7 +21,7 @@ from mpi4py import MPI
 
 from hpc_moe.backend import Backend
 from hpc_moe.comm import ParallelContext
-from hpc_moe.ep.exchange import Exchange, ExpertFn
+from hpc_moe.ep.exchange import Exchange, ExpertFn, MoEExchange
 from hpc_moe.ep.hierarchical import HierarchicalExchange
 from hpc_moe.ep.pipelined import PipelinedExchange
 from hpc_moe.ep.placement import ExpertPlacement
@@ -116,7 +116,7 @@ class Dispatcher:
     def local_experts(self, layer: int | None = None) -> list[int]:
         return self.placement.local_experts(self.rank, layer)
 
-    def post(self, layer: int | None, x_TD, topk_idx_TK, topk_weight_TK, prof: Profiler | None = None) -> Exchange:
+    def post(self, layer: int | None, x_TD, topk_idx_TK, topk_weight_TK, prof: Profiler | None = None) -> MoEExchange:
         """Start an exchange: x [T, D] compute dtype, topk_idx_TK int [T, K] global expert ids
         (-1: none), topk_weight_TK float32 [T, K]. Collective over the channel. prof: where the
         time blocked in waits (phase "wait") and the combine's local work (phase "combine") go."""

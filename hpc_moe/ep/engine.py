@@ -19,7 +19,7 @@ from hpc_moe.backend import Backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.config import ModelConfig
 from hpc_moe.ep.dispatch import DispatchOptions
-from hpc_moe.ep.executor import ExpertParallelExecutor
+from hpc_moe.ep.executor import ExpertParallelExecutor, StepRecord
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.model.kvcache import Batch, KVCache
 from hpc_moe.model.router import SyntheticRouting
@@ -45,12 +45,16 @@ class EngineOptions:
 
 @dataclass(frozen=True, eq=False)
 class StepStats:
-    """One step's accounting, the same on every rank: expert_tokens_ME int64 [M, E] tokens routed to
-    each expert (all ranks, all replicas of the model); bytes_sent_P int64 [P] this rank's bytes to
-    each EP peer."""
+    """One step's accounting: expert_tokens_ME int64 [M, E] tokens routed to each expert (all
+    ranks, all replicas of the model: the same on every rank), and this rank's exchanges
+    (hpc_moe.ep.executor.StepRecord: bytes to each EP peer, rows received, nodes reached)."""
 
     expert_tokens_ME: np.ndarray
-    bytes_sent_P: np.ndarray
+    exchanges: StepRecord
+
+    @property
+    def bytes_sent_P(self) -> np.ndarray:
+        return self.exchanges.bytes_sent_P
 
 
 class Engine:
@@ -85,6 +89,12 @@ class Engine:
     def placement(self) -> ExpertPlacement:
         return self.executor.placement
 
+    @property
+    def transport(self):
+        """The first channel's transport (the others made the same choice): what the start-up
+        self-test checks and the trace names."""
+        return self.executor.channels[0].transport
+
     def forward(self, batch: Batch, cache: KVCache, last_only: bool = False) -> np.ndarray:
         """One step on this rank's sequences -> float32 logits [T, V] (last_only: [B, V], each
         sequence's last position) on the host. Collective."""
@@ -103,7 +113,7 @@ class Engine:
             else np.zeros((0, self.cfg.n_routed_experts), np.int64)
         counts = np.ascontiguousarray(counts)
         self.ctx.world.Allreduce(MPI.IN_PLACE, [counts, MPI.INT64_T])
-        return StepStats(counts, self.executor.bytes_sent_P.copy())
+        return StepStats(counts, self.executor.step)
 
     def update_biases(self, expert_tokens_ME: np.ndarray, rate: float) -> None:
         """The aux-loss-free gating rule on every MoE layer from a step's global counts [M, E]."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from mpi4py import MPI
@@ -73,6 +74,48 @@ class ExchangeTimes:
     t_post: float = 0.0
     t_done: float = 0.0
     blocked: float = 0.0
+
+
+@dataclass(frozen=True, eq=False)
+class ExchangeRecord:
+    """What one finished exchange did on this rank, for the step's accounting (every kind of
+    exchange gives one): send_bytes_P int64 [P] bytes to each EP peer, dispatch and combine (the
+    own entry a local copy); rows_received: token rows this rank's experts received; tokens,
+    nodes_reached, most_nodes: this rank's tokens, the nodes they reached in all (each its own
+    included) and the most one reached; dispatch, combine: the two directions' times."""
+
+    send_bytes_P: np.ndarray
+    rows_received: int
+    tokens: int
+    nodes_reached: int
+    most_nodes: int
+    dispatch: ExchangeTimes
+    combine: ExchangeTimes
+
+    @classmethod
+    def of(cls, ex) -> ExchangeRecord:
+        """From an exchange whose combine was waited for (any kind: the accounting properties
+        they share)."""
+        nodes = ex.nodes_per_token_T
+        return cls(ex.send_bytes_P.copy(), int(ex.recv_counts_P.sum()), len(nodes), int(nodes.sum()),
+                   int(nodes.max(initial=0)), ex.dispatch_times, ex.combine_times)
+
+
+class MoEExchange(Protocol):
+    """One MoE exchange of any kind (flat Exchange, PipelinedExchange, HierarchicalExchange), as
+    the executor drives it: post (Dispatcher.post), then progress() between compute phases,
+    run_experts(fn) once, wait() -> y_TD, and record() for the step's accounting."""
+
+    layer: int | None
+    pairs: bool
+
+    def progress(self) -> bool: ...
+
+    def run_experts(self, expert_fn: ExpertFn) -> None: ...
+
+    def wait(self): ...
+
+    def record(self) -> ExchangeRecord: ...
 
 
 class Exchange:
@@ -144,6 +187,9 @@ class Exchange:
     def send_bytes_P(self) -> np.ndarray:
         """Bytes this rank sends to each peer [P], dispatch + combine (its own entry is a local copy)."""
         return self.send_counts_P * self.dispatch_row_bytes + self.reply_counts_P * self.hidden * self.dtype.itemsize
+
+    def record(self) -> ExchangeRecord:
+        return ExchangeRecord.of(self)
 
     def reduce(self, rows_BD):
         """The source's sum of the combine rows [B + 1, D] (last row zero) -> y_TD [T, D]: each

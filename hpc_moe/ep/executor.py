@@ -12,6 +12,7 @@ Shape legend: T tokens, D hidden, Q (row, local expert) pairs, N rows received, 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from hpc_moe.backend import Backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.config import ModelConfig
 from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions
-from hpc_moe.ep.exchange import Exchange, Received
+from hpc_moe.ep.exchange import ExchangeRecord, MoEExchange, Received
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.errors import UsageError
 from hpc_moe.model.moe import ExpertWeights, Poll, apply_experts, weigh_pairs
@@ -29,10 +30,31 @@ from hpc_moe.timing import NullProfiler, Profiler
 log = logging.getLogger("hpc_moe")
 
 
+@dataclass(frozen=True, eq=False)
+class StepRecord:
+    """A step's exchanges on this rank, folded from their ExchangeRecords: bytes_sent_P int64 [P]
+    bytes to each EP peer (dispatch + combine); received_M int64 [M] token rows its experts
+    received per MoE layer; nodes_M3 int64 [M, 3] per MoE layer its tokens, the nodes they
+    reached in all and the most one reached."""
+
+    bytes_sent_P: np.ndarray
+    received_M: np.ndarray
+    nodes_M3: np.ndarray
+
+    @classmethod
+    def empty(cls, moe_layers: int, ep_size: int) -> StepRecord:
+        return cls(np.zeros(ep_size, np.int64), np.zeros(moe_layers, np.int64), np.zeros((moe_layers, 3), np.int64))
+
+    def add(self, m: int, r: ExchangeRecord) -> None:
+        """Fold in an exchange of MoE layer index m."""
+        self.bytes_sent_P[:] += r.send_bytes_P  # the arrays accumulate; the record is frozen
+        self.received_M[m] += r.rows_received
+        self.nodes_M3[m, :2] += (r.tokens, r.nodes_reached)
+        self.nodes_M3[m, 2] = max(self.nodes_M3[m, 2], r.most_nodes)
+
+
 class ExpertParallelExecutor:
-    """Routed experts over MPI. Since ``start_step``: ``bytes_sent_P`` the bytes this rank sent to
-    each peer ([P], dispatch + combine), ``received_M`` the token rows it received per MoE layer,
-    ``nodes_M3`` per MoE layer its tokens, the nodes they reached in all, and the most one reached."""
+    """Routed experts over MPI; ``step``: the StepRecord of the exchanges since ``start_step``."""
 
     def __init__(self, cfg: ModelConfig, weights, backend: Backend, ctx: ParallelContext,
                  placement: ExpertPlacement, options: DispatchOptions, moe_layers: list[int], channels: int = 1):
@@ -79,10 +101,7 @@ class ExpertParallelExecutor:
             for layer, ids in self.expert_ids.items()}
 
     def start_step(self) -> None:
-        self.bytes_sent_P = np.zeros(self.ctx.ep_size, np.int64)
-        # Per MoE layer: token rows this rank received; (tokens, nodes they reached, the most one reached).
-        self.received_M = np.zeros(len(self.moe_layers), np.int64)
-        self.nodes_M3 = np.zeros((len(self.moe_layers), 3), np.int64)
+        self.step = StepRecord.empty(len(self.moe_layers), self.ctx.ep_size)
 
     def post(self, layer: int, x_TD, routing: Routing, *, micro_batch: int = 0,
              prof: Profiler | None = None) -> PendingExchange:
@@ -103,7 +122,7 @@ class ExpertParallelExecutor:
 class PendingExchange:
     """The routed half of one MoE layer of one micro-batch, in flight over MPI."""
 
-    def __init__(self, executor: ExpertParallelExecutor, ex: Exchange, micro_batch: int, prof: Profiler):
+    def __init__(self, executor: ExpertParallelExecutor, ex: MoEExchange, micro_batch: int, prof: Profiler):
         self._executor, self.exchange, self._mb, self._prof = executor, ex, micro_batch, prof
         self._ran = False
 
@@ -129,13 +148,8 @@ class PendingExchange:
         ex, prof, layer = self.exchange, self._prof, self.exchange.layer
         with prof.phase(layer, "combine"):
             y = ex.wait()
-        e = self._executor
-        e.bytes_sent_P += ex.send_bytes_P
-        m = e.moe_layers.index(layer)
-        e.received_M[m] += int(ex.recv_counts_P.sum())
-        nodes = ex.nodes_per_token_T
-        e.nodes_M3[m] += (len(nodes), int(nodes.sum()), 0)
-        e.nodes_M3[m, 2] = max(e.nodes_M3[m, 2], int(nodes.max(initial=0)))
-        for kind, t in (("dispatch", ex.dispatch_times), ("combine", ex.combine_times)):
+        e, rec = self._executor, ex.record()
+        e.step.add(e.moe_layers.index(layer), rec)
+        for kind, t in (("dispatch", rec.dispatch), ("combine", rec.combine)):
             prof.exchange(layer, self._mb, kind, t.t_start, t.t_post, t.t_done, t.blocked)
         return y

@@ -30,7 +30,7 @@ import dataclasses
 
 import numpy as np
 
-from hpc_moe.ep.exchange import Exchange, ExchangeTimes, ExpertFn
+from hpc_moe.ep.exchange import Exchange, ExchangeRecord, ExchangeTimes, ExpertFn
 from hpc_moe.ep.plan import node_codes, node_plan, rail_plan
 from hpc_moe.timing import Profiler
 
@@ -77,6 +77,9 @@ class HierarchicalExchange:
         return self.stage1.wait()
 
     # ---- accounting, in EP ranks ---------------------------------------------------------------
+    def record(self) -> ExchangeRecord:
+        return ExchangeRecord.of(self)
+
     def _ep(self, rail_P, node_P) -> np.ndarray:
         d = self._d
         out = np.zeros(d.size, np.int64)

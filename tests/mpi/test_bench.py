@@ -35,7 +35,8 @@ def test_bench_dispatch_json(tmp_path_factory, extra):
         assert ops[name]["median_ms"] > 0, name
     assert r["floor_ms"] > 0 and r["ratio_vs_raw"] > 0
     assert set(r["overlap"]) == ({"dispatch", "raw_dispatch"} if "--no-overlap" not in extra else set())
-    if r["config"]["nodes"] > 1:  # both schemes, and the two-stage one crosses nodes no more than the flat one
+    if r["config"]["nodes"] > 1 and WORLD.Get_size() % 2 == 0:  # equal nodes: both schemes, the two-stage one
+        # crossing nodes no more than the flat one
         s = r["schemes"]
         assert s["hierarchical"]["internode_mb_per_rank"] <= s["flat"]["internode_mb_per_rank"]
         assert s["hierarchical"]["exchange_ms"] > 0
