@@ -13,7 +13,6 @@ C columns of a reduction table.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,12 +20,13 @@ from mpi4py import MPI
 
 from hpc_moe.backend import Backend
 from hpc_moe.comm import ParallelContext
+from hpc_moe.ep.channel import Channel
 from hpc_moe.ep.exchange import Exchange, ExpertFn, MoEExchange
 from hpc_moe.ep.hierarchical import HierarchicalExchange
 from hpc_moe.ep.pipelined import PipelinedExchange
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.ep.plan import NodeMap, Plan
-from hpc_moe.ep.transport import TRANSPORTS, make_transport
+from hpc_moe.ep.transport import TRANSPORTS
 from hpc_moe.ep.wire import RowLayout, as_bytes
 from hpc_moe.errors import UsageError
 from hpc_moe.fp8 import fp8_quantize
@@ -77,41 +77,39 @@ def _hierarchical(o: DispatchOptions, nodes: NodeMap, expert_tp: int) -> bool:
 
 
 class Dispatcher:
-    """Dispatch/combine of one EP channel: built once from (ctx, placement, backend, options);
-    every exchange is collective over ``comm`` (default ``ctx.ep_comm``)."""
+    """Dispatch/combine on one channel (hpc_moe.ep.channel): built once from (ctx, placement,
+    backend, options); every exchange is collective over the channel's communicator. comm: the
+    EP group's (default ``ctx.ep_comm``), duplicated when ``duplicate``; channel: an open channel
+    to use instead (a stage of the two-stage exchange: its owner closes it)."""
 
     def __init__(self, ctx: ParallelContext, placement: ExpertPlacement, backend: Backend,
-                 options: DispatchOptions | None = None, comm: MPI.Comm | None = None, logger=None):
+                 options: DispatchOptions | None = None, comm: MPI.Comm | None = None, logger=None, *,
+                 duplicate: bool = False, channel: Channel | None = None):
         if placement.ep_size != ctx.ep_size or placement.expert_tp != ctx.expert_tp:
             raise ValueError(f"placement is for ep_size {placement.ep_size}, expert_tp "
                              f"{placement.expert_tp}; the context has {ctx.ep_size}, {ctx.expert_tp}")
         self.placement, self.backend = placement, backend
         self.options = options or DispatchOptions()
-        self.comm = ctx.ep_comm if comm is None else comm
-        self.rank, self.size, self.tp = self.comm.Get_rank(), self.comm.Get_size(), ctx.expert_tp
-        self.transport = make_transport(self.comm, backend, self.options.transport,
-                                        need_p2p=self.options.algorithm == "pipelined", logger=logger)
-        self._seq = 0  # pipelined exchanges posted, for message tags: the same on every rank
+        self.tp = ctx.expert_tp
         # The placement's node map, not the context's: the placement is what routing follows.
         self.nodes = NodeMap.of(placement.node_of_rank)
-        self.hierarchical = _hierarchical(self.options, self.nodes, ctx.expert_tp)
+        self.hierarchical = _hierarchical(self.options, self.nodes, ctx.expert_tp) if channel is None else False
+        self._owns_channel = channel is None
+        self.channel = channel or Channel.open(
+            ctx.ep_comm if comm is None else comm, backend, self.options.transport,
+            need_p2p=self.options.algorithm == "pipelined", duplicate=duplicate,
+            nodes=self.nodes if self.hierarchical else None, logger=logger)
+        self.comm, self.transport = self.channel.comm, self.channel.transport
+        self.rank, self.size = self.channel.rank, self.channel.size
         self.rail = self.node = None
-        if self.hierarchical:  # a rail (same local index, across nodes) and a node communicator
+        if self.hierarchical:  # the stages: a rail (same local index, across nodes) and the node
             self.node_id, self.local_index = int(self.nodes.node_P[self.rank]), int(self.nodes.local_P[self.rank])
             flat = dataclasses.replace(self.options, scheme="flat")
-            quiet = logging.getLogger("hpc_moe.channel")  # the EP channel's choice is logged once
-            # Keyed so that a rank's node id is its rank on the rail and its local index its rank
-            # on the node, as HierarchicalExchange addresses them.
-            rail = self.comm.Split(color=self.local_index, key=self.node_id)
-            node = self.comm.Split(color=self.node_id, key=self.local_index)
-            self.rail = Dispatcher(ctx, placement, backend, flat, rail, quiet)
-            self.node = Dispatcher(ctx, placement, backend, flat, node, quiet)
+            self.rail = Dispatcher(ctx, placement, backend, flat, channel=self.channel.rail)
+            self.node = Dispatcher(ctx, placement, backend, flat, channel=self.channel.node)
 
     def next_tags(self) -> int:
-        """The first of 4 message tags no exchange in flight on this channel uses (the same on
-        every rank: exchanges are posted in the same order everywhere)."""
-        self._seq += 1
-        return 4 * (self._seq % 4096)
+        return self.channel.next_tags()
 
     def local_experts(self, layer: int | None = None) -> list[int]:
         return self.placement.local_experts(self.rank, layer)
@@ -122,7 +120,7 @@ class Dispatcher:
         time blocked in waits (phase "wait") and the combine's local work (phase "combine") go."""
         cls = HierarchicalExchange if self.hierarchical else \
             PipelinedExchange if self.options.algorithm == "pipelined" else Exchange
-        return cls(self, layer, x_TD, topk_idx_TK, topk_weight_TK, prof or NullProfiler())
+        return cls.post(self, layer, x_TD, topk_idx_TK, topk_weight_TK, prof or NullProfiler())
 
     def exchange(self, layer: int | None, x_TD, topk_idx_TK, topk_weight_TK, expert_fn: ExpertFn):
         """Blocking post -> run_experts(expert_fn) -> wait: y_TD [T, D]."""
@@ -131,12 +129,9 @@ class Dispatcher:
         return ex.wait()
 
     def close(self) -> None:
-        """Release the transport (and the stage communicators, collectively)."""
-        self.transport.close()
-        for sub in (self.rail, self.node):
-            if sub is not None:
-                sub.close()
-                sub.comm.Free()
+        """Close the channel this dispatcher opened (collectively); one it was given stays open."""
+        if self._owns_channel:
+            self.channel.close()
 
     def pack(self, plan: Plan, x_TD, weight_TK: np.ndarray, layout: RowLayout):
         """The send buffers: token rows [M, row bytes] by one contiguous take, and metadata rows

@@ -121,10 +121,19 @@ class MoEExchange(Protocol):
 class Exchange:
     """One MoE exchange in flight (see the module docstring for its phases)."""
 
+    @classmethod
+    def post(cls, d, layer, x_TD, topk_idx_TK, topk_weight_TK, prof: Profiler, plan: Plan | None = None):
+        """Start an exchange (phase 1 of the module docstring): the exchange, its payload in flight.
+        Collective over d's channel. d: the hpc_moe.ep.dispatch.Dispatcher of the channel (its
+        placement, pack, transport, comm); plan: where the rows go, when the caller planned them
+        (then topk_idx_TK only gives K)."""
+        ex = cls(d, layer, x_TD, topk_idx_TK, topk_weight_TK, prof, plan)
+        ex._start(x_TD)
+        return ex
+
     def __init__(self, d, layer, x_TD, topk_idx_TK, topk_weight_TK, prof: Profiler, plan: Plan | None = None):
-        """d: the hpc_moe.ep.dispatch.Dispatcher of the channel (its plan, pack, transport, comm).
-        plan: where the rows go, when the caller planned them (then topk_idx_TK only gives K)."""
-        be, tr = d.backend, d.transport
+        """The checks and the plan, on the host: no communication (post() starts it)."""
+        be = d.backend
         topk = np.asarray(be.to_numpy(topk_idx_TK), dtype=np.int64)
         if x_TD.ndim != 2 or topk.ndim != 2 or topk.shape[0] != x_TD.shape[0]:
             raise ValueError(f"x_TD {tuple(x_TD.shape)} and topk_idx_TK {topk.shape} must be [T, D] and [T, K]")
@@ -138,17 +147,22 @@ class Exchange:
         self.dtype, self.hidden, self.tokens, self.topk = np.dtype(x_TD.dtype), x_TD.shape[1], x_TD.shape[0], topk.shape[1]
         self.dispatch_times, self.combine_times = ExchangeTimes(), ExchangeTimes()
         self._w_TK = w_TK
-        plan = self._plan = flat_plan(d.placement, d.nodes, d.rank, layer, topk) if plan is None else plan
+        self._plan = flat_plan(d.placement, d.nodes, d.rank, layer, topk) if plan is None else plan
+        self._layout = meta_layout(d.options.payload, self.hidden, self.topk)
         self.recv_counts_P = np.zeros(d.size, dtype=np.int64)
+        self.reply_counts_P = np.zeros(d.size, np.int64)
+        self._state, self._reqs, self._replies, self._back, self._received = "planned", [], [], None, None
+
+    def _start(self, x_TD) -> None:
+        """The count exchange, the pack while it flies, the payload."""
+        d, tr, plan, layout, prof = self._d, self._d.transport, self._plan, self._layout, self._prof
         self.dispatch_times.t_start = time.perf_counter()
         counts_req = d.comm.Ialltoall([plan.counts_P, MPI.INT64_T], [self.recv_counts_P, MPI.INT64_T])
 
-        # Pack while the counts fly.
-        layout = self._layout = meta_layout(d.options.payload, self.hidden, topk.shape[1])
-        rows, meta = d.pack(plan, x_TD, w_TK, layout)
+        rows, meta = d.pack(plan, x_TD, self._w_TK, layout)
         self._send = (tr.to_wire(rows), tr.to_wire(meta))
         self._scratch = (rows, meta)
-        with prof.phase(layer, "wait", what="the dispatch's count exchange"):
+        with prof.phase(self.layer, "wait", what="the dispatch's count exchange"):
             t = time.perf_counter()
             counts_req.Wait()
             self.dispatch_times.blocked += time.perf_counter() - t
@@ -158,9 +172,6 @@ class Exchange:
         self.dispatch_times.t_post = time.perf_counter()
         self._post_payload()
         self._state = "dispatching"
-        self._replies, self._back = [], None
-        self._received = None
-        self.reply_counts_P = np.zeros(d.size, np.int64)
 
     # ---- accounting ----------------------------------------------------------------------------
     @property

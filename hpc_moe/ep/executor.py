@@ -63,9 +63,8 @@ class ExpertParallelExecutor:
                              f"expert_tp {ctx.expert_tp}")
         self.cfg, self.weights, self.backend, self.ctx = cfg, weights, backend, ctx
         self.moe_layers = moe_layers
-        self.channels = [Dispatcher(ctx, placement, backend, options, comm=ctx.ep_comm if i == 0 else ctx.ep_comm.Dup(),
-                                    logger=log if i == 0 else log.getChild("channel"))
-                         for i in range(channels)]
+        self.channels = [Dispatcher(ctx, placement, backend, options, logger=log if i == 0 else log.getChild("channel"),
+                                    duplicate=i > 0) for i in range(channels)]
         self.experts: dict[int, list[ExpertWeights]] = {}
         self.expert_ids: dict[int, list[int]] = {}
         self.set_placement(placement)
@@ -80,11 +79,9 @@ class ExpertParallelExecutor:
         return self.channels[0].transport.name
 
     def close(self) -> None:
-        """Release transports and the duplicated communicators. Collective."""
-        for i, d in enumerate(self.channels):
+        """Close the channels (transports, duplicated and split communicators). Collective."""
+        for d in self.channels:
             d.close()
-            if i:
-                d.comm.Free()
 
     def set_placement(self, placement: ExpertPlacement) -> None:
         """Adopt a new placement (every rank must adopt the same one); loads only the experts this

@@ -39,20 +39,24 @@ class HierarchicalExchange:
     """One MoE exchange in two stages (see the module docstring); the interface of Exchange that
     the executor uses: progress, run_experts, wait, and the accounting properties."""
 
-    def __init__(self, d, layer, x_TD, topk_idx_TK, topk_weight_TK, prof: Profiler):
-        """d: the hpc_moe.ep.dispatch.Dispatcher of the channel (hierarchical: its rail and node
-        dispatchers, its NodeMap ``nodes``)."""
-        self._d, self.layer, self._prof = d, layer, prof
-        self.pairs = d.options.deterministic
+    @classmethod
+    def post(cls, d, layer, x_TD, topk_idx_TK, topk_weight_TK, prof: Profiler) -> HierarchicalExchange:
+        """Start stage 1: the exchange, its cross-node payload in flight. Collective over d's
+        channel. d: the hpc_moe.ep.dispatch.Dispatcher of the channel (hierarchical: its rail and
+        node dispatchers, its NodeMap ``nodes``)."""
         topk = np.asarray(d.backend.to_numpy(topk_idx_TK), dtype=np.int64)
         w_TK = np.asarray(d.backend.to_numpy(topk_weight_TK), dtype=np.float32)
         # A node id is a rank on the rail communicator and a local index one on the node's (the
-        # Dispatcher's Split keys).
+        # channel's Split keys).
         plan1 = rail_plan(d.placement, d.nodes, d.rank, layer, topk)
+        return cls(d, layer, prof, Exchange.post(d.rail, layer, x_TD, topk, w_TK, prof, plan=plan1))
+
+    def __init__(self, d, layer, prof: Profiler, stage1: Exchange):
+        self._d, self.layer, self._prof, self.stage1 = d, layer, prof, stage1
+        self.pairs = d.options.deterministic
         self._codes = node_codes(d.placement, layer)
-        self.stage1 = Exchange(d.rail, layer, x_TD, topk, w_TK, prof, plan=plan1)
         self.stage2: Exchange | None = None
-        self.hidden, self.dtype = self.stage1.hidden, self.stage1.dtype
+        self.hidden, self.dtype = stage1.hidden, stage1.dtype
 
     def progress(self) -> bool:
         """Advance stage 1 in either direction; True once its combine has landed."""
@@ -64,7 +68,7 @@ class HierarchicalExchange:
         d, rec1 = self._d, self.stage1.received()
         plan2, dest_NK, w_NK = node_plan(self._codes, rec1.x_ND.shape[0], self.stage1.topk, rec1.row_Q, rec1.k_Q,
                                          rec1.local_expert_Q, rec1.weight_Q, d.node.size)
-        self.stage2 = Exchange(d.node, self.layer, rec1.x_ND, dest_NK, w_NK, self._prof, plan=plan2)
+        self.stage2 = Exchange.post(d.node, self.layer, rec1.x_ND, dest_NK, w_NK, self._prof, plan=plan2)
         self.stage2.run_experts(expert_fn)
         out = self.stage2.wait(pair_rows=self.pairs)  # per stage-1 row, or its (row, k) rows
         with self._prof.phase(self.layer, "combine"):
