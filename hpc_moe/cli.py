@@ -243,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_kernels(bsub.add_parser("kernels", help="one device's kernels at a model's shapes against its measured "
                                        "peaks and PyTorch (one process)"))
     add_report_args(sub.add_parser("report", help="summary tables and PNG plots from traces"))
+    ex = sub.add_parser("export", help="a trace's timelines for other tools: Perfetto / chrome://tracing JSON")
+    ex.add_argument("trace", metavar="TRACE.h5")
+    ex.add_argument("--perfetto", required=True, metavar="OUT.json[.gz]",
+                    help="Chrome trace event JSON, every rank a thread of its node (gzip when it ends in .gz)")
+    ex.add_argument("--steps", metavar="A:B", help="only measured steps A to B-1 (slice bounds; either may be empty)")
     st = sub.add_parser("selftest", help="check MPI, the GPUs, the dispatch transport and the trace path on every rank")
     _add_backend_args(st)
     st.add_argument("--transport", default="auto", choices=["auto", "host", "cuda-aware", "nccl"])
@@ -305,6 +310,9 @@ def _dispatch(args) -> int:
     if args.command == "selftest":
         from hpc_moe.apps.selftest import SelftestOptions, run_selftest
         return run_selftest(options_from(SelftestOptions, args))
+    if args.command == "export":
+        from hpc_moe.trace.export import run_export
+        return run_export(args.trace, args.perfetto, args.steps)
     if args.command == "report":
         from hpc_moe.trace.report import run_report
         return run_report(args)

@@ -124,7 +124,7 @@ class ParallelContext:
             "expert_slots": self.ep_size // self.expert_tp,
             "node_of_ep_rank": list(self.node_of_ep_rank),
             "simulated_ranks_per_node": self.simulated_ranks_per_node,
-            "mpi_library": MPI.Get_library_version().splitlines()[0].strip(),
+            "mpi_library": MPI.Get_library_version().replace("\0", "").splitlines()[0].strip(),  # Open MPI's ends in NUL
         }
 
     def free(self) -> None:

@@ -538,3 +538,16 @@ def test_live_swmr_reader_follows_writer(tmp_path):
         proc.kill()
         proc.wait()
     assert read_trace(path).state == "completed"
+
+
+def test_strings_from_mpi_and_the_host_are_cleaned(tmp_path):
+    """Open MPI's library version ends in a NUL byte, which HDF5's strings refuse: the writer
+    stores what it can read back, without it (and without other control characters)."""
+    d = Dims()
+    ranks = [{**r, "host": r["host"] + "\0", "device": "cpu\x01"} for r in rank_map(d)]
+    m = meta(mpi_library_version="Open MPI v5.0.11, package: Open MPI\0", transport="host\0")
+    with TraceWriter(tmp_path / "t.h5", m, **{**layout(d), "rank_map": ranks}) as w:
+        w.append_step(**synthetic_step(d, 0))
+    t = read_trace(tmp_path / "t.h5")
+    assert t.meta["mpi_library_version"] == "Open MPI v5.0.11, package: Open MPI" and t.meta["transport"] == "host"
+    assert "\0" not in "".join(t.rank_host) and set(t.rank_device) == {"cpu"}

@@ -26,6 +26,7 @@ import numpy as np
 
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.ep.wire import RowLayout
+from hpc_moe.fp8 import FP8_BLOCK
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,5 +147,5 @@ def meta_layout(payload: str, hidden: int, topk: int) -> RowLayout:
     scale of every 128 values."""
     fields = {"local": 4 * topk, "weight": 4 * topk}
     if payload == "fp8":
-        fields["scale"] = 4 * -(-hidden // 128)
+        fields["scale"] = 4 * -(-hidden // FP8_BLOCK)
     return RowLayout.of(**fields)

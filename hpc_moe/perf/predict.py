@@ -25,10 +25,11 @@ import math
 from dataclasses import dataclass
 
 from hpc_moe.config import ModelConfig
+from hpc_moe.ep.plan import meta_layout
+from hpc_moe.fp8 import FP8_BLOCK
 from hpc_moe.perf.footprint import Layout, layer_parameters
 from hpc_moe.perf.hardware import Hardware
 
-FP8_BLOCK = 128  # values per float32 scale of an FP8 payload row
 # Passes over the float32 scores [heads, T, context] of hpc_moe's materialised attention
 # (model/layers.py MLA.attend_plain / attend_absorbed): each array operation reads and writes them
 # (two GEMM outputs and their sum, scale, mask, softmax's max, exp, sum and divide, the dtype casts,
@@ -83,11 +84,10 @@ def _owners(cfg: ModelConfig, layout: Layout) -> tuple[list[int], list[int]]:
 
 
 def wire_row_bytes(cfg: ModelConfig, act_bytes: int, payload: str) -> tuple[float, float]:
-    """Bytes of one dispatch row (token, local expert id and weight per k, FP8 scales) and of one
-    combine row."""
+    """Bytes of one dispatch row (the token row and its metadata row: local expert id and weight
+    per k, FP8 scales, as hpc_moe.ep.plan.meta_layout lays it out) and of one combine row."""
     H, K = cfg.hidden_size, cfg.num_experts_per_tok
-    token = H + 4 * -(-H // FP8_BLOCK) if payload == "fp8" else H * act_bytes
-    return token + 8 * K, H * act_bytes
+    return H * (1 if payload == "fp8" else act_bytes) + meta_layout(payload, H, K).width, H * act_bytes
 
 
 def messages(layout: Layout, dispatch: str) -> tuple[int, int]:

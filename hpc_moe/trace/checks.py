@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from hpc_moe.trace.reader import TraceError
+from hpc_moe.trace.reader import TraceError, clean_text
 
 
 def as_checked(value, name: str, spec: tuple) -> np.ndarray:
@@ -43,12 +43,12 @@ def check_placement(placement: np.ndarray, num_moe: int, num_ranks: int) -> np.n
 
 def rank_columns(rank_map: Sequence[Mapping]) -> dict[str, np.ndarray]:
     try:
-        host = [str(r["host"]) for r in rank_map]
+        host = [clean_text(r["host"]) for r in rank_map]
         hosts = list(dict.fromkeys(host))  # without "node": node ids in order of first appearance
         node = np.array([int(r.get("node", hosts.index(h))) for r, h in zip(rank_map, host)], np.int32)
         gpu = np.array([int(r["gpu"]) for r in rank_map], np.int32)
-        device = np.array([str(r["device"]) for r in rank_map])
-        machine = np.array([str(r.get("machine", h)) for r, h in zip(rank_map, host)])
+        device = np.array([clean_text(r["device"]) for r in rank_map])
+        machine = np.array([clean_text(r.get("machine", h)) for r, h in zip(rank_map, host)])
     except (KeyError, TypeError, ValueError) as e:
         raise TraceError(f"rank_map entries need host (str), gpu (int), device (str): {e!r}") from None
     local = np.array([int(np.sum(node[:r] == node[r])) for r in range(len(node))], np.int32)

@@ -85,11 +85,11 @@ def root_attributes(meta: Mapping[str, Any], ranks: Mapping[str, np.ndarray], *,
         "schema_name": SCHEMA_NAME, "schema_version": SCHEMA_VERSION,
         "software_version": _software_version(), "git_commit": _git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-        "command_line": str(meta.get("command_line") or shlex.join(sys.argv)),
+        "command_line": clean_text(meta.get("command_line") or shlex.join(sys.argv)),
         **{k: _jsonable(meta[k], k) for k in ("model_config", "run_config", "parallel_config")},
-        "mpi_library_version": str(meta["mpi_library_version"]).strip(),
-        "transport": str(meta["transport"]), "cuda_aware": bool(meta["cuda_aware"]),
-        "array_backend": str(meta["array_backend"]), "truncated": bool(meta["truncated"]),
+        "mpi_library_version": clean_text(meta["mpi_library_version"]),
+        "transport": clean_text(meta["transport"]), "cuda_aware": bool(meta["cuda_aware"]),
+        "array_backend": clean_text(meta["array_backend"]), "truncated": bool(meta["truncated"]),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
         "hostnames": json.dumps(list(dict.fromkeys(ranks["host"].tolist()))),
         "device_names": json.dumps(sorted(set(ranks["device"].tolist()))),
@@ -100,6 +100,13 @@ def root_attributes(meta: Mapping[str, Any], ranks: Mapping[str, np.ndarray], *,
         "extra": _jsonable(meta.get("extra") or {}, "extra"),
         "links": _jsonable(meta.get("links") or {}, "links"),
     }
+
+
+def clean_text(value: Any) -> str:
+    """A string from MPI or the host as the trace stores it: without NUL bytes and other control
+    characters but newline and tab (Open MPI's library version ends in a NUL, which HDF5's
+    variable-length strings refuse), without surrounding blanks."""
+    return "".join(c for c in str(value) if c.isprintable() or c in "\n\t").strip()
 
 
 def _jsonable(value: Any, key: str) -> str:

@@ -4,6 +4,7 @@ Otherwise the other ranks would wait forever in the next collective of the faili
 until the CI time limit instead of a red line). The failing rank prints its report first.
 """
 import sys
+import time
 
 import pytest
 from mpi4py import MPI
@@ -18,6 +19,7 @@ def pytest_runtest_makereport(item, call):
         sys.stderr.write(f"\n[rank {world.Get_rank()} of {world.Get_size()}] {item.nodeid} FAILED\n"
                          f"{report.longreprtext}\n")
         sys.stderr.flush()
+        time.sleep(1.0)  # the abort tears the launcher's output forwarding down: let the report through
         world.Abort(1)
 
 
