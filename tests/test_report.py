@@ -183,8 +183,8 @@ def test_make_report_writes_pngs(synthetic, tmp_path):
     write_synthetic(small, Dims(num_ranks=2, ranks_per_node=1, num_experts=4), num_steps=3)
     files = make_report([path, small], tmp_path / "out")
     names = sorted(Path(f).name for f in files)
-    assert names == sorted([f"{s}_{k}.png" for s in ("synth", "small")
-                            for k in ("phases", "timeline", "expert_load", "rank_load", "steps", "traffic")] + ["scaling.png"])
+    kinds = ("phases", "timeline", "expert_load", "rank_load", "steps", "traffic", "stragglers")
+    assert names == sorted([f"{s}_{k}.png" for s in ("synth", "small") for k in kinds] + ["scaling.png"])
     for f in files:
         _check_png(f)
     assert matplotlib.get_backend() == backend  # no global backend switch
@@ -196,7 +196,7 @@ def test_run_report_cli(synthetic, tmp_path, capsys):
     add_report_args(parser)
     assert run_report(parser.parse_args([str(path), "--out", str(tmp_path / "o"), "--skip-steps", "2"])) == 0
     out = capsys.readouterr().out
-    assert "4 steps, completed" in out and out.count("wrote ") == 6
+    assert "4 steps, completed" in out and out.count("wrote ") == 7
     assert run_report(parser.parse_args([str(tmp_path / "nope.h5"), "--no-plots"])) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such file" in err
@@ -209,7 +209,7 @@ def test_run_report_cli(synthetic, tmp_path, capsys):
     assert "Scaling" not in out and out.count("== synth") == 2
     assert run_report(parser.parse_args([str(path), "--out", str(tmp_path / "p"), "--no-tables"])) == 0
     out = capsys.readouterr().out
-    assert "Throughput" not in out and out.count("wrote ") == 6
+    assert "Throughput" not in out and out.count("wrote ") == 7
     assert "slowest rank" in summary_table(read_trace(path))
 
 

@@ -68,7 +68,10 @@ def run_job(o: RunOptions) -> int:
     watchdog = Watchdog(ctx.world, o.watchdog, hosts=ctx.hostnames)
     prof = Profiler(layers, backend.phase_clock(), enabled=o.profile == "on", watchdog=watchdog)
     options = dataclasses.replace(o.layout.engine_options(), eplb=o.eplb, redundant_experts=o.redundant_experts)
-    links = measure_links(ctx) if o.probe_links == "on" and ctx.num_nodes > 1 else None
+    links = None
+    if o.probe_links == "on" and ctx.num_nodes > 1:
+        with watchdog.waiting("the link measurement (ping-pong between nodes)"):
+            links = measure_links(ctx)
     engine = Engine(cfg, weights, backend, ctx, options=options, num_layers=layers, loads=loads,
                     synthetic_routing=synthetic, profiler=prof, node_cost=links and links.node_cost())
     for line in run_checks(ctx, backend, engine.transport, o.layout.allow_shared_gpu):

@@ -326,3 +326,31 @@ def plot_scaling(points: Sequence[dict]):
     ax_e.set_title("scaling efficiency", fontsize=10)
     fig.suptitle(f"scaling over {len(points)} runs")
     return fig
+
+
+def plot_stragglers(trace: Trace):
+    """Per rank, its blocked time a sampled step split into skew (waiting for the last peer to
+    arrive) and transfer (after it did), with how often it arrived last; the stragglers named in
+    the title. None without exchange records.
+
+    Data: hpc_moe.trace.stragglers.straggler_stats(trace).
+    """
+    from hpc_moe.trace.stragglers import straggler_stats
+    s = straggler_stats(trace)
+    if s is None:
+        return None
+    fig = _figure(10, 4)
+    ax = fig.subplots()
+    ranks = np.arange(trace.num_ranks)
+    ax.bar(ranks, s["skew_ms"], label="skew: blocked until the last peer arrived", color="#d62728")
+    ax.bar(ranks, s["transfer_ms"], bottom=s["skew_ms"], label="transfer: blocked after", color="#1f77b4")
+    for r in ranks:
+        ax.annotate(f"last {100 * s['last_share'][r]:.0f}%", (r, s["skew_ms"][r] + s["transfer_ms"][r]),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("blocked in exchanges, ms a step")
+    ax.legend(fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    named = ", ".join(f"rank {g['rank']} ({g['busy_phase']})" for g in s["stragglers"]) or "none"
+    fig.suptitle(f"{trace.name}: who the exchanges waited for (stragglers: {named})")
+    return fig

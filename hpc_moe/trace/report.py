@@ -20,6 +20,7 @@ import numpy as np
 from hpc_moe.outputs import OutputError, check_output
 from hpc_moe.trace.metrics import comm_stats, exchange_overlap, expert_load_imbalance
 from hpc_moe.trace.reader import KINDS, Trace, TraceError, read_trace
+from hpc_moe.trace.stragglers import straggler_stats, straggler_table
 
 
 def _groups(trace: Trace) -> list[tuple[str, np.ndarray]]:
@@ -150,6 +151,9 @@ def summary_table(trace: Trace) -> str:
              f"mean {_num(c['bw_mean'] / 1e9, 3)}, max {_num(c['bw_max'] / 1e9, 3)} GB/s")]
     if len(trace.moe_layers):
         out += ["", overlap_table([trace])]
+    stragglers = straggler_table(trace)
+    if stragglers:
+        out += ["", stragglers]
     loads = load_stats(trace)
     if loads["rank_load_max_over_mean"] is not None:
         out += ["", "Load per rank and nodes per token (token rows received; a token counts once per rank)",
@@ -193,6 +197,7 @@ def summary_json(trace: Trace) -> dict[str, Any]:
         "expert_load_imbalance": num(np.nanmean(imb)) if imb.size and np.isfinite(imb).any() else None,
         **load_stats(trace),
         **(rank_stats(trace) if trace.num_steps else {}),
+        "stragglers": [g["rank"] for g in (straggler_stats(trace) or {"stragglers": []})["stragglers"]],
     }
 
 
@@ -290,6 +295,7 @@ def write_plots(traces: Sequence[Trace], out_dir: str | os.PathLike, *, step: in
         save(plots.plot_rank_load(trace), f"{stem}_rank_load.png")
         save(plots.plot_step_throughput(trace), f"{stem}_steps.png")
         save(plots.plot_traffic(trace), f"{stem}_traffic.png")
+        save(plots.plot_stragglers(trace), f"{stem}_stragglers.png")
     if len({t.num_ranks for t in traces if t.num_steps}) > 1:
         save(plots.plot_scaling(scaling_points([t for t in traces if t.num_steps])), "scaling.png")
     return written
