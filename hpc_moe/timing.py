@@ -126,7 +126,10 @@ class Profiler:
             self.clock.settle()
         seconds = [clock.seconds(start, end) for _, _, clock, start, end, _, _ in self._pending]
         for i, (layer, pid, clock, _, end, host_start, children) in enumerate(self._pending):
-            self._times_LP[layer, pid] += seconds[i] - sum(seconds[c] for c in children)
+            # A device-timed parent can hold a host-timed wait longer than the parent's own device
+            # seconds (the device was idle, or its start mark queued behind earlier work while the
+            # host waited): its exclusive time is then 0, not negative, and the wait keeps it all.
+            self._times_LP[layer, pid] += max(0.0, seconds[i] - sum(seconds[c] for c in children))
             # A host phase ends at its own end reading, so that an exchange posted after it (read
             # from the same clock, minus the same t0) is never recorded before its end.
             t_end = end - self.t0 if clock is HOST_CLOCK else host_start - self.t0 + seconds[i]

@@ -89,3 +89,15 @@ def test_cuda_event_clock_times_device_work_without_synchronising():
     queued = time.perf_counter() - t  # the host only queued the products
     device = prof.times_LP[0, PHASE_ID["expert"]]  # resolved here, after the device ran them
     assert device > 0 and queued < device
+
+
+def test_a_host_wait_longer_than_its_device_parent_leaves_no_negative_time():
+    clock = FakeDeviceClock()
+    prof = Profiler(1, clock)
+    with prof.phase(0, "dispatch"):
+        clock.now += 0.001  # the device saw 1 ms of the dispatch phase ...
+        with prof.phase(0, "wait"):
+            time.sleep(0.02)  # ... while the host waited 20 ms in it
+    t = prof.times_LP
+    assert t[0, PHASE_ID["dispatch"]] == 0.0 and t[0, PHASE_ID["wait"]] >= 0.02
+    assert (t >= 0).all()
