@@ -551,3 +551,31 @@ def test_strings_from_mpi_and_the_host_are_cleaned(tmp_path):
     t = read_trace(tmp_path / "t.h5")
     assert t.meta["mpi_library_version"] == "Open MPI v5.0.11, package: Open MPI" and t.meta["transport"] == "host"
     assert "\0" not in "".join(t.rank_host) and set(t.rank_device) == {"cpu"}
+
+
+def test_pandas_frames_have_named_columns(tmp_path):
+    pd = pytest.importorskip("pandas")
+    write_synthetic(tmp_path / "t.h5")
+    tr = read_trace(tmp_path / "t.h5")
+    steps, ev, ex = tr.steps_frame(), tr.events_frame(), tr.exchanges_frame()
+    assert isinstance(steps, pd.DataFrame) and list(steps.step) == tr.step.tolist()
+    assert len(ev) == len(tr.events) and set(ev.phase) <= set(tr.phases)
+    assert (ev.node == tr.rank_node[ev["rank"]]).all() and (ev.duration_s >= 0).all()
+    assert len(ex) == len(tr.exchanges) and set(ex.kind) == {"dispatch", "combine"}
+    assert ex.in_flight_s.ge(0).all() and ex.host.isin(tr.rank_host).all()
+
+
+def test_frames_without_pandas_say_which_extra(tmp_path, monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def no_pandas(name, *args, **kwargs):
+        if name == "pandas":
+            raise ImportError("no pandas here")
+        return real(name, *args, **kwargs)
+
+    write_synthetic(tmp_path / "t.h5")
+    tr = read_trace(tmp_path / "t.h5")
+    monkeypatch.setattr(builtins, "__import__", no_pandas)
+    with pytest.raises(TraceError, match=r"hpc_moe\[analysis\]"):
+        tr.events_frame()

@@ -276,6 +276,21 @@ class Trace:
                 for name in ("events", "exchanges")}
         return dataclasses.replace(self, **kept, **fields)
 
+    def steps_frame(self):
+        """pandas.DataFrame, one row per step (hpc_moe.trace.frames; needs pandas)."""
+        from hpc_moe.trace.frames import steps_frame
+        return steps_frame(self)
+
+    def events_frame(self):
+        """pandas.DataFrame, one row per timeline event, phases by name (hpc_moe.trace.frames)."""
+        from hpc_moe.trace.frames import events_frame
+        return events_frame(self)
+
+    def exchanges_frame(self):
+        """pandas.DataFrame, one row per exchange, kinds by name (hpc_moe.trace.frames)."""
+        from hpc_moe.trace.frames import exchanges_frame
+        return exchanges_frame(self)
+
     def steps_table(self) -> dict[str, np.ndarray]:
         """Per-step columns [S] (pandas.DataFrame(trace.steps_table()) gives one row per step)."""
         tin, tout = throughput_per_step(self)
