@@ -167,6 +167,17 @@ def _add_plan(sub):
     p.add_argument("--experts-dtype", default="auto", choices=["auto", "fp8", "bf16"],
                    help="routed experts in FP8 e4m3 with 128x128 block scales or BF16 (auto: as the config's "
                    "quantization_config says)")
+    r = p.add_argument_group("the run to plan (as hpc-moe run spells it; sets --sequences, --context and --tokens "
+                             "for its busiest GPU and predicts its steps)")
+    r.add_argument("--mode", choices=["prefill", "decode", "mixed"], default=None)
+    r.add_argument("--batch", default="8", help="sequences per step, as run's --batch (N or a distribution)")
+    r.add_argument("--seq-len", default="64", help="as run's --seq-len")
+    r.add_argument("--prefill-fraction", type=float, default=0.25, help="as run's")
+    r.add_argument("--steps", type=_positive, default=20, help="measured steps of the run (its means are over them)")
+    r.add_argument("--warmup", type=int, default=2, help="as run's")
+    r.add_argument("--seed", type=int, default=0, help="as run's: the same seed draws the same steps")
+    r.add_argument("--overlap", choices=["off", "on"], default=None,
+                   help="as run's: on is --micro-batches (2 unless given), off is 1")
     p.add_argument("--sequences", type=_positive, default=8, help="sequences per GPU (their latent KV cache)")
     p.add_argument("--context", type=_positive, default=4096, help="positions per sequence")
     p.add_argument("--tokens", type=_positive, default=4096, help="tokens per GPU through a layer at once")

@@ -15,6 +15,7 @@ from hpc_moe.perf.calibrate import fit_link, fit_phase
 from hpc_moe.perf.footprint import Layout, Workload, memory_per_gpu, parameter_counts
 from hpc_moe.perf.hardware import Link, PhaseRate, load_hardware
 from hpc_moe.perf.predict import predict_step, reach
+from hpc_moe.trace.reader import read_trace
 from hpc_moe.trace.writer import TraceWriter
 
 
@@ -256,3 +257,19 @@ def test_links_from_a_trace_replace_the_files_links(tmp_path, capsys):
         pass
     assert main(["plan", "--config", "tiny", "--ranks", "4", "--links-from", str(tmp_path / "none.h5")]) == 2
     assert "has no measured links" in capsys.readouterr().err
+
+
+def test_plan_takes_the_run_it_plans(tmp_path):
+    """The same workload flags: plan's tokens a step are what run records, and its per-GPU figures
+    are those of the run's busiest GPU."""
+    flags = ["--mode", "prefill", "--batch", "uniform:4,12", "--seq-len", "uniform:8,40", "--steps", "5",
+             "--warmup", "1", "--seed", "3"]
+    assert main(["run", "--config", "tiny", *flags, "--trace", str(tmp_path / "t.h5")]) == 0
+    assert main(["plan", "--config", "tiny", "--ranks", "2", "--hardware", "cpu-2core", *flags,
+                 "--json", str(tmp_path / "p.json")]) == 0
+    t, run = read_trace(tmp_path / "t.h5"), json.loads((tmp_path / "p.json").read_text())["run"]
+    assert run["input_tokens_per_step"] == pytest.approx(t.input_tokens.mean())
+    assert run["output_tokens_per_step"] == pytest.approx(t.output_tokens.mean())
+    assert run["tokens"] == math.ceil(t.input_tokens.mean() / 2) and run["steps"] == 5
+    for bad in (["--mode", "decode", "--sweep-ep", "4"], ["--overlap", "on"]):
+        assert main(["plan", "--config", "tiny", "--hardware", "cpu-2core", *bad]) == 2

@@ -4,9 +4,13 @@ prefill and decode step per phase on a hardware file (hpc_moe.perf.predict); ``-
 and plots the prediction over EP sizes and decode batches."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
+
 from hpc_moe.apps.common import hardware_of, loads_from_trace
+from hpc_moe.apps.workload import Workload as RunWorkload  # perf.footprint has a Workload of its own
 from hpc_moe.config import ModelConfig, load_config
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.errors import UsageError
@@ -45,6 +49,15 @@ class PlanOptions:
     validate: tuple[str, ...] = ()
     save: str | None = None
     links_from: str | None = None
+    # the run to plan, as `hpc-moe run` spells it (mode None: plan's own --sequences/--context/--tokens)
+    mode: str | None = None
+    batch: str = "8"
+    seq_len: str = "64"
+    prefill_fraction: float = 0.25
+    steps: int = 20
+    warmup: int = 2
+    seed: int = 0
+    overlap: str | None = None
 
     def __post_init__(self):
         for name in ("calibrate", "validate"):
@@ -134,6 +147,11 @@ def run_plan(o: PlanOptions) -> int:
     hw = _with_nics(hardware_of(o.hardware, o.links_from), o.nics_per_node)
     if o.ranks is None and not o.sweep_ep:
         raise UsageError("plan needs --ranks N or --sweep-ep LIST")
+    the_run = None
+    if o.mode is not None or o.overlap is not None:
+        if o.ranks is None:
+            raise UsageError("--mode / --overlap plan one run: give --ranks N (not --sweep-ep)")
+        o, the_run = _the_run(o, cfg)
     if o.ranks is not None and o.ranks % o.dp:
         raise UsageError(f"--ranks {o.ranks} must be divisible by --dp {o.dp}")
     if o.sweep_plot and not o.sweep_ep:
@@ -142,10 +160,34 @@ def run_plan(o: PlanOptions) -> int:
     loads = loads_from_trace(o.loads_from, layers, cfg) if o.loads_from else None
     if o.sweep_ep:
         return _sweep(cfg, hw, o, loads)
-    return _report(cfg, hw, o, _plan(cfg, hw, o, o.ranks // o.dp, o.sequences, loads))
+    return _report(cfg, hw, o, _plan(cfg, hw, o, o.ranks // o.dp, o.sequences, loads), the_run)
 
 
-def _report(cfg: ModelConfig, hw: Hardware, o: PlanOptions, pl: _Plan) -> int:
+def _the_run(o: PlanOptions, cfg: ModelConfig) -> tuple[PlanOptions, dict | None]:
+    """The `hpc-moe run` that --mode, --batch, --seq-len, --prefill-fraction, --steps, --warmup,
+    --seed and --overlap describe, on --ranks ranks: plan's per-GPU figures for its busiest GPU
+    (sequences, context, tokens through a layer), and what the run will record per measured step
+    (the same seed draws the same steps: means over them)."""
+    micro = {None: o.micro_batches, "off": 1, "on": o.micro_batches if o.micro_batches > 1 else 2}[o.overlap]
+    o = replace(o, micro_batches=micro)
+    if o.mode is None:
+        return o, None
+    w = RunWorkload.create(o.mode, o.batch, o.seq_len, o.prefill_fraction, o.seed, cfg.max_position_embeddings)
+    steps = w.steps(o.warmup + o.steps)[o.warmup:]
+    pre = [len(s.prefill_lens) for s in steps]
+    ctx = np.concatenate([s.decode_ctx for s in steps])
+    tin, tout = (float(np.mean([getattr(s, k) for s in steps])) for k in ("input_tokens", "output_tokens"))
+    r = o.ranks
+    n_pre, n_dec = float(np.mean(pre)), len(ctx) / len(steps)
+    prompt = tin / n_pre if n_pre else 0.0
+    decode_ctx = float(ctx.mean()) + 1 if len(ctx) else 0.0  # a decode attends over its context and its token
+    per_gpu = dict(sequences=max(1, math.ceil((n_pre + n_dec) / r)), context=max(1, math.ceil(max(prompt, decode_ctx))),
+                   tokens=max(1, math.ceil((tin + n_dec) / r)))
+    return replace(o, **per_gpu), {"label": w.label(), "steps": o.steps, "input_tokens_per_step": tin,
+                                   "output_tokens_per_step": tout, "sequences_per_step": n_pre + n_dec, **per_gpu}
+
+
+def _report(cfg: ModelConfig, hw: Hardware, o: PlanOptions, pl: _Plan, the_run: dict | None = None) -> int:
     layers, rpn, hbm = o.layers or cfg.num_hidden_layers, pl.ranks_per_node, pl.hbm_bytes
     params = parameter_counts(cfg, layers)
     print(f"{o.config}: {layers} of {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts (top-"
@@ -154,6 +196,11 @@ def _report(cfg: ModelConfig, hw: Hardware, o: PlanOptions, pl: _Plan) -> int:
     print(f"\nparameters (billions)  {'total':>10} {'activated/token':>16}")
     for kind, v in params.items():
         print(f"  {kind:<21}{v['total'] / 1e9:>10.3f} {v['activated'] / 1e9:>16.3f}")
+    if the_run:
+        print(f"\nthe run: {the_run['label']}, {o.micro_batches} micro-batch(es) on {o.ranks} ranks: "
+              f"{the_run['input_tokens_per_step']:,.1f} input and {the_run['output_tokens_per_step']:,.1f} output "
+              f"tokens a step (mean of its {the_run['steps']} measured steps); its busiest GPU "
+              f"{the_run['sequences']} sequences, {the_run['tokens']} tokens a layer")
     print(f"\nmemory per GPU (GiB), {o.sequences} sequences of {o.context} positions, {o.tokens} tokens a layer")
     for item, v in pl.memory.items():
         print(f"  {item:<21}{v / 2**30:>10.2f}")
@@ -185,7 +232,7 @@ def _report(cfg: ModelConfig, hw: Hardware, o: PlanOptions, pl: _Plan) -> int:
                             "predicted_step_ms": {m: r["step_ms"] for m, r in pred.items()},
                             "predicted_input_tokens_per_s": pred["prefill"]["tokens_per_s_per_gpu"] * o.ranks,
                             "predicted_output_tokens_per_s": pred["decode"]["tokens_per_s_per_gpu"] * o.ranks,
-                            "predicted": pred})
+                            "predicted": pred, "run": the_run})
     return 0
 
 
