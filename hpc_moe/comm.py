@@ -170,12 +170,14 @@ def abort_job(line: str, code: int) -> None:
 _FAILED, _AGREED = 32001, 32002  # point-to-point tags: apart from every collective's matching
 
 
-def fail_together(message: str, code: int, wait_s: float = 10.0) -> None:
+def fail_together(message: str, code: int, wait_s: float = 30.0) -> None:
     """End a job whose ranks found bad input: where every rank failed (inputs are checked alike on
     every rank, before any collective), rank 0 alone writes ``message`` and every rank returns, to
     exit with ``code`` (the program finalizes MPI on its way out: hpc_moe.cli.entry); where some
     rank has not failed within ``wait_s`` (it waits in a collective for this one), abort the job
     with this rank's message."""
+    # wait_s: ranks that share few cores reach the same check seconds apart (16 ranks importing on 2
+    # cores); a rank that never fails costs this long before the abort.
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
     if rank == 0:
