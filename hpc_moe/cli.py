@@ -144,7 +144,8 @@ def _add_run(sub):
                    "inside them) or global (replicas anywhere) policy; auto: hierarchical when nodes divide the groups")
     b.add_argument("--probe-links", default="on", choices=["on", "off"],
                    help="with more than one node: time every node pair's link at the start (about a second), record "
-                   "them in the trace, and give the heaviest nodes' experts to the nodes with the fastest links")
+                   "them in the trace, and, placing by loads, give the heaviest nodes' experts to the nodes with the "
+                   "fastest links")
     b.add_argument("--redundant-experts", type=int, default=0, metavar="N",
                    help="replicas beyond one per expert when experts are colocated (more experts than ranks)")
     b.add_argument("--bias-update-rate", type=float, default=0.0,

@@ -183,8 +183,7 @@ def fail_together(message: str, code: int, wait_s: float = 30.0) -> None:
     if rank == 0:
         reqs = [world.irecv(source=r, tag=_FAILED) for r in range(1, size)]
     else:
-        world.isend(None, dest=0, tag=_FAILED)
-        reqs = [world.irecv(source=0, tag=_AGREED)]
+        reqs = [world.isend(None, dest=0, tag=_FAILED), world.irecv(source=0, tag=_AGREED)]
     deadline = time.monotonic() + wait_s
     while not MPI.Request.Testall(reqs):
         if time.monotonic() > deadline:

@@ -23,7 +23,7 @@ HF_KEYS_UNUSED = frozenset({
     "architectures", "attention_dropout", "aux_loss_alpha", "ep_size", "initializer_range", "num_nextn_predict_layers",
     "pretraining_tp", "seq_aux", "transformers_version", "use_cache", "auto_map", "pad_token_id", "dtype", "head_dim",
     "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "rope_parameters",
-    "moe_layer_freq", "partial_rotary_factor", "use_sliding_window", "sliding_window", "tie_word_embeddings"})
+    "partial_rotary_factor", "use_sliding_window", "sliding_window"})
 # The fields that set the model's shape: missing ones silently become DeepSeek-V3's.
 CORE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                "num_attention_heads", "n_routed_experts", "num_experts_per_tok", "kv_lora_rank", "qk_nope_head_dim",
