@@ -10,9 +10,10 @@ from hpc_moe.trace.writer import MemoryTrace
 D = Dims()
 
 
-def trace_with_arrivals(late_rank: int | None, late_s: float = 2e-3, seed: int = 0) -> MemoryTrace:
+def trace_with_arrivals(late_rank: int | None, late_s: float = 2e-3, seed: int = 0, often: float = 1.0) -> MemoryTrace:
     """6 steps; in each, every MoE layer's dispatch and combine on every rank, arrivals jittered by
-    0.1 ms; late_rank arrives late_s late and computes that much longer in attention."""
+    0.1 ms; late_rank arrives late_s late (in a share ``often`` of the exchanges) and computes that
+    much longer in attention."""
     rng = np.random.default_rng(seed)
     tr = MemoryTrace(meta(), **layout(D))
     attn = D.phases.index("attention")
@@ -24,7 +25,8 @@ def trace_with_arrivals(late_rank: int | None, late_s: float = 2e-3, seed: int =
         tr.append_step(**step)
         rows = [(r, layer, kind) for layer in D.moe_layers for kind in (0, 1) for r in range(D.num_ranks)]
         r, layer, kind = (np.array(c) for c in zip(*rows))
-        t0 = 1e-3 * (layer * 2 + kind) + rng.uniform(0, 1e-4, len(rows)) + np.where(r == late_rank, late_s, 0.0)
+        hit = (r == late_rank) & np.repeat(rng.random(len(rows) // D.num_ranks) < often, D.num_ranks)
+        t0 = 1e-3 * (layer * 2 + kind) + rng.uniform(0, 1e-4, len(rows)) + np.where(hit, late_s, 0.0)
         last = np.array([t0[(layer == a) & (kind == b)].max() for a, b in zip(layer, kind)])
         done = last + 3e-4
         tr.append_exchanges(step=s, rank=r, layer=layer, micro_batch=0, kind=kind, t_start_s=t0, t_post_s=t0,
@@ -43,6 +45,14 @@ def test_a_late_rank_is_named_with_what_it_was_doing():
     transfer = 2 * len(D.moe_layers) * 0.3  # 0.3 ms after the last arrival, dispatch and combine of each layer
     assert s["transfer_ms"] == pytest.approx([transfer] * 4, rel=1e-6)
     assert "straggler: rank 2 (node 1" in straggler_table(trace_with_arrivals(2).trace())
+
+
+def test_a_rank_that_stalls_now_and_then_is_named_by_the_waiting_it_causes():
+    """Late in a third of the exchanges only (a rank descheduled now and then): rarely last by
+    count, but the others' waiting is its doing."""
+    s = straggler_stats(trace_with_arrivals(1, late_s=5e-3, often=1 / 3).trace())
+    assert [g["rank"] for g in s["stragglers"]] == [1]
+    assert s["stragglers"][0]["caused_share"] > 0.75 and s["last_share"][1] < 0.6
 
 
 @pytest.mark.parametrize("seed", range(5))
