@@ -100,6 +100,19 @@ def _sleep_wait(req: MPI.Request) -> None:
         time.sleep(0.0005)
 
 
+def _round_trip(comm: MPI.Comm, peer: int, sender: bool, msg: np.ndarray, answer: np.ndarray, tag: int) -> float:
+    """``msg`` from the sender to its peer and ``answer`` back (tags ``tag`` and ``tag + 1``): the
+    seconds it took."""
+    t = time.perf_counter()
+    if sender:
+        comm.Send(msg, peer, tag)
+        comm.Recv(answer, peer, tag + 1)
+    else:
+        comm.Recv(msg, peer, tag)
+        comm.Send(answer, peer, tag + 1)
+    return time.perf_counter() - t
+
+
 def _ping(comm: MPI.Comm, peer: int, first: bool, small: np.ndarray, big: np.ndarray,
           reps: int) -> tuple[float, float, float, int]:
     """(latency, bandwidth to peer, bandwidth from peer, bytes sent) by ping-pong; the first rank of a pair
@@ -107,32 +120,15 @@ def _ping(comm: MPI.Comm, peer: int, first: bool, small: np.ndarray, big: np.nda
     answered by a small one; the bytes between them over the time between them, so that neither
     the latency nor what a link lets through at once (a switch's buffer, a shaper's burst) counts
     (the whole message's rate where the two sizes cannot tell them apart)."""
-    lat, sent = [], 0
-    for _ in range(reps):
-        t = time.perf_counter()
-        if first:
-            comm.Send(small, peer, 1)
-            comm.Recv(small, peer, 1)
-        else:
-            comm.Recv(small, peer, 1)
-            comm.Send(small, peer, 1)
-        sent += small.nbytes
-        lat.append((time.perf_counter() - t) / 2)
+    rtt = float(np.median([_round_trip(comm, peer, first, small, small, 1) for _ in range(reps)]))
+    sent = reps * small.nbytes
     quarter = big[:len(big) // 4]
     times = {(d, m.nbytes): [] for d in (True, False) for m in (quarter, big)}
     for _ in range(5):
         for sender in (first, not first):
             for msg in (quarter, big):
-                t = time.perf_counter()
-                if sender:
-                    comm.Send(msg, peer, 2)
-                    comm.Recv(small, peer, 3)
-                else:
-                    comm.Recv(msg, peer, 2)
-                    comm.Send(small, peer, 3)
+                times[sender == first, msg.nbytes].append(_round_trip(comm, peer, sender, msg, small, 3))
                 sent += msg.nbytes if sender else small.nbytes
-                times[sender == first, msg.nbytes].append(time.perf_counter() - t)
-    rtt = 2 * float(np.median(lat))
     bw = []
     for d in (True, False):
         t_big, t_quarter = np.median(times[d, big.nbytes]), np.median(times[d, quarter.nbytes])

@@ -101,7 +101,7 @@ def shapes_of(tr: Trace) -> list[Shape]:
     R, ep, M = tr.num_ranks, int(par["ep_size"]), len(tr.moe_layers)
     rpn = int(par["simulated_ranks_per_node"] or max(par["ranks_per_node"]))
     lay = run["layout"]
-    hosts = np.unique(tr.rank_machine, return_counts=True)[1]  # ranks that share a machine's devices
+    per_machine = np.unique(tr.rank_machine, return_counts=True)[1]  # ranks that share a machine's devices
     nodes = int(tr.rank_node.max()) + 1
     dispatch = lay["dispatch"] if lay["dispatch"] != "auto" else ("hierarchical" if nodes > 1 and rpn > 1 else "flat")
     m = int(lay["micro_batches"]) if lay["overlap"] == "on" else 1
@@ -126,7 +126,7 @@ def shapes_of(tr: Trace) -> list[Shape]:
         remote = np.stack([(sent_SRR * (same_RR & off)).sum(2), (sent_SRR * ~same_RR).sum(2)], -1)
         out.append(Shape(
             name=tr.name, cfg=cfg, layout=Layout(ep, 1, 1, rpn), mode=mode, context=context, payload=lay["payload"],
-            dispatch=dispatch, micro_batches=m, layers=tr.num_layers, ranks_per_host=int(hosts.max()), dtype=dtype,
+            dispatch=dispatch, micro_batches=m, layers=tr.num_layers, ranks_per_host=int(per_machine.max()), dtype=dtype,
             phases=tr.phases, tokens_R=tokens_R,
             sequences_R=tokens_R if mode == "decode" else tokens_R / context,
             pairs_MR=np.median(pairs_SMR, axis=0), rows_R=med(tr.bytes_sent.sum(axis=2)) / M / row,

@@ -278,18 +278,18 @@ class Trace:
 
     def steps_frame(self):
         """pandas.DataFrame, one row per step (hpc_moe.trace.frames; needs pandas)."""
-        from hpc_moe.trace.frames import steps_frame
-        return steps_frame(self)
+        from hpc_moe.trace import frames
+        return frames.steps_frame(self, _pandas())
 
     def events_frame(self):
         """pandas.DataFrame, one row per timeline event, phases by name (hpc_moe.trace.frames)."""
-        from hpc_moe.trace.frames import events_frame
-        return events_frame(self)
+        from hpc_moe.trace import frames
+        return frames.events_frame(self, _pandas())
 
     def exchanges_frame(self):
         """pandas.DataFrame, one row per exchange, kinds by name (hpc_moe.trace.frames)."""
-        from hpc_moe.trace.frames import exchanges_frame
-        return exchanges_frame(self)
+        from hpc_moe.trace import frames
+        return frames.exchanges_frame(self, _pandas())
 
     def steps_table(self) -> dict[str, np.ndarray]:
         """Per-step columns [S] (pandas.DataFrame(trace.steps_table()) gives one row per step)."""
@@ -366,6 +366,14 @@ def _read(f: h5py.File, path: str) -> Trace:
     placements = f["placements"][:] if "placements" in f else np.empty(0, placement_dtype(*layout["placement"].shape[:2], R))
     return Trace.from_contents(path, dict(f.attrs), rows, f["events"][:], exchanges, placements, layout,
                                STATES[int(f["status"][()]["state"])])
+
+
+def _pandas():
+    try:
+        import pandas
+    except ImportError:
+        raise TraceError("trace frames need pandas: pip install 'hpc_moe[analysis]' (or pip install pandas)") from None
+    return pandas
 
 
 def _one_line(e: BaseException) -> str:
