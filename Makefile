@@ -2,9 +2,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# Extras installed by `make install`. `mpich` brings an MPI library as a wheel; drop it (EXTRAS=test)
-# on a cluster to use the system MPI that mpi4py was built against.
-EXTRAS ?= test,mpich
+# Extras installed by `make install`. `mpich` brings an MPI library as a wheel; drop it (EXTRAS=test,fast)
+# on a cluster to use the system MPI that mpi4py was built against. `fast`: numba's fused row kernels.
+EXTRAS ?= test,fast,mpich
 # The live transformers comparison needs CPU torch. The pin takes the CPU wheel these machines carry
 # locally; set PARITY= to skip it (the committed golden files are still checked).
 PARITY ?= torch==2.13.0 "transformers>=4.57"

@@ -14,6 +14,10 @@ import sys
 from hpc_moe import __version__
 from hpc_moe.errors import EXIT_INPUT, InputError, UsageError
 
+# hpc_moe.ep.transport.TRANSPORTS, written out: importing it loads MPI, which parsing must not
+# (tests/test_cli.py checks that the two agree).
+TRANSPORTS = ("auto", "host", "shm", "cuda-aware", "nccl")
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the whole usage block, and one for the whole job
@@ -49,7 +53,9 @@ def _add_parallel_args(p):
                    "then is forwarded inside it; auto (default): hierarchical when there is more than one node")
     g.add_argument("--algorithm", default="alltoallv", choices=["alltoallv", "pipelined"],
                    help="one Ialltoallv per direction, or per-peer messages with experts run as tokens land")
-    g.add_argument("--transport", default="auto", choices=["auto", "host", "cuda-aware", "nccl"])
+    g.add_argument("--transport", default="auto", choices=TRANSPORTS,
+                   help="auto (default): shared memory on one node and host MPI across nodes on the CPU; on GPUs CUDA-aware "
+                   "MPI, then NCCL, then pinned host buffers")
     g.add_argument("--payload", default="native", choices=["native", "fp8"],
                    help="dispatch payload: the compute dtype, or FP8 e4m3 with a scale per 128 values")
     g.add_argument("--overlap", default="off", choices=["on", "off"],
@@ -262,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--steps", metavar="A:B", help="only measured steps A to B-1 (slice bounds; either may be empty)")
     st = sub.add_parser("selftest", help="check MPI, the GPUs, the dispatch transport and the trace path on every rank")
     _add_backend_args(st)
-    st.add_argument("--transport", default="auto", choices=["auto", "host", "cuda-aware", "nccl"])
+    st.add_argument("--transport", default="auto", choices=TRANSPORTS)
     st.add_argument("--trace", help="check that this trace's directory is writable")
     st.add_argument("--allow-shared-gpu", action="store_true", help="let ranks of a node share a GPU")
     return parser

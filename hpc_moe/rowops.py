@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from hpc_moe import fused
 from hpc_moe.backend import bfloat16
 
 _BLOCK_BYTES = 512 << 10  # float32 rows gathered per block of the row sums: a quarter of a core's L2
@@ -45,11 +46,13 @@ def to_float32(xp, a, out=None):
 def weighted_rows_sum(xp, rows_RD, index_TC, weight_TC, dtype):
     """y[t] = sum_c weight[t, c] * rows[index[t, c]] in float32, returned in ``dtype``: [T, D].
 
-    rows_RD: [R + 1, D] any float dtype whose last row is zero (the target of padded entries);
-    index_TC: int64 [T, C] host; weight_TC: float32 [T, C] (host or device, like rows). Rows are
-    gathered a block of tokens at a time into a buffer that stays in cache, so every row is read
-    from memory once. The sum over c runs in column order for a given row of the table, whatever
-    the block: the same table gives bitwise the same y.
+    rows_RD: [R + 1, D] any float dtype whose last row is zero (the target of padded entries), or
+    any rows with a zero row that the padded entries name; index_TC: int64 [T, C] host;
+    weight_TC: float32 [T, C] (host or device, like rows). The sum runs in column order, the
+    first term assigned and each next one added (no fused multiply-add), so the same table gives
+    bitwise the same y, and hpc_moe.fused's one-pass kernel (used where it applies) gives the same
+    bits as the NumPy path: rows gathered a block of tokens at a time into a buffer that stays in
+    cache, so every row is read from memory once.
     """
     T, C = index_TC.shape
     D = rows_RD.shape[1]
@@ -57,29 +60,44 @@ def weighted_rows_sum(xp, rows_RD, index_TC, weight_TC, dtype):
         g = to_float32(xp, rows_RD[xp.asarray(index_TC)])
         return xp.einsum("tc,tcd->td", xp.asarray(weight_TC), g).astype(dtype, copy=False)
     w = np.asarray(weight_TC, dtype=np.float32)
+    y = fused.rows_sum(rows_RD, index_TC, np.full(T, C, np.int64), w, dtype)
+    if y is not None:
+        return y
     y = np.empty((T, D), dtype)
     b = max(1, min(T, _BLOCK_BYTES // max(1, C * D * 4)))
-    raw, f32, acc = np.empty((b * C, D), rows_RD.dtype), np.empty((b * C, D), np.float32), np.empty((b, 1, D), np.float32)
+    raw, f32 = np.empty((b * C, D), rows_RD.dtype), np.empty((b * C, D), np.float32)
+    acc, term = np.empty((b, D), np.float32), np.empty((b, D), np.float32)
     for s in range(0, T, b):
         e = min(s + b, T)
-        n = (e - s) * C
-        take_rows(np, rows_RD, index_TC[s:e].reshape(-1), raw[:n])
-        g = to_float32(np, raw[:n], f32[:n]).reshape(e - s, C, D)
-        np.matmul(w[s:e, None, :], g, out=acc[:e - s])
-        y[s:e] = acc[:e - s, 0]
+        n = e - s
+        take_rows(np, rows_RD, index_TC[s:e].reshape(-1), raw[:n * C])
+        g = to_float32(np, raw[:n * C], f32[:n * C]).reshape(n, C, D)
+        np.multiply(w[s:e, 0, None], g[:, 0], out=acc[:n])
+        for c in range(1, C):
+            np.multiply(w[s:e, c, None], g[:, c], out=term[:n])
+            acc[:n] += term[:n]
+        y[s:e] = acc[:n]
     return y
 
 
-def group_rows_sum(xp, rows_RD, group_R: np.ndarray, n_groups: int, dtype):
+def group_rows_sum(xp, rows_RD, group_R: np.ndarray, n_groups: int, dtype, at_R: np.ndarray | None = None):
     """y[g] = sum of the rows labelled g, in row order, in float32, returned in ``dtype``: [G, D].
 
     rows_RD: [R + 1, D] any float dtype (row R, never labelled, is not read); group_R: int64 [R]
-    host. The source's combine: the rows of a token, one from each rank that ran its experts.
-    Groups are reduced by weighted_rows_sum in classes of equal row count, so no padded entry is
-    gathered; the same rows give bitwise the same y. Groups without rows are zero.
+    host; at_R: int64 [R] where each labelled row is in rows_RD (default: row i is rows_RD[i]; the
+    shared-memory exchange sums rows where they lie in its peers' memory). The source's combine:
+    the rows of a token, one from each rank that ran its experts. The same rows give bitwise the
+    same y on either path (hpc_moe.fused's kernel, or weighted_rows_sum in classes of equal row
+    count, so that no padded entry is gathered). Groups without rows are zero.
     """
     table = segment_index(group_R, n_groups)
     counts = np.bincount(group_R, minlength=n_groups)
+    if at_R is not None:
+        table = np.append(at_R, 0)[table]  # a padded entry (R) is never read
+    if xp is np:
+        y = fused.rows_sum(rows_RD, table, counts, np.ones(table.shape, np.float32), dtype)
+        if y is not None:
+            return y
     y = xp.zeros((n_groups, rows_RD.shape[1]), dtype)
     for c in np.unique(counts[counts > 0]):
         g = np.nonzero(counts == c)[0]

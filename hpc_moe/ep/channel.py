@@ -45,14 +45,17 @@ class Channel:
         Collective over comm."""
         c = comm.Dup() if duplicate else comm
         rank, size = c.Get_rank(), c.Get_size()
-        tr = make_transport(c, backend, transport, need_p2p=need_p2p, logger=logger)
+        # shm asked for with the two-stage exchange means shared memory inside the nodes: the EP
+        # channel and the rails take what their ranks allow.
+        across = "auto" if transport == "shm" and nodes is not None else transport
+        tr = make_transport(c, backend, across, need_p2p=need_p2p, logger=logger)
         rail = node = None
         if nodes is not None:
             node_id, local = int(nodes.node_P[rank]), int(nodes.local_P[rank])
             quiet = logging.getLogger("hpc_moe.channel")  # the EP channel's choice is logged once
             # Keyed so that a rank's node id is its rank on the rail and its local index its rank
             # on the node, as HierarchicalExchange addresses them.
-            rail = cls._split(c, local, node_id, backend, transport, quiet)
+            rail = cls._split(c, local, node_id, backend, across, quiet)
             node = cls._split(c, node_id, local, backend, transport, quiet)
         return cls(c, tr, backend, rank, size, duplicate, rail, node)
 

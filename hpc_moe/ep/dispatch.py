@@ -26,7 +26,8 @@ from hpc_moe.ep.hierarchical import HierarchicalExchange
 from hpc_moe.ep.pipelined import PipelinedExchange
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.ep.plan import NodeMap, Plan
-from hpc_moe.ep.transport import TRANSPORTS
+from hpc_moe.ep.shm_exchange import ShmExchange
+from hpc_moe.ep.transport import TRANSPORTS, ShmTransport
 from hpc_moe.ep.wire import RowLayout, as_bytes
 from hpc_moe.errors import UsageError
 from hpc_moe.fp8 import fp8_quantize
@@ -41,7 +42,7 @@ PAYLOADS = ("native", "fp8")
 @dataclass(frozen=True)
 class DispatchOptions:
     """algorithm: "alltoallv" (one Ialltoallv per direction) | "pipelined" (per-peer messages,
-    experts run as sources land); transport: "auto" | "host" | "cuda-aware" | "nccl"; payload:
+    experts run as sources land); transport: one of ep.transport.TRANSPORTS; payload:
     "native" (the compute dtype) | "fp8" (e4m3 + one float32 scale per 128 values; combine stays
     native); deterministic: combine in the placement-independent ``pairs`` form; scheme: "flat"
     (one exchange over the EP group), "hierarchical" (each token crosses to a node once:
@@ -118,9 +119,16 @@ class Dispatcher:
         """Start an exchange: x [T, D] compute dtype, topk_idx_TK int [T, K] global expert ids
         (-1: none), topk_weight_TK float32 [T, K]. Collective over the channel. prof: where the
         time blocked in waits (phase "wait") and the combine's local work (phase "combine") go."""
-        cls = HierarchicalExchange if self.hierarchical else \
-            PipelinedExchange if self.options.algorithm == "pipelined" else Exchange
+        cls = HierarchicalExchange if self.hierarchical else self.flat_kind
         return cls.post(self, layer, x_TD, topk_idx_TK, topk_weight_TK, prof or NullProfiler())
+
+    @property
+    def flat_kind(self) -> type[Exchange]:
+        """The one-stage exchange on this channel: per-peer messages (pipelined), rows written into
+        shared memory (a shm transport), or one Ialltoallv per direction."""
+        if self.options.algorithm == "pipelined":
+            return PipelinedExchange
+        return ShmExchange if isinstance(self.transport, ShmTransport) else Exchange
 
     def exchange(self, layer: int | None, x_TD, topk_idx_TK, topk_weight_TK, expert_fn: ExpertFn):
         """Blocking post -> run_experts(expert_fn) -> wait: y_TD [T, D]."""
@@ -137,17 +145,29 @@ class Dispatcher:
         """The send buffers: token rows [M, row bytes] by one contiguous take, and metadata rows
         [M, layout.width] (local expert id and weight per k, FP8 scales). Give both back with
         transport.release() once sent."""
-        xp, tr = self.backend.xp, self.transport
-        m = len(plan.token_M)
+        xp = self.backend.xp
+        src_TW, scale_TB = self.payload(x_TD)
         tok = plan.token_M if xp is np else xp.asarray(plan.token_M)
-        meta = tr.scratch(m, layout.width)
-        weight_MK = np.where(plan.local_MK >= 0, weight_TK[plan.token_M], 0).astype(np.float32)
-        fields = {"local": xp.asarray(plan.local_MK), "weight": xp.asarray(weight_MK)}
+        rows = take_rows(xp, src_TW, tok, self.transport.scratch(len(plan.token_M), src_TW.shape[1]))
+        return rows, self.metadata(plan, weight_TK, layout, scale_TB)
+
+    def payload(self, x_TD):
+        """x [T, D] compute dtype -> (its rows as they travel: uint8 [T, row bytes], and with the
+        FP8 payload the float32 scales [T, D / 128] that go in the metadata, else None)."""
+        xp = self.backend.xp
         if self.options.payload == "fp8":
             q_TD, scale_TB = fp8_quantize(xp, x_TD)
-            rows = take_rows(xp, q_TD.view(np.uint8), tok, tr.scratch(m, x_TD.shape[1]))
-            fields["scale"] = scale_TB[tok]
-        else:
-            rows = take_rows(xp, as_bytes(xp, x_TD), tok, tr.scratch(m, x_TD.shape[1] * x_TD.itemsize))
+            return q_TD.view(np.uint8), scale_TB
+        return as_bytes(xp, x_TD), None
+
+    def metadata(self, plan: Plan, weight_TK: np.ndarray, layout: RowLayout, scale_TB=None):
+        """The metadata rows of the plan's sent rows, uint8 [M, layout.width] (a transport scratch
+        buffer: give it back with transport.release())."""
+        xp = self.backend.xp
+        meta = self.transport.scratch(len(plan.token_M), layout.width)
+        weight_MK = np.where(plan.local_MK >= 0, weight_TK[plan.token_M], 0).astype(np.float32)
+        fields = {"local": xp.asarray(plan.local_MK), "weight": xp.asarray(weight_MK)}
+        if scale_TB is not None:
+            fields["scale"] = scale_TB[plan.token_M if xp is np else xp.asarray(plan.token_M)]
         layout.pack_into(xp, meta, **fields)
-        return rows, meta
+        return meta

@@ -50,7 +50,9 @@ class Received:
 
     x_ND: received token rows [N, D] compute dtype (a view of the receive buffer when it can be);
     row_Q int64 [Q], local_expert_Q int32 [Q] (index into the rank's local experts) and
-    weight_Q float32 [Q]: the (row, local expert) pairs in row-major (row, k) order.
+    weight_Q float32 [Q]: the (row, local expert) pairs in row-major (row, k) order; out_ND: on
+    a shared-memory exchange, the reply rows' place ([N, D] weighted form, [Q, D] pairs form):
+    an expert function that returns it filled saves the combine a copy.
     """
 
     x_ND: object
@@ -58,6 +60,7 @@ class Received:
     local_expert_Q: np.ndarray
     weight_Q: np.ndarray
     k_Q: np.ndarray | None = None  # which of the token's top-k each pair is
+    out_ND: object = None  # where the reply rows may be written (shared memory the sources read), or None
 
 
 # expert_fn(received) -> reply rows: weighted form y_ND [N, D]; pairs form out_QD [Q, D]
@@ -202,14 +205,16 @@ class Exchange:
     def record(self) -> ExchangeRecord:
         return ExchangeRecord.of(self)
 
-    def reduce(self, rows_BD):
+    def reduce(self, rows_BD, at_B: np.ndarray | None = None):
         """The source's sum of the combine rows [B + 1, D] (last row zero) -> y_TD [T, D]: each
-        token's rows in rank order (weighted form), or its pairs weighted in k order (pairs form)."""
+        token's rows in rank order (weighted form), or its pairs weighted in k order (pairs form).
+        at_B: int64 [B + 1], where each of those rows is in rows_BD (default: in order)."""
         xp = self._d.backend.xp
         if self.pairs:
-            return weighted_rows_sum(xp, rows_BD, self._plan.pair_index_TC, np.repeat(self._w_TK, self._d.tp, axis=1),
-                                     self.dtype)
-        return group_rows_sum(xp, rows_BD, self._plan.token_M, self.tokens, self.dtype)
+            index = self._plan.pair_index_TC if at_B is None else at_B[self._plan.pair_index_TC]
+            return weighted_rows_sum(xp, rows_BD, index, np.repeat(self._w_TK, self._d.tp, axis=1), self.dtype)
+        return group_rows_sum(xp, rows_BD, self._plan.token_M, self.tokens, self.dtype,
+                              None if at_B is None else at_B[:-1])
 
     # ---- progress ------------------------------------------------------------------------------
     def progress(self) -> bool:

@@ -113,7 +113,7 @@ class ExpertParallelExecutor:
     def compute(self, layer: int, rec: Received, pairs: bool, poll: Poll | None = None):
         """The reply rows of what arrived: weighted sum per row [N, D], or one row per pair [Q, D]."""
         out = apply_experts(self.experts[layer], rec.x_ND, rec.local_expert_Q, rec.row_Q, poll)
-        return out if pairs else weigh_pairs(out, rec.row_Q, rec.weight_Q, rec.x_ND.shape[0], rec.x_ND.dtype)
+        return out if pairs else weigh_pairs(out, rec.row_Q, rec.weight_Q, rec.x_ND.shape[0], rec.x_ND.dtype, rec.out_ND)
 
 
 class PendingExchange:

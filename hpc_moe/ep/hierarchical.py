@@ -49,7 +49,7 @@ class HierarchicalExchange:
         # A node id is a rank on the rail communicator and a local index one on the node's (the
         # channel's Split keys).
         plan1 = rail_plan(d.placement, d.nodes, d.rank, layer, topk)
-        return cls(d, layer, prof, Exchange.post(d.rail, layer, x_TD, topk, w_TK, prof, plan=plan1))
+        return cls(d, layer, prof, d.rail.flat_kind.post(d.rail, layer, x_TD, topk, w_TK, prof, plan=plan1))
 
     def __init__(self, d, layer, prof: Profiler, stage1: Exchange):
         self._d, self.layer, self._prof, self.stage1 = d, layer, prof, stage1
@@ -68,7 +68,7 @@ class HierarchicalExchange:
         d, rec1 = self._d, self.stage1.received()
         plan2, dest_NK, w_NK = node_plan(self._codes, rec1.x_ND.shape[0], self.stage1.topk, rec1.row_Q, rec1.k_Q,
                                          rec1.local_expert_Q, rec1.weight_Q, d.node.size)
-        self.stage2 = Exchange.post(d.node, self.layer, rec1.x_ND, dest_NK, w_NK, self._prof, plan=plan2)
+        self.stage2 = d.node.flat_kind.post(d.node, self.layer, rec1.x_ND, dest_NK, w_NK, self._prof, plan=plan2)
         self.stage2.run_experts(expert_fn)
         out = self.stage2.wait(pair_rows=self.pairs)  # per stage-1 row, or its (row, k) rows
         with self._prof.phase(self.layer, "combine"):

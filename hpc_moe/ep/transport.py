@@ -6,6 +6,10 @@ ranks of the EP communicator:
 * ``host``: MPI on host buffers. NumPy runs hand their arrays to MPI as they are; CuPy runs stage
   through page-locked host buffers (``Backend.empty_host``), copied after the stream is synchronised
   (mpi4py does not synchronise streams for us).
+* ``shm`` (CPU, every rank of the channel on one node): MPI-3 shared-memory windows
+  (hpc_moe.ep.shm); the flat exchange on it is hpc_moe.ep.shm_exchange's, where senders write
+  their rows straight into the receivers' memory. Host MPI underneath for everything else
+  (point-to-point of the pipelined algorithm, the benchmarks' raw floor).
 * ``cuda-aware``: MPI on device buffers. Chosen only when the library says it is CUDA-aware AND a
   start-up Ialltoallv on device buffers returns the right bytes on every rank (Open MPI documents
   that even its CUDA-aware builds refuse device buffers in non-blocking collectives).
@@ -27,9 +31,10 @@ from mpi4py import MPI
 
 from hpc_moe import backend as _bk
 from hpc_moe.backend import Backend
+from hpc_moe.ep.shm import NotContiguous, SharedSlots, on_one_node
 from hpc_moe.errors import InputError
 
-TRANSPORTS = ("auto", "host", "cuda-aware", "nccl")
+TRANSPORTS = ("auto", "host", "shm", "cuda-aware", "nccl")
 
 
 class TransportError(InputError):
@@ -132,6 +137,20 @@ class MpiTransport:
         return view
 
 
+class ShmTransport(MpiTransport):
+    """Host MPI plus the shared-memory windows of the channel (``slots``, hpc_moe.ep.shm.SharedSlots):
+    exchanges that see ``slots`` write rows into their peers' memory themselves. Collective."""
+
+    def __init__(self, comm: MPI.Comm, backend: Backend):
+        super().__init__(comm, backend, False)
+        self.name = "shm"
+        self.slots = SharedSlots(comm)
+
+    def close(self) -> None:
+        self.slots.close()
+        super().close()
+
+
 class _EventRequest:
     """MPI-request look-alike over a CUDA event on the communication stream. Wait() makes the
     compute stream wait for it (kernels that read the received rows run after them) without
@@ -219,16 +238,32 @@ class NcclTransport:
 
 def make_transport(comm: MPI.Comm, backend: Backend, kind: str = "auto", need_p2p: bool = False,
                    logger: logging.Logger | None = None):
-    """Pick a transport (collective on ``comm``): ``auto`` prefers cuda-aware MPI (if proven),
-    then NCCL (unless ``need_p2p``: the pipelined algorithm needs MPI point-to-point), then pinned
-    host staging. A transport asked for by name that cannot run raises TransportError."""
+    """Pick a transport (collective on ``comm``). On the CPU, ``auto`` takes shared memory when
+    every rank of comm is on one node, else host MPI. On GPUs, ``auto`` prefers cuda-aware MPI
+    (if proven), then NCCL (unless ``need_p2p``: the pipelined algorithm needs MPI point-to-point),
+    then pinned host staging. A transport asked for by name that cannot run raises TransportError."""
     log = logger or logging.getLogger(__name__)
     if kind not in TRANSPORTS:
         raise TransportError(f"unknown transport {kind!r} (choose {', '.join(TRANSPORTS)})")
     if not backend.is_gpu:
         if kind in ("cuda-aware", "nccl"):
             raise TransportError(f"transport {kind} needs the cupy backend (this run is on numpy)")
-        return _chosen(comm, log, MpiTransport(comm, backend, False), "CPU run: MPI on host arrays")
+        if kind == "host":
+            return _chosen(comm, log, MpiTransport(comm, backend, False), "CPU run: MPI on host arrays")
+        why = _shm_problem(comm)
+        if why is None:
+            try:
+                t = ShmTransport(comm, backend)
+            except (MPI.Exception, NotContiguous) as e:  # e.g. a /dev/shm too small for the windows
+                t, why = None, f"the shared windows could not be made: {e}"
+            if _all(comm, why is None):
+                return _chosen(comm, log, t, "CPU run, every rank on one node: writes into shared memory")
+            why = why or "the shared windows could not be made on another rank"
+        if kind == "shm":
+            raise TransportError(f"transport shm cannot run here: {why}")
+        return _chosen(comm, log, MpiTransport(comm, backend, False), f"CPU run: MPI on host arrays ({why})")
+    if kind == "shm":
+        raise TransportError("transport shm needs the numpy backend (this run is on cupy)")
     why_not = []
     if kind in ("auto", "cuda-aware"):
         err = _cuda_aware_problem(comm, backend)
@@ -272,6 +307,11 @@ def _all(comm: MPI.Comm, ok: bool) -> bool:
     flag = np.array([1 if ok else 0], dtype=np.int32)
     comm.Allreduce(MPI.IN_PLACE, [flag, MPI.INT32_T], op=MPI.MIN)
     return bool(flag[0])
+
+
+def _shm_problem(comm: MPI.Comm) -> str | None:
+    """None when every rank of comm shares memory with every other, else why not (collective)."""
+    return None if on_one_node(comm) else "its ranks are on more than one node"
 
 
 def mpi_cuda_support() -> int:

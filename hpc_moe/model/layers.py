@@ -40,7 +40,11 @@ def silu(x):
     return (x32 / (1.0 + xp.exp(-x32))).astype(x.dtype, copy=False)
 
 
-_ROW_BLOCK = 64  # rows per GEMM call of the row-blocked (deterministic) linear
+# Rows per GEMM call of the row-blocked (deterministic) linear. Small, because within one call a
+# row's result may depend on its position: OpenBLAS 0.3.31's Haswell sgemm (the kernel picked on
+# AMD EPYC hosts here) computes rows 0-5, 6-59 and 60-63 of a 64-row call three different ways;
+# calls of 8 rows treat every row alike (tests/test_rowops.py checks positions and shapes).
+_ROW_BLOCK = 8
 
 
 def linear(x, w, row_blocked: bool = False):

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
+from hpc_moe import fused
 from hpc_moe.backend import Backend
 from hpc_moe.config import ModelConfig
 from hpc_moe.model.layers import array_module, linear, silu
@@ -76,21 +77,31 @@ def apply_experts(experts, x_ND, expert_Q, row_Q=None, poll: Poll | None = None)
     return out
 
 
-def weigh_pairs(out_QD, row_Q, weight_Q, n_rows: int, dtype):
-    """y[n] = sum of weight[q] * out[q] over the pairs q of row n, in float32: [N, D] in dtype.
+def weigh_pairs(out_QD, row_Q, weight_Q, n_rows: int, dtype, out_ND=None):
+    """y[n] = sum of weight[q] * out[q] over the pairs q of row n, in float32: [N, D] in dtype
+    (into out_ND when given: the place a shared-memory exchange reads the reply rows from).
 
-    One pair per row in order (one expert per rank) is one scaling pass, in place on out_QD when
-    it is float32 (the caller's expert output, not needed afterwards).
+    One pair per row in order (one expert per rank) is one scaling pass: hpc_moe.fused's kernel
+    where it applies, else in place on out_QD when it is float32 (the caller's expert output, not
+    needed afterwards); both give the same bits.
     """
     xp = array_module(out_QD)
     w = xp.asarray(weight_Q, dtype=np.float32)
     if len(row_Q) == n_rows and (np.asarray(row_Q) == np.arange(n_rows)).all():
+        if xp is np:
+            y = fused.rows_sum(out_QD, np.arange(n_rows)[:, None], np.ones(n_rows, np.int64), w[:, None], dtype, out_ND)
+            if y is not None:
+                return y
         y = out_QD if out_QD.dtype == np.float32 else to_float32(xp, out_QD)
         y *= w[:, None]
+    else:
+        index = segment_index(np.asarray(row_Q), n_rows)
+        rows = xp.concatenate([out_QD, xp.zeros((1, out_QD.shape[1]), out_QD.dtype)])
+        y = weighted_rows_sum(xp, rows, index, np.append(np.asarray(weight_Q, np.float32), 0)[index], dtype)
+    if out_ND is None:
         return y.astype(dtype, copy=False)
-    index = segment_index(np.asarray(row_Q), n_rows)
-    rows = xp.concatenate([out_QD, xp.zeros((1, out_QD.shape[1]), out_QD.dtype)])
-    return weighted_rows_sum(xp, rows, index, np.append(np.asarray(weight_Q, np.float32), 0)[index], dtype)
+    out_ND[...] = y
+    return out_ND
 
 
 def combine_pairs(out_QD, weight_TK, dtype):

@@ -38,7 +38,9 @@ from hpc_moe.model.moe import combine_pairs, weigh_pairs
 pytestmark = pytest.mark.mpi
 D = 32
 NUMPY = get_backend("numpy")
-ALGS = ["alltoallv", "pipelined"]
+# The exchange kinds: the flat exchange on shared memory (what auto picks on one machine) and on
+# host MPI's Ialltoallv, and per-peer messages.
+ALGS = ["alltoallv", "alltoallv-host", "pipelined"]
 FORMS = pytest.mark.parametrize("deterministic", [False, True], ids=["weighted", "pairs"])
 POLL_LIMIT = 10_000_000
 
@@ -226,11 +228,17 @@ def check_exchange(d: Dispatcher, batch, ex: Exchange, calls: list[Received], la
         assert totals[0] == totals[1]
 
 
+def options(alg: str, **kw) -> DispatchOptions:
+    """The flat DispatchOptions of one of ALGS."""
+    algorithm, _, transport = alg.partition("-")
+    return DispatchOptions(scheme="flat", algorithm=algorithm, transport=transport or "auto", **kw)
+
+
 def run_exchange(ctx, n_experts, batch, alg="alltoallv", payload="native", deterministic=False,
                  layer=None, placement=None):
     """One exchange of this rank's batch, checked by check_exchange -> (x, idx, w, y, exchange, dispatcher)."""
     pl = placement or ExpertPlacement.build(n_experts, ctx.ep_size, ctx.expert_tp, ctx.node_of_ep_rank)
-    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(scheme="flat", algorithm=alg, payload=payload, deterministic=deterministic))
+    d = Dispatcher(ctx, pl, NUMPY, options(alg, payload=payload, deterministic=deterministic))
     x, idx, w = batch(ctx.ep_rank)
     calls: list[Received] = []
     ex = d.post(layer, x, idx, w)
@@ -266,7 +274,7 @@ def test_two_step_received_then_reply(ctx, alg, deterministic):
     run_experts(), for the pipelined exchange too: received() waits for every source."""
     e = 2 * ctx.ep_size
     pl = ExpertPlacement.build(e, ctx.ep_size, 1, ctx.node_of_ep_rank)
-    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(scheme="flat", algorithm=alg, deterministic=deterministic))
+    d = Dispatcher(ctx, pl, NUMPY, options(alg, deterministic=deterministic))
     x, idx, w = batches(e, lambda r: 5 + r, k=3, seed=11)(ctx.ep_rank)
     ex = d.post(None, x, idx, w)
     ex.reply(expert_fn_for(d)(ex.received()))
@@ -304,7 +312,7 @@ def test_rows_are_tagged_deduplicated_and_grouped(ctx, alg, deterministic):
     weights (derived here directly: no replicas, so each expert has one owner)."""
     e, k, p = 3 * ctx.ep_size, 5, ctx.ep_size
     pl = ExpertPlacement.build(e, p, 1, ctx.node_of_ep_rank)
-    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(scheme="flat", algorithm=alg, deterministic=deterministic))
+    d = Dispatcher(ctx, pl, NUMPY, options(alg, deterministic=deterministic))
     x, idx, w = tokens(ctx.ep_rank, 9, k, e, seed=4)
     mine = np.array(pl.local_experts(ctx.ep_rank))
     want = {}  # src -> (rows [N, D], pairs [(row, local expert, weight)])
@@ -327,7 +335,7 @@ def test_rows_are_tagged_deduplicated_and_grouped(ctx, alg, deterministic):
     ex = d.post(None, x, idx, w)
     ex.run_experts(unit_fn)
     y = ex.wait()
-    if alg == "alltoallv":  # one call, every source's rows in source order
+    if alg != "pipelined":  # one call, every source's rows in source order
         (rec,) = calls
         assert rec.x_ND[:, :2].tolist() == [list(r[:2]) for src in range(p) for r in want[src][0]]
         starts = np.cumsum([0] + [len(want[src][0]) for src in range(p)])
@@ -420,7 +428,7 @@ def poll(*exchanges, until) -> int:
 def test_exchanges_in_flight_with_polling(ctx, alg, deterministic):
     e = 2 * ctx.ep_size
     pl = ExpertPlacement.build(e, ctx.ep_size, 1, ctx.node_of_ep_rank)
-    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(scheme="flat", algorithm=alg, deterministic=deterministic))
+    d = Dispatcher(ctx, pl, NUMPY, options(alg, deterministic=deterministic))
     x, idx, w = tokens(ctx.ep_rank, 8, 3, e, seed=8)
     fn = expert_fn_for(d)
 
@@ -444,7 +452,7 @@ def test_exchanges_in_flight_with_polling(ctx, alg, deterministic):
     poll(a, b, until=lambda: a.dispatch_times.t_done > 0 and b.dispatch_times.t_done > 0)
     # Collectives of one communicator must start in the same order on every rank; the pipelined
     # exchange's messages need not, so there ranks finish them in different orders (tags keep apart).
-    order = ("b", "a") if alg == "alltoallv" or ctx.ep_rank % 2 == 0 else ("a", "b")
+    order = ("b", "a") if alg != "pipelined" or ctx.ep_rank % 2 == 0 else ("a", "b")
     for h in order:
         exs[h].run_experts(expert_fn_for(d, record=calls[h]))
     poll(a, b, until=lambda: a.progress() & b.progress())
@@ -481,7 +489,7 @@ def test_per_layer_placement_and_masked_topk(ctx, alg, deterministic):
         assert_matches_reference(d, x, idx, w, y)
         ys.append(y)
     # the convenience form: post -> run_experts -> wait
-    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(scheme="flat", algorithm=alg, deterministic=deterministic))
+    d = Dispatcher(ctx, pl, NUMPY, options(alg, deterministic=deterministic))
     y = d.exchange(4, x, idx, w, expert_fn_for(d, 4))
     np.testing.assert_array_equal(y, ys[1])
     d.close()
@@ -505,7 +513,10 @@ def test_fp8_codec_matches_ml_dtypes():
 
 
 def test_transport_choice_on_cpu(ctx):
-    assert make_transport(ctx.ep_comm, NUMPY, "auto").name == "host"
+    for kind, name in (("auto", "shm"), ("shm", "shm"), ("host", "host")):  # every rank on this machine
+        t = make_transport(ctx.ep_comm, NUMPY, kind)
+        assert t.name == name
+        t.close()
     for kind in ("cuda-aware", "nccl", "bogus"):
         with pytest.raises(TransportError):
             make_transport(ctx.ep_comm, NUMPY, kind)
@@ -544,7 +555,7 @@ def test_exchanges_leave_their_requests_to_the_transport(ctx):
     transport returned (NCCL's requests are CUDA events)."""
     e = ctx.ep_size
     pl = ExpertPlacement.build(e, ctx.ep_size, 1, ctx.node_of_ep_rank)
-    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(scheme="flat"))
+    d = Dispatcher(ctx, pl, NUMPY, DispatchOptions(scheme="flat", transport="host"))
     d.transport.close()
     d.transport = _ForeignRequests(d.comm, NUMPY, False)
     x, idx, w = tokens(ctx.ep_rank, 9, min(3, e), e, seed=4)
