@@ -24,6 +24,7 @@ import numpy as np
 from hpc_moe.backend import bfloat16
 
 MIN_WIDTH = 1024
+CHUNK = 512  # values summed at a time: 2 kB of sums and 2 kB of widened values
 
 
 @functools.cache
@@ -37,36 +38,43 @@ def _compiled():
     def rows_sum(words_RD, shift, index_TC, count_T, weight_TC, out_TD, narrow):
         """out[t] = sum over c < count[t] of weight[t, c] * rows[index[t, c]] (float32 in between).
         words_RD: the rows' bits, uint16 (bfloat16: shift 16) or uint32 (float32: shift 0);
-        out_TD: uint16 (narrow: to bfloat16, round to nearest even) or uint32 (float32 bits)."""
+        out_TD: uint16 (narrow: to bfloat16, round to nearest even) or uint32 (float32 bits).
+        A chunk of CHUNK values at a time, so that the widened values and the sums stay in L1."""
         n_t, d = out_TD.shape
-        acc = np.empty(d, np.float32)
-        bits = np.empty(d, np.uint32)
+        bits = np.empty(CHUNK, np.uint32)
         x = bits.view(np.float32)
+        acc = np.empty(CHUNK, np.float32)
         acc_bits = acc.view(np.uint32)
         for t in range(n_t):
-            for c in range(count_T[t]):
-                row = words_RD[index_TC[t, c]]
-                for j in range(d):
-                    bits[j] = np.uint32(row[j]) << shift
-                w = weight_TC[t, c]
-                if c == 0:
-                    for j in range(d):
-                        acc[j] = w * x[j]
-                else:
-                    for j in range(d):
-                        acc[j] += w * x[j]
-            if count_T[t] == 0:
-                acc[:] = 0
-            if narrow:
-                for j in range(d):
-                    u = acc_bits[j]
-                    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN stays a quiet NaN
-                        out_TD[t, j] = (u >> np.uint32(16)) | np.uint32(0x40)
+            for j0 in range(0, d, CHUNK):
+                m = min(CHUNK, d - j0)
+                for c in range(count_T[t]):
+                    row = words_RD[index_TC[t, c], j0:j0 + m]
+                    if shift:  # a constant shift in the loop: it vectorises
+                        for j in range(m):
+                            bits[j] = np.uint32(row[j]) << np.uint32(16)
                     else:
-                        out_TD[t, j] = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-            else:
-                for j in range(d):
-                    out_TD[t, j] = acc_bits[j]
+                        for j in range(m):
+                            bits[j] = row[j]
+                    w = weight_TC[t, c]
+                    if c == 0:
+                        for j in range(m):
+                            acc[j] = w * x[j]
+                    else:
+                        for j in range(m):
+                            acc[j] += w * x[j]
+                if count_T[t] == 0:
+                    acc[:] = 0
+                if narrow:
+                    for j in range(m):
+                        u = acc_bits[j]
+                        if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN stays a quiet NaN
+                            out_TD[t, j0 + j] = (u >> np.uint32(16)) | np.uint32(0x40)
+                        else:
+                            out_TD[t, j0 + j] = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                else:
+                    for j in range(m):
+                        out_TD[t, j0 + j] = acc_bits[j]
 
     return rows_sum
 

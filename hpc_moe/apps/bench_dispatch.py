@@ -94,8 +94,13 @@ def run_bench_dispatch(o: BenchDispatchOptions) -> int:
 
     def identity(rec):
         """An expert phase that costs nothing: the received rows themselves (one per pair in the
-        pairs form), unweighted; the values do not matter here."""
-        return rec.x_ND[rec.row_Q] if d.options.deterministic else rec.x_ND
+        pairs form), unweighted; the values do not matter here. On shared memory they are written
+        where the sources read them, as the experts' last pass writes its rows there."""
+        rows = rec.x_ND[rec.row_Q] if d.options.deterministic else rec.x_ND
+        if rec.out_ND is None:
+            return rows
+        rec.out_ND[...] = rows
+        return rec.out_ND
 
     ex = d.post(None, x, idx, w)
     reply = identity(ex.received())

@@ -313,7 +313,7 @@ def _open_recorder(o: RunOptions, cfg, layers, ctx, backend, engine: Engine, wor
     from hpc_moe.trace.writer import MemoryTrace, TraceWriter
     run_config = {**dataclasses.asdict(o), "workload": workload.describe()}
     meta = {"model_config": cfg.to_dict(), "run_config": run_config, "parallel_config": ctx.describe(),
-            "mpi_library_version": MPI.Get_library_version(), "transport": engine.transport.name,
+            "mpi_library_version": MPI.Get_library_version(), "transport": engine.transport_name,
             "cuda_aware": mpi_cuda_support() == 1, "array_backend": f"{backend.name} ({backend.dtype})",
             "truncated": layers < cfg.num_hidden_layers, "links": links and links.to_dict()}
     layout = dict(num_layers=layers, moe_layers=engine.moe_layers, placement=_placement_ranks(engine.placement),

@@ -23,6 +23,7 @@ from mpi4py import MPI
 from hpc_moe.apps.common import on_root
 from hpc_moe.backend import Backend, get_backend
 from hpc_moe.comm import ParallelContext
+from hpc_moe.ep.shm import DISPATCH
 from hpc_moe.ep.transport import make_transport
 from hpc_moe.errors import InputError
 from hpc_moe.links import Links, measure_links
@@ -78,11 +79,32 @@ def check_transport(ctx: ParallelContext, backend: Backend, transport) -> str:
     recv = transport.empty(int(recv_P.sum()), w)
     transport.ialltoallv(transport.to_wire(words), send_P, recv, recv_P).Wait()
     got = backend.to_numpy(transport.from_wire(recv, int(recv_P.sum())))
-    ok = ctx.ep_comm.allreduce(int(np.array_equal(got, want)), op=MPI.MIN)
+    ok = np.array_equal(got, want)
     transport.release(recv)
-    if not ok:
+    slots = getattr(transport, "slots", None)
+    if slots is not None:  # the shared-memory exchange's own path: rows written into the peers' segments
+        ok &= np.array_equal(_through_shared_windows(slots, send, send_P), want)
+    if not ctx.ep_comm.allreduce(int(ok), op=MPI.MIN):
         raise SelftestError(f"transport: {transport.name} delivered wrong rows (zero counts, self-sends, uneven counts)")
     return f"{transport.name} moves variable-count rows, zero counts and self-sends included"
+
+
+def _through_shared_windows(slots, send, send_P: np.ndarray) -> np.ndarray:
+    """The rows of send [M, W] (send_P to each peer) written into the peers' shared segments, as
+    hpc_moe.ep.shm_exchange writes them -> the rows this rank received, in source order."""
+    n, w, me = slots.publish(send_P, send_P), send.shape[1], slots.rank
+    slots.wait(lambda: slots.all_published(n))
+    counts_SR, _ = slots.counts(n)
+    window, seg = slots.window(n, int(counts_SR.sum(axis=0).max()) * w, 64)
+    first_SR, sent = np.cumsum(counts_SR, axis=0) - counts_SR, np.concatenate([[0], np.cumsum(send_P)])
+    for d in range(slots.size):
+        at = d * seg + int(first_SR[me, d]) * w
+        window[at:at + int(send_P[d]) * w] = send[sent[d]:sent[d + 1]].reshape(-1)
+    slots.signal(n, DISPATCH, range(slots.size))
+    slots.wait(lambda: slots.landed(n, DISPATCH))
+    got = window[me * seg:me * seg + int(counts_SR[:, me].sum()) * w].reshape(-1, w).copy()
+    slots.finish(n)
+    return got
 
 
 def _link_table(links: Links) -> list[str]:

@@ -109,6 +109,14 @@ class Dispatcher:
             self.rail = Dispatcher(ctx, placement, backend, flat, channel=self.channel.rail)
             self.node = Dispatcher(ctx, placement, backend, flat, channel=self.channel.node)
 
+    @property
+    def transport_name(self) -> str:
+        """The transport's name; with the two-stage exchange, the rails' and the nodes' when they
+        differ (on a real cluster: host across nodes, shm inside)."""
+        if self.hierarchical and self.rail.transport.name != self.node.transport.name:
+            return f"{self.rail.transport.name} across nodes, {self.node.transport.name} inside"
+        return (self.node if self.hierarchical else self).transport.name
+
     def next_tags(self) -> int:
         return self.channel.next_tags()
 

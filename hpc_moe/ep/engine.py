@@ -92,8 +92,13 @@ class Engine:
     @property
     def transport(self):
         """The first channel's transport (the others made the same choice): what the start-up
-        self-test checks and the trace names."""
+        self-test checks."""
         return self.executor.channels[0].transport
+
+    @property
+    def transport_name(self) -> str:
+        """What moves the rows, as the trace names it (hpc_moe.ep.dispatch.Dispatcher.transport_name)."""
+        return self.executor.transport_name
 
     def forward(self, batch: Batch, cache: KVCache, last_only: bool = False) -> np.ndarray:
         """One step on this rank's sequences -> float32 logits [T, V] (last_only: [B, V], each

@@ -76,7 +76,7 @@ class ExpertParallelExecutor:
 
     @property
     def transport_name(self) -> str:
-        return self.channels[0].transport.name
+        return self.channels[0].transport_name
 
     def close(self) -> None:
         """Close the channels (transports, duplicated and split communicators). Collective."""

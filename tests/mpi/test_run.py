@@ -264,4 +264,8 @@ def test_selftest_passes_and_catches_a_transport_that_misroutes():
     with pytest.raises(SelftestError, match="misrouting delivered wrong rows"):
         check_transport(ctx, be, Misrouting())
     tr.close()
+    shm = make_transport(ctx.ep_comm, be, "shm")
+    for _ in range(3):  # MPI and the shared windows, both slots
+        assert "shm moves" in check_transport(ctx, be, shm)
+    shm.close()
     ctx.free()
