@@ -48,15 +48,19 @@ class Channel:
         # shm asked for with the two-stage exchange means shared memory inside the nodes: the EP
         # channel and the rails take what their ranks allow.
         across = "auto" if transport == "shm" and nodes is not None else transport
-        tr = make_transport(c, backend, across, need_p2p=need_p2p, logger=logger)
+        quiet = logging.getLogger("hpc_moe.channel")  # the stages' choices are logged as one line
+        tr = make_transport(c, backend, across, need_p2p=need_p2p, logger=logger if nodes is None else quiet)
         rail = node = None
         if nodes is not None:
             node_id, local = int(nodes.node_P[rank]), int(nodes.local_P[rank])
-            quiet = logging.getLogger("hpc_moe.channel")  # the EP channel's choice is logged once
             # Keyed so that a rank's node id is its rank on the rail and its local index its rank
             # on the node, as HierarchicalExchange addresses them.
             rail = cls._split(c, local, node_id, backend, across, quiet)
             node = cls._split(c, node_id, local, backend, transport, quiet)
+            if rank == 0:
+                (logger or logging.getLogger(__name__)).info(
+                    "dispatch transport: %s across nodes, %s inside them (the two-stage exchange)",
+                    rail.transport.name, node.transport.name)
         return cls(c, tr, backend, rank, size, duplicate, rail, node)
 
     @classmethod
