@@ -109,7 +109,7 @@ def run_bench_layer(o: BenchLayerOptions) -> int:
     flat = Dispatcher(ctx, placement, be, dataclasses.replace(options, scheme="flat"))
     block = MoEBlock(cfg, 0, weights, be, executor)
     x = be.asarray(np.random.default_rng([o.seed, ctx.rank]).standard_normal((o.tokens, o.hidden), np.float32))
-    prof = Profiler(1, be.phase_clock())
+    prof = Profiler(1, be.phase_clock(), ranges=be.phase_ranges())
     comm, sync = ctx.ep_comm, be.synchronize
 
     xs = [x[p[0]:p[-1] + 1] for p in np.array_split(np.arange(o.tokens), o.micro_batches)]

@@ -66,7 +66,8 @@ def run_job(o: RunOptions) -> int:
     _check_fits(cfg, layers, workload, ctx, backend)
     warn_shared_cores(ctx, backend)
     watchdog = Watchdog(ctx.world, o.watchdog, hosts=ctx.hostnames)
-    prof = Profiler(layers, backend.phase_clock(), enabled=o.profile == "on", watchdog=watchdog)
+    prof = Profiler(layers, backend.phase_clock(), enabled=o.profile == "on", watchdog=watchdog,
+                    ranges=backend.phase_ranges())
     options = dataclasses.replace(o.layout.engine_options(), eplb=o.eplb, redundant_experts=o.redundant_experts)
     links = None
     if o.probe_links == "on" and ctx.num_nodes > 1:
