@@ -74,6 +74,14 @@ class Backend:
         events on the current stream on a GPU (no device synchronisation per phase)."""
         return DeviceClock() if self.is_gpu else HOST_CLOCK
 
+    def phase_ranges(self):
+        """What names the profiler's phases for an outside profiler (hpc_moe.timing.Profiler's
+        ``ranges``): NVTX ranges on a GPU, which ``nsys profile`` draws over the kernels; None on a
+        CPU, or where this CuPy has no NVTX."""
+        if not self.is_gpu or not getattr(getattr(_cupy.cuda, "nvtx", None), "available", True):
+            return None
+        return NvtxRanges()
+
     def synchronize(self) -> None:
         """Wait for queued device work; MPI does not synchronise CUDA streams for us."""
         if self.is_gpu:
@@ -173,6 +181,16 @@ class DeviceClock:
 
     def settle(self) -> None:
         _cupy.cuda.get_current_stream().synchronize()
+
+
+class NvtxRanges:
+    """NVTX ranges (cupy.cuda.nvtx): push opens one on this thread, pop closes the innermost."""
+
+    def push(self, label: str) -> None:
+        _cupy.cuda.nvtx.RangePush(label)
+
+    def pop(self) -> None:
+        _cupy.cuda.nvtx.RangePop()
 
 
 def record_event(backend: Backend, stream=None):

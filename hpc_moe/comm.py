@@ -124,7 +124,7 @@ class ParallelContext:
             "expert_slots": self.ep_size // self.expert_tp,
             "node_of_ep_rank": list(self.node_of_ep_rank),
             "simulated_ranks_per_node": self.simulated_ranks_per_node,
-            "mpi_library": MPI.Get_library_version().replace("\0", "").splitlines()[0].strip(),  # Open MPI's ends in NUL
+            "mpi_library": mpi_library(),
         }
 
     def free(self) -> None:
@@ -132,6 +132,15 @@ class ParallelContext:
         for c in (self.dp_comm, self.ep_comm, self.node_comm):
             if c != MPI.COMM_NULL:
                 c.Free()
+
+
+def mpi_library() -> str:
+    """The MPI library's name and version on one clean line: "MPICH 5.0.2", "Open MPI v5.0.11",
+    "Intel(R) MPI Library 2021.18.1 for Linux* OS". ``Get_library_version`` is a different essay
+    per library (MPICH's a table of lines, Open MPI's one line with its packager and a trailing
+    NUL, which HDF5 strings refuse): its first line up to the first comma, without "Version:"."""
+    first = (MPI.Get_library_version().replace("\0", "").strip().splitlines() or ["unknown MPI"])[0]
+    return " ".join(first.split(",")[0].replace("Version:", "").split())
 
 
 def _check(ok: bool, msg: str) -> None:

@@ -12,7 +12,7 @@ from hpc_moe.cli import main
 from hpc_moe.config import load_config
 from hpc_moe.links import Links
 from hpc_moe.perf.calibrate import fit_link, fit_phase
-from hpc_moe.perf.footprint import Layout, Workload, memory_per_gpu, parameter_counts
+from hpc_moe.perf.footprint import GpuLoad, Layout, memory_per_gpu, parameter_counts
 from hpc_moe.perf.hardware import Link, PhaseRate, load_hardware
 from hpc_moe.perf.predict import predict_step, reach
 from hpc_moe.trace.reader import read_trace
@@ -49,7 +49,7 @@ def test_parameter_counts_match_the_config_arithmetic(preset):
 
 def test_memory_per_gpu_items():
     c = load_config("paper")
-    load = Workload(sequences=8, context=4096, tokens=4096)
+    load = GpuLoad(sequences=8, context=4096, tokens=4096)
     expert = 3 * c.hidden_size * c.moe_intermediate_size
     moe_layers = c.num_hidden_layers - c.first_k_dense_replace
     for ep, per_slot in ((256, 1), (64, 4)):

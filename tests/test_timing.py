@@ -101,3 +101,60 @@ def test_a_host_wait_longer_than_its_device_parent_leaves_no_negative_time():
     t = prof.times_LP
     assert t[0, PHASE_ID["dispatch"]] == 0.0 and t[0, PHASE_ID["wait"]] >= 0.02
     assert (t >= 0).all()
+
+
+class FakeRanges:
+    """Stands in for NVTX: the ranges open now, and every label pushed."""
+
+    def __init__(self):
+        self.open, self.pushed = [], []
+
+    def push(self, label):
+        self.open.append(label)
+        self.pushed.append(label)
+
+    def pop(self):
+        self.open.pop()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_every_phase_is_a_named_range_nested_as_the_phases(enabled):
+    ranges = FakeRanges()
+    prof = Profiler(3, enabled=enabled, ranges=ranges)
+    with prof.phase(2, "dispatch"):
+        with prof.phase(2, "wait"):
+            assert ranges.open == ["dispatch L2", "wait L2"]
+    with pytest.raises(RuntimeError):  # a phase that fails still closes its range
+        with prof.phase(0, "attention"):
+            raise RuntimeError("boom")
+    assert ranges.open == [] and ranges.pushed == ["dispatch L2", "wait L2", "attention L0"]
+
+
+def test_phase_ranges_are_nvtx_on_a_gpu_and_none_on_a_cpu(monkeypatch):
+    """Backend.phase_ranges() through a stand-in CuPy (this machine may have no GPU): NVTX pushes
+    and pops in the order the profiler's phases open and close."""
+    import types
+
+    import hpc_moe.backend as backend
+    assert get_backend("numpy").phase_ranges() is None
+    calls = []
+    nvtx = types.SimpleNamespace(available=True, RangePush=lambda label: calls.append(("push", label)),
+                                 RangePop=lambda: calls.append(("pop",)))
+    monkeypatch.setattr(backend, "_cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(nvtx=nvtx)))
+    gpu = backend.Backend("cupy", None, np.dtype(np.float32), "stand-in GPU", 0)
+    prof = Profiler(1, enabled=False, ranges=gpu.phase_ranges())
+    with prof.phase(0, "expert"):
+        pass
+    assert calls == [("push", "expert L0"), ("pop",)]
+    nvtx.available = False  # a CuPy built without NVTX: no ranges, no failure
+    assert gpu.phase_ranges() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() == 0, reason="needs a CUDA GPU with CuPy")
+def test_nvtx_ranges_on_the_gpu():
+    be = get_backend("cupy", "bfloat16")
+    prof = Profiler(1, be.phase_clock(), ranges=be.phase_ranges())
+    with prof.phase(0, "expert"):
+        be.xp.ones((64, 64), be.dtype).sum()
+    assert prof.times_LP[0, PHASE_ID["expert"]] > 0

@@ -14,6 +14,9 @@ Definitions (every time is the max over ranks of one iteration; median and p99 o
   host where ranks share the memory bus, each pass over the payload costs about that much.
 * MB/rank: bytes each rank sends to other ranks (mean over ranks; its own rows are a local copy).
 * overlap (as osu_ialltoallv): see hpc_moe.apps.benchkit.osu_overlap.
+* IMB (where the Intel MPI Benchmarks are installed, e.g. ``make install MPI=impi``; ``--no-imb``
+  skips them): IMB-MPI1's Alltoallv at the mean per-peer bytes of the dispatch and of the combine,
+  on as many ranks, next to the raw floor (hpc_moe.apps.imb); without IMB the table says nothing.
 * schemes (with ``--ranks-per-node`` giving more than one node): the one-call exchange flat and
   hierarchical (hpc_moe.ep.hierarchical), and the bytes each sends across and inside nodes.
   The rows above are the flat exchange's.
@@ -23,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from mpi4py import MPI
 
 from hpc_moe.apps.benchkit import (
     Polled,
@@ -36,8 +38,9 @@ from hpc_moe.apps.benchkit import (
     timed,
 )
 from hpc_moe.apps.common import on_root
+from hpc_moe.apps.imb import imb_alltoallv
 from hpc_moe.backend import get_backend
-from hpc_moe.comm import ParallelContext
+from hpc_moe.comm import ParallelContext, mpi_library
 from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.ep.plan import NodeMap, flat_plan, meta_layout
@@ -61,6 +64,7 @@ class BenchDispatchOptions:
     warmup: int = 3
     ranks_per_node: int | None = None
     no_overlap: bool = False
+    no_imb: bool = False
     seed: int = 0
     json: str | None = None
 
@@ -74,6 +78,7 @@ def add_dispatch_args(p) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--ranks-per-node", type=int, default=None, help="simulate nodes of k ranks")
     p.add_argument("--no-overlap", action="store_true", help="skip the overlap measurement")
+    p.add_argument("--no-imb", action="store_true", help="skip IMB-MPI1's Alltoallv of the same bytes (run where installed)")
     add_common_args(p)
 
 
@@ -142,6 +147,12 @@ def run_bench_dispatch(o: BenchDispatchOptions) -> int:
             "combine": mean_over_ranks(comm, float((ex.reply_counts_P * out_row)[remote].sum()))}
     result = _figures(o, ctx, d, times, sent, mean_over_ranks(comm, float(ex.send_counts_P.sum())), overlap)
     result["schemes"] = _schemes(o, ctx, pl, be, x, idx, w, identity) if ctx.num_nodes > 1 else {}
+    result["imb"] = {"skipped": "--no-imb"}
+    if not o.no_imb:  # the same total bytes as the raw floor, spread evenly over the peers (self included)
+        per_peer = {"dispatch": float((ex.send_counts_P * ex.dispatch_row_bytes).sum()),
+                    "combine": float((ex.reply_counts_P * out_row).sum())}
+        lengths = {k: max(1, round(mean_over_ranks(comm, v) / ctx.ep_size)) for k, v in per_peer.items()}
+        result["imb"] = imb_alltoallv(comm, ctx.machines, lengths, o.iters)
     if ctx.rank == 0:
         print(_table(result))
         if o.json:
@@ -223,7 +234,7 @@ def _figures(o: BenchDispatchOptions, ctx, d, times, sent, rows_sent, overlap) -
         "config": {"ep_size": ctx.ep_size, "nodes": ctx.num_nodes, "tokens_per_rank": o.tokens, "hidden": o.hidden,
                    "topk": o.topk, "experts": o.experts, "dtype": o.dtype, "payload": o.payload,
                    "algorithm": o.algorithm, "deterministic": o.deterministic, "transport": d.transport.name,
-                   "iters": o.iters, "warmup": o.warmup, "mpi": MPI.Get_library_version().splitlines()[0].strip()},
+                   "iters": o.iters, "warmup": o.warmup, "mpi": mpi_library()},
         "rows_sent_per_rank": rows_sent,
         "pairs_per_rank": o.tokens * o.topk,
         "ops": ops,
@@ -244,11 +255,21 @@ def _table(r: dict) -> str:
              (f"# rows sent per rank {r['rows_sent_per_rank']:.0f} for {r['pairs_per_rank']} (token, expert) "
               "pairs (one row per destination rank)"),
              f"{'operation':<34}{'median ms':>11}{'p99 ms':>10}{'max ms':>10}{'MB/rank':>10}{'algbw GB/s':>12}"]
+    imb = r.get("imb", {})
     for name, op in r["ops"].items():
         lines.append(f"{name:<34}{op['median_ms']:>11.2f}{op['p99_ms']:>10.2f}{op['max_ms']:>10.2f}"
                      f"{op['mb_per_rank']:>10.1f}{op['algbw_gbps']:>12.2f}")
+        kind = name.startswith("raw Ialltoallv (") and name[len("raw Ialltoallv ("):].split()[0]
+        if kind in imb:  # IMB's one time per call, max over ranks, in the median column
+            mb = op["mb_per_rank"]
+            lines.append(f"{'IMB-MPI1 Alltoallv (' + kind + ' bytes)':<34}{imb[kind]['t_max_ms']:>11.2f}{'':>10}{'':>10}"
+                         f"{mb:>10.1f}{mb / imb[kind]['t_max_ms'] if imb[kind]['t_max_ms'] > 0 else 0.0:>12.2f}")  # MB/ms = GB/s
     lines.append(f"(dispatch + combine) / raw floor: {r['ratio_vs_raw']:.2f}; "
                  f"exchange / raw floor: {r['ratio_exchange_vs_raw']:.2f}")
+    if "binary" in imb:
+        lines.append(f"(IMB: {imb['binary']} Alltoallv on {imb['ranks']} ranks, t_max of equal per-peer "
+                     f"messages of the same total bytes: {imb['dispatch']['bytes_per_peer']} and "
+                     f"{imb['combine']['bytes_per_peer']} B)")
     for name, s in r["schemes"].items():
         lines.append(f"{name + ' exchange':<34}{s['exchange_ms']:>11.2f}   across nodes {s['internode_mb_per_rank']:.1f} MB/rank,"
                      f" inside nodes {s['intranode_mb_per_rank']:.1f} MB/rank")

@@ -21,12 +21,11 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
-from mpi4py import MPI
 
 from hpc_moe.apps.benchkit import RawFloor, add_common_args, max_over_ranks, timed
 from hpc_moe.apps.common import on_root
 from hpc_moe.backend import get_backend
-from hpc_moe.comm import ParallelContext
+from hpc_moe.comm import ParallelContext, mpi_library
 from hpc_moe.config import load_config
 from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions
 from hpc_moe.ep.exchange import Received
@@ -110,7 +109,7 @@ def run_bench_layer(o: BenchLayerOptions) -> int:
     flat = Dispatcher(ctx, placement, be, dataclasses.replace(options, scheme="flat"))
     block = MoEBlock(cfg, 0, weights, be, executor)
     x = be.asarray(np.random.default_rng([o.seed, ctx.rank]).standard_normal((o.tokens, o.hidden), np.float32))
-    prof = Profiler(1, be.phase_clock())
+    prof = Profiler(1, be.phase_clock(), ranges=be.phase_ranges())
     comm, sync = ctx.ep_comm, be.synchronize
 
     xs = [x[p[0]:p[-1] + 1] for p in np.array_split(np.arange(o.tokens), o.micro_batches)]
@@ -158,7 +157,7 @@ def run_bench_layer(o: BenchLayerOptions) -> int:
     result = {
         "impl": "hpc_moe (MoEBlock on the expert-parallel executor)",
         "config": {**o.__dict__, "world_size": ctx.size, "transport": executor.transport_name,
-                   "mpi": MPI.Get_library_version().splitlines()[0].strip()},
+                   "mpi": mpi_library()},
         "layer_ms": 1e3 * float(np.median(layer_max)),
         "phases_ms": {p: 1e3 * float(np.median(phase_max[:, i])) for i, p in enumerate(LAYER_PHASES)},
         "floor_ms": 1e3 * float(np.median(floor_max)),

@@ -25,13 +25,14 @@ def quiet_other_ranks(ctx) -> None:
 def warn_shared_cores(ctx, backend) -> None:
     """On the CPU, one warning (rank 0) where the ranks of a machine run more BLAS threads in all
     than it has cores: idle BLAS threads spin against the other ranks' work (13.6 s against 0.5 s
-    for 2 steps at 8 ranks on 2 cores)."""
+    for 2 steps at 8 ranks on 2 cores). One thread per rank is all the user can do: more ranks than
+    cores are then just oversubscribed, and say nothing."""
     if backend.is_gpu or ctx.rank != 0:
         return
     ranks = ctx.machines.count(ctx.machines[0])
     cores = os.cpu_count() or 1
     threads = int(os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or cores)
-    if ranks > 1 and ranks * threads > cores:
+    if ranks > 1 and threads > 1 and ranks * threads > cores:
         logging.getLogger("hpc_moe").warning(
             "%d ranks on this machine's %d cores, each with up to %d BLAS threads: they will spin against one "
             "another (export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1)", ranks, cores, threads)

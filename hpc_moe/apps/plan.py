@@ -10,12 +10,12 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 
 from hpc_moe.apps.common import hardware_of, loads_from_trace
-from hpc_moe.apps.workload import Workload as RunWorkload  # perf.footprint has a Workload of its own
+from hpc_moe.apps.workload import Workload
 from hpc_moe.config import ModelConfig, load_config
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.errors import UsageError
 from hpc_moe.outputs import check_output, write_json
-from hpc_moe.perf.footprint import Layout, Workload, memory_per_gpu, parameter_counts
+from hpc_moe.perf.footprint import GpuLoad, Layout, memory_per_gpu, parameter_counts
 from hpc_moe.perf.hardware import Hardware
 from hpc_moe.perf.predict import predict_step
 
@@ -90,7 +90,7 @@ def _plan(cfg: ModelConfig, hw: Hardware, o: PlanOptions, ep: int, sequences: in
     p = ExpertPlacement.build(cfg.n_routed_experts, ep, o.expert_tp, [r // rpn for r in range(ep)],
                               cfg.n_group, loads=None if loads_ME is None else loads_ME.mean(axis=0))
     layout = Layout(ep, o.dp, o.expert_tp, rpn)
-    mem = memory_per_gpu(cfg, layout, Workload(sequences, o.context, o.tokens), expert_dtype=o.experts_dtype,
+    mem = memory_per_gpu(cfg, layout, GpuLoad(sequences, o.context, o.tokens), expert_dtype=o.experts_dtype,
                          layers=layers)
     hbm = o.hbm_gib * 2**30 if o.hbm_gib else hw.hbm_bytes
     per_seq = mem["kv_cache"] / sequences
@@ -172,7 +172,7 @@ def _the_run(o: PlanOptions, cfg: ModelConfig) -> tuple[PlanOptions, dict | None
     o = replace(o, micro_batches=micro)
     if o.mode is None:
         return o, None
-    w = RunWorkload.create(o.mode, o.batch, o.seq_len, o.prefill_fraction, o.seed, cfg.max_position_embeddings)
+    w = Workload.create(o.mode, o.batch, o.seq_len, o.prefill_fraction, o.seed, cfg.max_position_embeddings)
     steps = w.steps(o.warmup + o.steps)[o.warmup:]
     pre = [len(s.prefill_lens) for s in steps]
     ctx = np.concatenate([s.decode_ctx for s in steps])

@@ -33,10 +33,10 @@ from hpc_moe.links import measure_links
 from hpc_moe.model.kvcache import Batch, KVCache
 from hpc_moe.model.router import SyntheticRouting
 from hpc_moe.outputs import check_output, write_json
+from hpc_moe.perf.footprint import GpuLoad, Layout, memory_per_gpu
 from hpc_moe.timing import COMM_PHASES, PHASES, Profiler
 from hpc_moe.trace.reader import read_trace
 from hpc_moe.watchdog import Watchdog
-from hpc_moe.weights.checkpoint import tensor_shapes
 
 log = logging.getLogger("hpc_moe")
 
@@ -66,7 +66,8 @@ def run_job(o: RunOptions) -> int:
     _check_fits(cfg, layers, workload, ctx, backend)
     warn_shared_cores(ctx, backend)
     watchdog = Watchdog(ctx.world, o.watchdog, hosts=ctx.hostnames)
-    prof = Profiler(layers, backend.phase_clock(), enabled=o.profile == "on", watchdog=watchdog)
+    prof = Profiler(layers, backend.phase_clock(), enabled=o.profile == "on", watchdog=watchdog,
+                    ranges=backend.phase_ranges())
     options = dataclasses.replace(o.layout.engine_options(), eplb=o.eplb, redundant_experts=o.redundant_experts)
     links = None
     if o.probe_links == "on" and ctx.num_nodes > 1:
@@ -104,15 +105,13 @@ def run_job(o: RunOptions) -> int:
 def _check_fits(cfg, layers: int, workload: Workload, ctx: ParallelContext, backend) -> None:
     """Refuse, before allocating, a model and workload that cannot fit this rank's memory: the
     replicated weights, this rank's share of the experts and the latent KV cache of its sequences
-    (the largest batch spread over the ranks), estimated from the shapes (every rank alike)."""
-    shapes = tensor_shapes(cfg, range(layers))
-    expert = sum(int(np.prod(s)) for n, s in shapes.items() if ".mlp.experts." in n)
-    dense = sum(int(np.prod(s)) for n, s in shapes.items() if ".mlp.experts." not in n)
-    slots = ctx.ep_size // ctx.expert_tp
-    weights = (dense + expert * -(-cfg.n_routed_experts // slots) / max(cfg.n_routed_experts, 1) / ctx.expert_tp)
+    (the largest batch spread over the ranks), in the compute dtype, as hpc_moe.perf.footprint
+    counts them for ``plan`` (every rank alike; buffers and activations are left to the headroom)."""
+    itemsize = backend.dtype.itemsize
     seqs = -(-workload.batch.upper() // ctx.size) + 1
-    cache = seqs * (workload.seq_len.upper() + 1) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * layers
-    need = int((weights + cache) * backend.dtype.itemsize)
+    mem = memory_per_gpu(cfg, Layout(ctx.ep_size, ctx.dp_size, ctx.expert_tp), GpuLoad(seqs, workload.seq_len.upper() + 1, 0),
+                         expert_dtype="dense", dense_bytes=itemsize, act_bytes=itemsize, layers=layers)
+    need = int(mem["replicated_weights"] + mem["routed_experts"] + mem["kv_cache"])
     have = backend.free_bytes() // (1 if backend.is_gpu else ctx.local_size)
     verdict = ctx.world.allreduce(int(need > have), op=MPI.MAX)
     if verdict:

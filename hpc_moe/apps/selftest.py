@@ -22,7 +22,7 @@ from mpi4py import MPI
 
 from hpc_moe.apps.common import on_root
 from hpc_moe.backend import Backend, get_backend
-from hpc_moe.comm import ParallelContext
+from hpc_moe.comm import ParallelContext, mpi_library
 from hpc_moe.ep.shm import DISPATCH
 from hpc_moe.ep.transport import make_transport
 from hpc_moe.errors import InputError
@@ -48,7 +48,7 @@ def check_mpi(ctx: ParallelContext) -> str:
     order = ctx.world.allgather(ctx.rank)
     if total != ctx.size * (ctx.size - 1) // 2 or order != list(range(ctx.size)):
         raise SelftestError(f"mpi: the ranks' answers do not add up (sum {total}, order {order[:8]}...)")
-    return f"{ctx.size} ranks on {ctx.num_nodes} node(s) answer ({' '.join(MPI.Get_library_version().split()[:3])})"
+    return f"{ctx.size} ranks on {ctx.num_nodes} node(s) answer ({mpi_library()})"
 
 
 def check_gpu(ctx: ParallelContext, backend: Backend, allow_shared: bool) -> str:

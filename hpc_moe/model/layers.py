@@ -40,36 +40,22 @@ def silu(x):
     return (x32 / (1.0 + xp.exp(-x32))).astype(x.dtype, copy=False)
 
 
-# Rows per GEMM call of the row-blocked (deterministic) linear. Small, because within one call a
-# row's result may depend on its position: OpenBLAS 0.3.31's Haswell sgemm (the kernel picked on
-# AMD EPYC hosts here) computes rows 0-5, 6-59 and 60-63 of a 64-row call three different ways;
-# calls of 8 rows treat every row alike (tests/test_rowops.py checks positions and shapes).
-_ROW_BLOCK = 8
-
-
 def linear(x, w, row_blocked: bool = False):
     """x [..., in] @ w[out, in].T -> [..., out] (HF weight layout: rows are outputs).
 
-    row_blocked: every GEMM call has exactly _ROW_BLOCK rows (the last block zero-padded), so a row's
-    result does not depend on how many rows came with it: BLAS picks its kernel (small-matrix,
-    gemv, blocked) by shape, and rows computed in differently shaped calls differ in the last bit.
-    This is what makes ``--deterministic`` logits independent of how sequences are spread over
-    ranks. NumPy only (the CPU path is the reference).
+    row_blocked: every output row is computed by the same loop whatever rows came with it, so a
+    row's result does not depend on how many rows came with it nor where it sits among them. BLAS
+    cannot promise that: it picks its kernel (small-matrix, gemv, blocked) by shape, and OpenBLAS's
+    Haswell sgemm kernel (the one it picks on CPUs it does not know, e.g. recent AMD EPYC) rounds a
+    row differently by its position inside a micro-tile, even in calls of one shape. NumPy's einsum
+    (no BLAS without ``optimize``) sums each dot product in one fixed order, about 4x slower than
+    BLAS. This is what makes ``--deterministic`` logits independent of how sequences are spread
+    over ranks. NumPy only (the CPU path is the reference).
     """
     if not row_blocked or array_module(x) is not np:
         return x @ w.T
     x2 = x.reshape(-1, x.shape[-1])
-    out = np.empty((x2.shape[0], w.shape[0]), dtype=np.result_type(x2.dtype, w.dtype))
-    pad = None
-    for s in range(0, x2.shape[0], _ROW_BLOCK):
-        n = min(_ROW_BLOCK, x2.shape[0] - s)
-        if n == _ROW_BLOCK:
-            np.matmul(x2[s:s + n], w.T, out=out[s:s + n])
-            continue
-        if pad is None:
-            pad = np.zeros((_ROW_BLOCK, x2.shape[1]), x2.dtype)
-        pad[:n] = x2[s:s + n]
-        out[s:s + n] = (pad @ w.T)[:n]
+    out = np.einsum("tk,nk->tn", x2, w, optimize=False)
     return out.reshape(x.shape[:-1] + (w.shape[0],))
 
 

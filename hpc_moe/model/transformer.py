@@ -53,7 +53,7 @@ class Model:
     num_layers: run only the first N layers (then the final norm and head), for machines that
     cannot hold the model; profiler: where phase times go (default: nowhere); synthetic_routing:
     replaces the router's decisions (benchmarks of the dispatch path; changes the outputs);
-    deterministic: row-blocked GEMMs and per-sequence decode attention, so that a sequence's logits
+    deterministic: row-independent GEMMs and per-sequence decode attention, so that a sequence's logits
     do not depend on which other sequences share its batch (bitwise, on the CPU).
     """
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from hpc_moe.config import ModelConfig
 from hpc_moe.errors import UsageError
+from hpc_moe.fp8 import FP8_BLOCK
 from hpc_moe.weights.checkpoint import tensor_shapes
 
 KINDS = ("attention", "dense_mlp", "routed_experts", "shared_experts", "router", "embeddings_and_head", "norms")
@@ -64,7 +65,7 @@ class Layout:
 
 
 @dataclass(frozen=True)
-class Workload:
+class GpuLoad:
     """Per GPU: ``sequences`` it serves of ``context`` positions each (its latent KV cache), and
     ``tokens`` going through a layer at once (its activations and all-to-all buffers)."""
 
@@ -73,19 +74,20 @@ class Workload:
     tokens: int
 
 
-def memory_per_gpu(cfg: ModelConfig, layout: Layout, load: Workload, *, expert_dtype: str = "auto",
-                   dense_bytes: int = 2, layers: int | None = None) -> dict[str, float]:
+def memory_per_gpu(cfg: ModelConfig, layout: Layout, load: GpuLoad, *, expert_dtype: str = "auto",
+                   dense_bytes: int = 2, act_bytes: int = 2, layers: int | None = None) -> dict[str, float]:
     """Bytes per GPU by item: replicated weights (everything but the routed experts, in
     ``dense_bytes`` each), routed experts (this GPU's share of the slots: FP8 e4m3 with a float32
-    scale per 128 x 128 block, or BF16), the latent KV cache (BF16), dispatch/combine buffers (a
-    row per token and destination rank, both directions, send and receive) and activations (a
-    few [tokens, hidden] and [tokens, intermediate] buffers); "total" sums them."""
+    scale per 128 x 128 block, BF16, or "dense": as the replicated weights, which is how a run
+    holds them), the latent KV cache, dispatch/combine buffers (a row per token and destination
+    rank, both directions, send and receive) and activations (a few [tokens, hidden] and [tokens,
+    intermediate] buffers), these three in ``act_bytes`` an element; "total" sums them."""
     if layout.ep % layout.expert_tp:
         raise UsageError(f"ep {layout.ep} is not divisible by expert_tp {layout.expert_tp}")
     n = layers or cfg.num_hidden_layers
     p = parameter_counts(cfg, n)
     fp8 = expert_dtype == "fp8" or (expert_dtype == "auto" and cfg.quantization_config is not None)
-    expert_bytes = 1 + 4 / (128 * 128) if fp8 else 2
+    expert_bytes = 1 + 4 / (FP8_BLOCK * FP8_BLOCK) if fp8 else dense_bytes if expert_dtype == "dense" else 2
     slots = layout.ep // layout.expert_tp
     experts_per_slot = -(-cfg.n_routed_experts // slots) if cfg.n_routed_experts else 0
     per_expert = p["routed_experts"]["total"] / max(cfg.n_routed_experts, 1)
@@ -94,9 +96,9 @@ def memory_per_gpu(cfg: ModelConfig, layout: Layout, load: Workload, *, expert_d
     items = {
         "replicated_weights": (p["all"]["total"] - p["routed_experts"]["total"]) * dense_bytes,
         "routed_experts": experts_per_slot * per_expert / layout.expert_tp * expert_bytes,
-        "kv_cache": load.sequences * load.context * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * n * 2,
-        "dispatch_buffers": (load.tokens * min(K, layout.ep) * H * 2 * 4) if moe_layers else 0.0,
-        "activations": load.tokens * (8 * H + 2 * max(cfg.intermediate_size, K * cfg.moe_intermediate_size)) * 2,
+        "kv_cache": load.sequences * load.context * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * n * act_bytes,
+        "dispatch_buffers": (load.tokens * min(K, layout.ep) * H * act_bytes * 4) if moe_layers else 0.0,
+        "activations": load.tokens * (8 * H + 2 * max(cfg.intermediate_size, K * cfg.moe_intermediate_size)) * act_bytes,
     }
     items["total"] = sum(items.values())
     return items

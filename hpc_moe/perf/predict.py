@@ -20,11 +20,13 @@ micro-batches the other micro-batches' attention also hides it, and every phase 
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
 
 from hpc_moe.config import ModelConfig
+from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.ep.plan import meta_layout
 from hpc_moe.fp8 import FP8_BLOCK
 from hpc_moe.perf.footprint import Layout, layer_parameters
@@ -76,11 +78,20 @@ def reach(cfg: ModelConfig, owner_E) -> float:
 
 
 def _owners(cfg: ModelConfig, layout: Layout) -> tuple[list[int], list[int]]:
-    """Each expert's first rank and its node, experts dealt to the slots in contiguous blocks."""
-    slots = layout.ep // layout.expert_tp
-    per_slot = -(-cfg.n_routed_experts // slots)
-    rank = [(e // per_slot) * layout.expert_tp for e in range(cfg.n_routed_experts)]
-    return rank, [r // min(layout.ranks_per_node, layout.ep) for r in rank]
+    """Each expert's first rank and its node, as a run with uniform loads places them (the
+    placement itself, hpc_moe.ep.placement, with the engine's policy: not a restatement of it)."""
+    return _placed_owners(cfg.n_routed_experts, cfg.n_group, layout.ep, layout.expert_tp,
+                          min(layout.ranks_per_node, layout.ep))
+
+
+@functools.lru_cache(maxsize=256)  # a sweep predicts the same layout for many batches
+def _placed_owners(n_experts: int, n_group: int, ep: int, expert_tp: int, rpn: int) -> tuple[list[int], list[int]]:
+    node_of_rank = [r // rpn for r in range(ep)]
+    nodes = len(set(node_of_rank))
+    p = ExpertPlacement.build(n_experts, ep, expert_tp, node_of_rank, n_group,
+                              policy="hierarchical" if n_group % nodes == 0 else "global")
+    rank = [p.owners(e)[0] * expert_tp for e in range(n_experts)]
+    return rank, [node_of_rank[r] for r in rank]
 
 
 def wire_row_bytes(cfg: ModelConfig, act_bytes: int, payload: str) -> tuple[float, float]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from mpi4py import MPI
 
+from hpc_moe.apps.imb import find_imb
 from hpc_moe.cli import main
 
 pytestmark = pytest.mark.mpi
@@ -18,8 +19,8 @@ def out_file(factory, name) -> str:
     return WORLD.bcast(str(factory.mktemp(name) / "out.json") if WORLD.Get_rank() == 0 else None)
 
 
-@pytest.mark.parametrize("extra", [[], ["--algorithm", "pipelined", "--deterministic"], ["--payload", "fp8"],
-                                   ["--ranks-per-node", "2", "--no-overlap"]])
+@pytest.mark.parametrize("extra", [[], ["--algorithm", "pipelined", "--deterministic", "--no-imb"],
+                                   ["--payload", "fp8", "--no-imb"], ["--ranks-per-node", "2", "--no-overlap", "--no-imb"]])
 def test_bench_dispatch_json(tmp_path_factory, extra):
     path = out_file(tmp_path_factory, "dispatch")
     assert main(["bench", "dispatch", "--tokens", "24", "--hidden", "256", "--experts", str(max(4, 2 * WORLD.Get_size())),
@@ -42,6 +43,17 @@ def test_bench_dispatch_json(tmp_path_factory, extra):
         assert s["hierarchical"]["exchange_ms"] > 0
     # Rows leave once per destination rank: never more than the pairs.
     assert 0 < r["rows_sent_per_rank"] <= r["pairs_per_rank"]
+    # IMB's Alltoallv of the same bytes where it is installed (make install MPI=impi), else one reason.
+    imb = r["imb"]
+    if "--no-imb" in extra:
+        assert imb == {"skipped": "--no-imb"}
+    elif find_imb() is None:
+        assert "not found" in imb["skipped"]
+    else:
+        assert imb["ranks"] == WORLD.Get_size(), imb
+        for kind in ("dispatch", "combine"):
+            total = ops[f"raw Ialltoallv ({kind} bytes)"]["mb_per_rank"] * 1e6  # to other ranks only
+            assert imb[kind]["bytes_per_peer"] * WORLD.Get_size() >= total and imb[kind]["t_max_ms"] > 0
 
 
 @pytest.mark.parametrize("micro_batches", [1, 3])
