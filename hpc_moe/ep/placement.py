@@ -28,9 +28,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hpc_moe.ep.refine import refine
 from hpc_moe.errors import InputError
 
-POLICIES = ("hierarchical", "global")
+# DeepSeek EPLB's two policies, and each followed by the refinement of hpc_moe.ep.refine (swaps of
+# replicas between slots: inside each node for hierarchical, anywhere for global).
+POLICIES = ("hierarchical", "global", "hierarchical-refined", "global-refined")
 
 
 class PlacementError(InputError):
@@ -45,12 +48,14 @@ class ExpertPlacement:
     layer_ids: the model layer of each map, or None when one map serves every layer; every method
     takes ``layer`` (a model layer id, ignored for a shared map). Slot s is EP ranks
     [s * expert_tp, (s + 1) * expert_tp). node_of_rank: node id of every EP rank [ep_size].
-    policy: how loads place experts (EPLB's two): "hierarchical" (routing groups packed onto nodes
-    by load, then replicas and packing inside each node) or "global" (replicas of the hot experts
-    anywhere, packed over all slots); redundant: replicas beyond one per expert when experts are
-    colocated (E > slots), as DeepSeek's redundant experts; node_cost: float per node id, the
-    relative cost of its links (hpc_moe.links.Links.node_cost), whose cheapest nodes take the
-    heaviest nodes' experts, or None where the links are even; all three are kept for re-placement.
+    policy: how loads place experts (POLICIES): EPLB's "hierarchical" (routing groups packed onto
+    nodes by load, then replicas and packing inside each node) or "global" (replicas of the hot
+    experts anywhere, packed over all slots), or either with "-refined" (its packing refined by
+    swaps of replicas that lower the hottest slot's load, inside the nodes or anywhere);
+    redundant: replicas beyond one per expert when experts are colocated (E > slots), as
+    DeepSeek's redundant experts; node_cost: float per node id, the relative cost of its links
+    (hpc_moe.links.Links.node_cost), whose cheapest nodes take the heaviest nodes' experts, or
+    None where the links are even; all three are kept for re-placement.
     """
 
     n_experts: int
@@ -169,6 +174,25 @@ class ExpertPlacement:
         topk = np.asarray(topk_idx_TK, dtype=np.int64)
         return self.choose_replica(topk, src_rank, np.arange(topk.shape[0])[:, None], layer)
 
+    def slot_loads(self, loads_E, layer: int | None = None) -> np.ndarray:
+        """float64 [S]: each slot's expected rows from tokens per expert (float [E]), an expert's
+        load split evenly over its replicas (as EPLB models it)."""
+        rep_ER, n_rep_E = self._tables[self._index(layer)][:2]
+        share_E = np.asarray(loads_E, dtype=np.float64) / n_rep_E
+        valid = rep_ER >= 0
+        return np.bincount(rep_ER[valid], weights=np.broadcast_to(share_E[:, None], rep_ER.shape)[valid],
+                           minlength=self.n_slots)
+
+    def route_shares(self, layer: int | None = None) -> np.ndarray:
+        """float64 [N, E, S]: the share of node n's tokens for expert e that choose_replica sends to
+        slot s (its replicas on node n, else all of them, alike)."""
+        _, _, cand_NER, ncand_NE, _ = self._tables[self._index(layer)]
+        n_nodes, e_count, r = cand_NER.shape
+        out = np.zeros((n_nodes, e_count, self.n_slots))
+        n_i, e_i, j = np.nonzero(np.arange(r)[None, None, :] < ncand_NE[:, :, None])
+        np.add.at(out, (n_i, e_i, cand_NER[n_i, e_i, j]), 1.0 / ncand_NE[n_i, e_i])
+        return out
+
     def to_array(self, layer: int | None = None) -> np.ndarray:
         """int32 [E, R] slots of each expert, -1 padded; [L, E, R] for all per-layer maps when
         ``layer`` is None and the placement has per-layer maps (the HDF5 trace form)."""
@@ -215,12 +239,23 @@ def _place_layer(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray
                  redundant: int = 0, node_cost=None):
     """-> tuple over slots of sorted expert tuples."""
     s_total = len(node_of_slot)
-    if policy == "global":
-        counts = _replicate(loads_E, max(s_total, n_experts + redundant), s_total)
-        packed = _pack(counts, loads_E, list(range(s_total)), node_of_slot)
-        return _by_links(tuple(tuple(sorted(x)) for x in packed), node_of_slot, loads_E, node_cost)
+    base = policy.removesuffix("-refined")
     nodes = sorted(set(node_of_slot))
     slots_by_node = [[s for s in range(s_total) if node_of_slot[s] == n] for n in nodes]
+    if base == "global":
+        counts = _replicate(loads_E, max(s_total, n_experts + redundant), s_total)
+        held = _pack(counts, loads_E, list(range(s_total)), node_of_slot)
+    else:
+        held = _hierarchical(n_experts, node_of_slot, n_group, loads_E, redundant, slots_by_node)
+    if base != policy:
+        held = refine(held, loads_E, [list(range(s_total))] if base == "global" else slots_by_node)
+    return _by_links(tuple(tuple(sorted(x)) for x in held), node_of_slot, loads_E, node_cost)
+
+
+def _hierarchical(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray, redundant: int,
+                  slots_by_node: list[list[int]]) -> list[list[int]]:
+    """EPLB's hierarchical policy: -> the experts of each slot."""
+    s_total = len(node_of_slot)
     # Node n gets a contiguous share of the expert order proportional to its slots.
     cum = np.cumsum([0] + [len(x) for x in slots_by_node])
     bounds = (n_experts * cum) // s_total
@@ -252,7 +287,7 @@ def _place_layer(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray
             e = int(np.argmax(loads_E / counts))
             counts[e] += 1
             result[s] = [e]
-    return _by_links(tuple(tuple(sorted(x)) for x in result), node_of_slot, loads_E, node_cost)
+    return result
 
 
 def _by_links(slot_map, node_of_slot, loads_E: np.ndarray, node_cost):
