@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from hpc_moe.apps.plan import format_placement
+from hpc_moe.ep.packing import SPILL
 from hpc_moe.ep.placement import ExpertPlacement, PlacementError
 
 
@@ -289,3 +290,35 @@ def test_route_shares_are_choose_replica():
 def test_unknown_policy_is_an_input_error():
     with pytest.raises(PlacementError, match="policy must be one of"):
         ExpertPlacement.build(8, 8, policy="best")
+
+
+def draws(popularity, ranks: int, n_tokens: int = 4000, k: int = 2, seed: int = 0) -> list[np.ndarray]:
+    """Each rank's tokens' K distinct experts, drawn by popularity (Gumbel top-k), int [T, K]."""
+    rng = np.random.default_rng(seed)
+    return [np.argsort(-(np.log(popularity)[None, :] + rng.gumbel(size=(n_tokens, len(popularity)))), axis=1)[:, :k]
+            for _ in range(ranks)]
+
+
+def test_replica_shares_level_the_ranks_and_routing_follows_them():
+    # 16 experts, 8 ranks on 2 nodes, 8 redundant: 3 experts a rank, the hot ones replicated
+    # unevenly over the nodes, which an even split (or only the own node's replicas) cannot level.
+    topk = draws(1 / np.arange(1, 17) ** 0.9, 8)
+    loads = np.bincount(np.concatenate(topk).ravel(), minlength=16).astype(float)  # as a run measures them
+    p = ExpertPlacement.build(16, 8, node_of_rank=nodes(2, 4), n_group=4, loads=loads, policy="global", redundant=8)
+    even = p.slot_loads(loads)
+    routed = p.routed_loads(loads)
+    assert routed.sum() == pytest.approx(loads.sum())
+    # tokens leave their node only to save more than SPILL of a mean rank's load
+    assert routed.max() / routed.mean() <= even.max() / even.mean() + SPILL
+    assert routed.max() / routed.mean() < 1.03
+    # what the routing does agrees with what the placement expects
+    got = sum(np.bincount(p.route(t, rank).ravel(), minlength=8) for rank, t in enumerate(topk))
+    assert np.abs(got / routed - 1).max() < 0.02
+    # and every share is a replica of that expert, local replicas first
+    shares = p.route_shares()
+    for n in range(2):
+        for e in range(16):
+            assert set(np.nonzero(shares[n, e])[0]) <= set(p.owners(e))
+            here = [s for s in p.owners(e) if s // 4 == n]
+            if here:
+                assert shares[n, e, here].sum() >= 0.5

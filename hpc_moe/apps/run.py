@@ -229,7 +229,9 @@ def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workloa
             engine.replan(cumulative)
             if ctx.rank == 0:
                 recorder.append_placement(step=measured + 1, placement=_placement_ranks(engine.placement))
-            log.info("after measured step %d: experts re-placed from the loads measured so far", measured)
+            model = _placement_model(engine.placement)
+            log.info("after measured step %d: experts re-placed from the loads measured so far (%s; expected rank "
+                     "load %.2f)", measured, model["policy"], np.mean(model["modelled_rank_load"]))
         t_rec = time.perf_counter()
         # The timeline only goes to a trace file (--trace none keeps just the summary's numbers).
         sample = o.trace is not None and bool(o.events_every) and measured % o.events_every == 0
@@ -346,6 +348,16 @@ def _placement_ranks(placement) -> np.ndarray:
     return np.where(np.repeat(slots, tp, axis=-1) >= 0, ranks, -1).astype(np.int32)
 
 
+def _placement_model(p) -> dict:
+    """The placement's policy and, placed by loads, the rank load (max/mean per MoE layer) it
+    expects as choose_replica sends the tokens: the trace's figure to set against the measured."""
+    if p.loads is None:
+        return {"policy": p.policy, "modelled_rank_load": None}
+    ids = p.layer_ids or [None] * len(p.loads)
+    rows = [p.routed_loads(w, layer) for layer, w in zip(ids, p.loads)]
+    return {"policy": p.policy, "modelled_rank_load": [float(r.max() / r.mean()) for r in rows]}
+
+
 def _open_recorder(o: RunOptions, cfg, layers, ctx, backend, engine: Engine, workload, rank_map, links):
     from hpc_moe.ep.transport import mpi_cuda_support
     from hpc_moe.trace.writer import MemoryTrace, TraceWriter
@@ -353,7 +365,8 @@ def _open_recorder(o: RunOptions, cfg, layers, ctx, backend, engine: Engine, wor
     meta = {"model_config": cfg.to_dict(), "run_config": run_config, "parallel_config": ctx.describe(),
             "mpi_library_version": MPI.Get_library_version(), "transport": engine.transport_name,
             "cuda_aware": mpi_cuda_support() == 1, "array_backend": f"{backend.name} ({backend.dtype})",
-            "truncated": layers < cfg.num_hidden_layers, "links": links and links.to_dict()}
+            "truncated": layers < cfg.num_hidden_layers, "links": links and links.to_dict(),
+            "extra": {"placement": _placement_model(engine.placement)}}
     layout = dict(num_layers=layers, moe_layers=engine.moe_layers, placement=_placement_ranks(engine.placement),
                   rank_map=rank_map, phases=PHASES, comm_phases=COMM_PHASES)
     if o.trace is None:

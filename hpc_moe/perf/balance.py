@@ -27,8 +27,8 @@ from hpc_moe.perf.predict import Traffic, predict_step, wire_row_bytes
 
 @dataclass(frozen=True, eq=False)
 class Candidate:
-    """One policy's placement and its price: rank_load the hottest slot's rows over the mean (an
-    expert's load split evenly over its replicas), the mean over MoE layers; traffic its rows per
+    """One policy's placement and its price: rank_load the hottest slot's rows over the mean (the
+    rows its replicas take as choose_replica sends them), the mean over MoE layers; traffic its rows per
     token; inter_node_bytes and intra_node_bytes per GPU per step (one MoE layer, both
     directions); step_ms the predicted step."""
 
@@ -42,11 +42,12 @@ class Candidate:
 
 
 def rank_load(p: ExpertPlacement, loads_ME: np.ndarray) -> float:
-    """The hottest slot's rows over the mean, the mean over the MoE layers (loads float [M, E])."""
+    """The hottest slot's rows over the mean as choose_replica sends the tokens (routed_loads),
+    the mean over the MoE layers (loads float [M, E])."""
     ids = p.layer_ids or [None] * len(loads_ME)
     out = []
     for layer, loads_E in zip(ids, loads_ME):
-        s = p.slot_loads(loads_E, layer)
+        s = p.routed_loads(loads_E, layer)
         out.append(s.max() / s.mean() if s.mean() > 0 else 1.0)
     return float(np.mean(out))
 
