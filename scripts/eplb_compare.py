@@ -8,7 +8,8 @@ hottest GPU's rows over the mean, each expert's load split evenly over its repli
 models it) of DeepSeek's hierarchical and global policies, of every hpc_moe policy, and of
 ``--eplb auto`` (the policy the planner's cost model picks, as ``hpc-moe run`` picks it; its
 replicas' shares as hpc_moe's choose_replica sends tokens to them), per MoE layer and the mean
-over layers, then one Markdown row for docs/benchmarks.md.
+over layers, then one Markdown row for docs/benchmarks.md (its last two columns: auto's routed rank
+load against the better of DeepSeek's policies and against the one `eplb.py` itself runs).
 
     python scripts/eplb_compare.py --eplb-py /path/to/EPLB/eplb.py --loads-from a.h5 \\
         --config scripts/eplb/tiny-e12.json --ranks 16 --ranks-per-node 4
@@ -105,9 +106,11 @@ def main() -> int:
     auto = rows[f"hpc_moe --eplb auto ({chosen.policy}), routed"].mean()
     ds_h, ds_g = (rows[k] for k in ("DeepSeek hierarchical", "DeepSeek global"))
     rule = ds_h if cfg.n_group % nodes == 0 else ds_g  # what eplb.rebalance_experts itself runs
+    even = rows[f"hpc_moe {chosen.policy}"].mean()  # auto's placement on EPLB's own model
     print(f"| {E} experts, {cfg.n_group} groups, {ranks} ranks / {nodes} nodes, {n_phys} physical | "
           f"{'n/a' if ds_h is None else f'{ds_h.mean():.3f}'} | {ds_g.mean():.3f} | {rule.mean():.3f} | "
-          f"{auto:.3f} ({chosen.policy}) | {100 * (1 - auto / min(ds)):+.1f} % | {100 * (1 - auto / rule.mean()):+.1f} % |")
+          f"{chosen.policy} | {even:.3f} | {auto:.3f} | {100 * (auto / min(ds) - 1):+.1f} % | "
+          f"{100 * (auto / rule.mean() - 1):+.1f} % |")
     return 0
 
 

@@ -14,6 +14,7 @@ from mpi4py import MPI
 from hpc_moe.apps.workload import Workload
 from hpc_moe.cli import main
 from hpc_moe.config import load_config
+from hpc_moe.ep.placement import POLICIES
 from hpc_moe.perf.hardware import load_hardware
 from hpc_moe.trace.reader import read_trace
 
@@ -229,6 +230,9 @@ def test_replan_records_each_placement_and_every_eplb_policy_runs(tmp_path_facto
     for policy in ("hierarchical", "global", "global-refined", "auto"):
         t = read_trace(f"{d}/{policy}.h5")
         assert t.state == "completed" and t.meta["run_config"]["eplb"] == policy
+        model = t.meta["extra"]["placement"]  # the policy run (auto's choice) and the rank load it expects
+        assert model["policy"] == policy or (policy == "auto" and model["policy"] in POLICIES)
+        assert len(model["modelled_rank_load"]) == len(t.moe_layers) and min(model["modelled_rank_load"]) >= 1.0
         e = load_config("tiny").n_routed_experts
         if size < e and policy != "auto":  # colocated: up to 4 replicas more, as many as the slots can take without duplicates
             held = (t.placement >= 0).sum(axis=(1, 2))
