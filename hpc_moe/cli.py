@@ -103,6 +103,7 @@ def _add_checkpoint(sub):
 
 
 def _add_run(sub):
+    from hpc_moe.ep.placement import POLICIES
     p = sub.add_parser("run", help="the main job: a throughput run that writes an HDF5 trace",
                        description="Run a workload on the expert-parallel engine under mpiexec/srun "
                        "(one rank per GPU), print a summary, and write the trace on rank 0.")
@@ -145,9 +146,11 @@ def _add_run(sub):
                    help="place experts (replicas, colocation) by the loads an earlier run measured")
     b.add_argument("--replan-every", type=int, default=0,
                    help="re-place experts from the loads measured so far every N steps (outputs unchanged)")
-    b.add_argument("--eplb", default="auto", choices=["auto", "hierarchical", "global"],
+    b.add_argument("--eplb", default="auto", choices=["auto", *POLICIES],
                    help="how loads place experts: DeepSeek EPLB's hierarchical (groups packed onto nodes, replicas "
-                   "inside them) or global (replicas anywhere) policy; auto: hierarchical when nodes divide the groups")
+                   "inside them) or global (replicas anywhere) policy, or either -refined (its packing improved by "
+                   "swaps of replicas); auto: every policy's placement priced by the planner's cost model (expert "
+                   "work of the slowest rank, bytes across and inside nodes on the measured links), the cheapest")
     b.add_argument("--probe-links", default="on", choices=["on", "off"],
                    help="with more than one node: time every node pair's link at the start (about a second), record "
                    "them in the trace, and, placing by loads, give the heaviest nodes' experts to the nodes with the "
@@ -161,6 +164,7 @@ def _add_run(sub):
 
 
 def _add_plan(sub):
+    from hpc_moe.ep.placement import POLICIES
     from hpc_moe.perf.hardware import hardware_names
     p = sub.add_parser("plan", help="a deployment before it runs: parameters, memory per GPU and whether it "
                        "fits, the expert placement, the predicted prefill and decode step (a projection)")
@@ -169,7 +173,10 @@ def _add_plan(sub):
     p.add_argument("--ranks-per-node", type=_positive, default=None, help="default: the hardware's GPUs per node")
     p.add_argument("--dp", type=_positive, default=1)
     p.add_argument("--expert-tp", type=_positive, default=1)
-    p.add_argument("--loads-from", metavar="TRACE.h5", help="place by the loads of an earlier run")
+    p.add_argument("--loads-from", metavar="TRACE.h5", help="place by the loads of an earlier run: print every "
+                   "placement policy's rank load, bytes and predicted step, and plan with the cheapest")
+    p.add_argument("--eplb", default="auto", choices=["auto", *POLICIES],
+                   help="with --loads-from: plan this placement policy (auto: the cheapest predicted)")
     p.add_argument("--layers", type=_positive, default=None, help="the first N layers only (default: all)")
     p.add_argument("--experts-dtype", default="auto", choices=["auto", "fp8", "bf16"],
                    help="routed experts in FP8 e4m3 with 128x128 block scales or BF16 (auto: as the config's "

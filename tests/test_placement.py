@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from hpc_moe.apps.plan import format_placement
+from hpc_moe.ep.packing import SPILL
 from hpc_moe.ep.placement import ExpertPlacement, PlacementError
 
 
@@ -232,3 +233,92 @@ def test_link_costs_leave_equal_loads_and_unequal_nodes_alone():
         ExpertPlacement.build(8, 8, node_of_rank=uneven, loads=loads).slot_experts
     with pytest.raises(PlacementError, match="node_cost"):
         ExpertPlacement.build(8, 8, node_of_rank=nodes(2, 4), node_cost=[1.0])
+
+
+# ---- the refined policies and the queries the planner prices placements with -----------------
+def held_of(p: ExpertPlacement, layer=None) -> list[list[int]]:
+    return [p.local_experts(s * p.expert_tp, layer) for s in range(p.n_slots)]
+
+
+def test_refinement_fixes_what_greedy_packing_misses():
+    # LPT with floor/ceil counts: 3, 3, 2 | 2, 2 -> 7 against 5; the optimum is 3 + 3 | 2 + 2 + 2.
+    loads = np.array([3.0, 3.0, 2.0, 2.0, 2.0])
+    greedy = ExpertPlacement.build(5, 2, loads=loads, policy="global")
+    refined = ExpertPlacement.build(5, 2, loads=loads, policy="global-refined")
+    assert greedy.slot_loads(loads).max() == pytest.approx(7.0)
+    assert refined.slot_loads(loads).max() == pytest.approx(6.0)
+    assert sorted(len(h) for h in held_of(refined)) == [2, 3]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("case", [(12, 16, 4, 4, 0), (32, 8, 2, 8, 8), (16, 8, 4, 4, 0), (24, 12, 3, 4, 12)])
+def test_refined_policies_keep_the_rules_and_never_lose(case, seed):
+    n_exp, ep, n_nodes, groups, redundant = case
+    loads = np.random.default_rng(seed).zipf(1.6, n_exp).astype(float)
+    node_of_rank = nodes(n_nodes, ep // n_nodes)
+    for base in ("hierarchical", "global"):
+        p = ExpertPlacement.build(n_exp, ep, node_of_rank=node_of_rank, n_group=groups, loads=loads, policy=base,
+                                  redundant=redundant)
+        q = ExpertPlacement.build(n_exp, ep, node_of_rank=node_of_rank, n_group=groups, loads=loads,
+                                  policy=base + "-refined", redundant=redundant)
+        assert q.slot_loads(loads).max() <= p.slot_loads(loads).max() * (1 + 1e-12)
+        # the same replicas of every expert, the same count per slot, no slot with two copies
+        assert [len(q.owners(e)) for e in range(n_exp)] == [len(p.owners(e)) for e in range(n_exp)]
+        assert sorted(map(len, held_of(q))) == sorted(map(len, held_of(p)))
+        assert all(len(set(h)) == len(h) for h in held_of(q))
+        assert q.slot_loads(loads).sum() == pytest.approx(loads.sum())
+        if base == "hierarchical":  # refined inside the nodes: every node holds the same experts
+            for n in range(n_nodes):
+                slots = [s for s in range(ep) if node_of_rank[s] == n]
+                assert sorted(e for s in slots for e in q.local_experts(s)) == \
+                    sorted(e for s in slots for e in p.local_experts(s))
+
+
+def test_route_shares_are_choose_replica():
+    loads = np.array([40.0, 9, 5, 3, 2, 1])
+    node_of_rank = nodes(2, 4)
+    p = ExpertPlacement.build(6, 8, node_of_rank=node_of_rank, loads=loads, policy="global")
+    shares = p.route_shares()
+    assert shares.shape == (2, 6, 8) and np.allclose(shares.sum(axis=2), 1.0)
+    tokens = np.arange(4000)
+    for src in (0, 5):
+        for e in range(6):
+            got = np.bincount(p.choose_replica(np.full(len(tokens), e), src, tokens), minlength=8) / len(tokens)
+            assert np.allclose(got, shares[node_of_rank[src], e], atol=1e-3)
+
+
+def test_unknown_policy_is_an_input_error():
+    with pytest.raises(PlacementError, match="policy must be one of"):
+        ExpertPlacement.build(8, 8, policy="best")
+
+
+def draws(popularity, ranks: int, n_tokens: int = 4000, k: int = 2, seed: int = 0) -> list[np.ndarray]:
+    """Each rank's tokens' K distinct experts, drawn by popularity (Gumbel top-k), int [T, K]."""
+    rng = np.random.default_rng(seed)
+    return [np.argsort(-(np.log(popularity)[None, :] + rng.gumbel(size=(n_tokens, len(popularity)))), axis=1)[:, :k]
+            for _ in range(ranks)]
+
+
+def test_replica_shares_level_the_ranks_and_routing_follows_them():
+    # 16 experts, 8 ranks on 2 nodes, 8 redundant: 3 experts a rank, the hot ones replicated
+    # unevenly over the nodes, which an even split (or only the own node's replicas) cannot level.
+    topk = draws(1 / np.arange(1, 17) ** 0.9, 8)
+    loads = np.bincount(np.concatenate(topk).ravel(), minlength=16).astype(float)  # as a run measures them
+    p = ExpertPlacement.build(16, 8, node_of_rank=nodes(2, 4), n_group=4, loads=loads, policy="global", redundant=8)
+    even = p.slot_loads(loads)
+    routed = p.routed_loads(loads)
+    assert routed.sum() == pytest.approx(loads.sum())
+    # tokens leave their node only to save more than SPILL of a mean rank's load
+    assert routed.max() / routed.mean() <= even.max() / even.mean() + SPILL
+    assert routed.max() / routed.mean() < 1.03
+    # what the routing does agrees with what the placement expects
+    got = sum(np.bincount(p.route(t, rank).ravel(), minlength=8) for rank, t in enumerate(topk))
+    assert np.abs(got / routed - 1).max() < 0.02
+    # and every share is a replica of that expert, local replicas first
+    shares = p.route_shares()
+    for n in range(2):
+        for e in range(16):
+            assert set(np.nonzero(shares[n, e])[0]) <= set(p.owners(e))
+            here = [s for s in p.owners(e) if s // 4 == n]
+            if here:
+                assert shares[n, e, here].sum() >= 0.5

@@ -273,3 +273,23 @@ def test_plan_takes_the_run_it_plans(tmp_path):
     assert run["tokens"] == math.ceil(t.input_tokens.mean() / 2) and run["steps"] == 5
     for bad in (["--mode", "decode", "--sweep-ep", "4"], ["--overlap", "on"]):
         assert main(["plan", "--config", "tiny", "--hardware", "cpu-2core", *bad]) == 2
+
+
+def test_plan_prices_every_placement_of_measured_loads(tmp_path, capsys):
+    """--loads-from: every policy's rank load, bytes and predicted step, the cheapest chosen and
+    planned with; --eplb forces one."""
+    assert main(["run", "--config", "tiny", "--routing", "zipf:1.5", "--mode", "prefill", "--batch", "8",
+                 "--seq-len", "16", "--steps", "2", "--warmup", "0", "--trace", str(tmp_path / "t.h5")]) == 0
+    capsys.readouterr()
+    plan = ["plan", "--config", "tiny", "--ranks", "8", "--ranks-per-node", "4", "--hardware", "cpu-2core",
+            "--loads-from", str(tmp_path / "t.h5")]
+    assert main([*plan, "--json", str(tmp_path / "p.json")]) == 0
+    text = capsys.readouterr().out
+    assert "predicted prefill step" in text and text.count("<- chosen") == 1
+    cands = json.loads((tmp_path / "p.json").read_text())["placement_candidates"]
+    assert [c["policy"] for c in cands] == ["hierarchical", "global", "hierarchical-refined", "global-refined"]
+    chosen = [c for c in cands if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["predicted_step_ms"] <= min(c["predicted_step_ms"] for c in cands) * 1.001
+    assert all(c["rank_load"] >= 1.0 and c["inter_node_bytes"] > 0 for c in cands)
+    assert main([*plan, "--eplb", "global", "--json", str(tmp_path / "g.json")]) == 0
+    assert [c["policy"] for c in json.loads((tmp_path / "g.json").read_text())["placement_candidates"]] == ["global"]

@@ -12,12 +12,14 @@ import numpy as np
 from hpc_moe.apps.common import hardware_of, loads_from_trace
 from hpc_moe.apps.workload import Workload
 from hpc_moe.config import ModelConfig, load_config
-from hpc_moe.ep.placement import ExpertPlacement
+from hpc_moe.ep.placement import POLICIES, ExpertPlacement
 from hpc_moe.errors import UsageError
 from hpc_moe.outputs import check_output, write_json
+from hpc_moe.perf.balance import Candidate, best, candidates, format_candidates
 from hpc_moe.perf.footprint import GpuLoad, Layout, memory_per_gpu, parameter_counts
 from hpc_moe.perf.hardware import Hardware
 from hpc_moe.perf.predict import predict_step
+from hpc_moe.trace.reader import read_trace
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class PlanOptions:
     dp: int = 1
     expert_tp: int = 1
     loads_from: str | None = None
+    eplb: str = "auto"
     layers: int | None = None
     experts_dtype: str = "auto"
     sequences: int = 8
@@ -81,14 +84,15 @@ class _Plan:
     dispatch: str
     imbalance: float
     predicted: dict
+    candidates: list[Candidate] | None = None  # with loads: every policy's placement and price
+    chosen: Candidate | None = None
 
 
-def _plan(cfg: ModelConfig, hw: Hardware, o: PlanOptions, ep: int, sequences: int, loads_ME) -> _Plan:
+def _plan(cfg: ModelConfig, hw: Hardware, o: PlanOptions, ep: int, sequences: int, loads_ME,
+          group_limited: bool = True) -> _Plan:
     if ep % o.expert_tp:
         raise UsageError(f"the EP group of {ep} ranks must be divisible by --expert-tp {o.expert_tp}")
     rpn, layers = o.ranks_per_node or hw.gpus_per_node, o.layers or cfg.num_hidden_layers
-    p = ExpertPlacement.build(cfg.n_routed_experts, ep, o.expert_tp, [r // rpn for r in range(ep)],
-                              cfg.n_group, loads=None if loads_ME is None else loads_ME.mean(axis=0))
     layout = Layout(ep, o.dp, o.expert_tp, rpn)
     mem = memory_per_gpu(cfg, layout, GpuLoad(sequences, o.context, o.tokens), expert_dtype=o.experts_dtype,
                          layers=layers)
@@ -96,14 +100,28 @@ def _plan(cfg: ModelConfig, hw: Hardware, o: PlanOptions, ep: int, sequences: in
     per_seq = mem["kv_cache"] / sequences
     most = max(0, int((hbm - (mem["total"] - mem["kv_cache"])) // per_seq)) if per_seq else 0
     dispatch = o.dispatch if o.dispatch != "auto" else ("hierarchical" if ep > rpn else "flat")
-    imbalance = _imbalance(p, loads_ME) if loads_ME is not None else 1.0
     fp8 = o.experts_dtype == "fp8" or (o.experts_dtype == "auto" and cfg.quantization_config is not None)
+    node_of_rank = [r // rpn for r in range(ep)]
+    cands = chosen = traffic = None
+    if loads_ME is None:
+        p = ExpertPlacement.build(cfg.n_routed_experts, ep, o.expert_tp, node_of_rank, cfg.n_group)
+        imbalance = 1.0
+    else:  # every policy priced by the step it predicts (prefill's, or decode's when the run decodes)
+        cands = candidates(cfg, hw, layout, node_of_rank, loads_ME,
+                           layers=[i for i in range(layers) if cfg.is_moe_layer(i)],
+                           tokens=o.tokens, mode="decode" if o.mode == "decode" else "prefill", sequences=sequences,
+                           context=o.context, dispatch=dispatch, expert_fp8=fp8, micro_batches=o.micro_batches,
+                           model_layers=layers, payload=o.payload, policies=POLICIES if o.eplb == "auto" else (o.eplb,),
+                           group_limited=group_limited)
+        chosen = best(cands)
+        p, imbalance, traffic = chosen.placement, chosen.rank_load, chosen.traffic
     pred = {mode: predict_step(cfg, layout, hw, mode=mode, tokens=o.tokens, sequences=sequences, context=o.context,
                                expert_fp8=fp8, dispatch=dispatch, micro_batches=o.micro_batches,
                                imbalance=imbalance, layers=layers, payload=o.payload,
-                               attention=o.attention)
+                               attention=o.attention, traffic=traffic)
             for mode in ("prefill", "decode")}
-    return _Plan(ep, sequences, rpn, hbm, p, mem, bool(mem["total"] <= hbm), most, dispatch, imbalance, pred)
+    return _Plan(ep, sequences, rpn, hbm, p, mem, bool(mem["total"] <= hbm), most, dispatch, imbalance, pred,
+                 cands, chosen)
 
 
 def _with_nics(hw: Hardware, nics: int | None) -> Hardware:
@@ -113,17 +131,6 @@ def _with_nics(hw: Hardware, nics: int | None) -> Hardware:
         return hw
     link = replace(hw.inter_node, bytes_per_s=hw.inter_node.bytes_per_s * nics / hw.gpus_per_node)
     return replace(hw, name=f"{hw.name}, {nics} NICs a node", inter_node=link)
-
-
-def _imbalance(p: ExpertPlacement, loads_ME) -> float:
-    """The hottest slot's routed rows over the mean, each expert's measured load split evenly across
-    its replicas; the mean over MoE layers (each waits for its own hottest slot)."""
-    out = []
-    for loads_E in loads_ME:
-        per_slot = [sum(loads_E[e] / len(p.owners(e)) for e in p.slot_experts[0][s]) for s in range(p.n_slots)]
-        mean = sum(per_slot) / len(per_slot)
-        out.append(max(per_slot) / mean if mean > 0 else 1.0)
-    return sum(out) / len(out)
 
 
 # What --calibrate / --validate use; every other option describes a layout, which the traces give.
@@ -158,9 +165,11 @@ def run_plan(o: PlanOptions) -> int:
         raise UsageError("--sweep-plot needs --sweep-ep")
     layers = o.layers or cfg.num_hidden_layers
     loads = loads_from_trace(o.loads_from, layers, cfg) if o.loads_from else None
+    # Loads measured under synthetic routing come from draws that ignore the routing groups.
+    limited = not o.loads_from or read_trace(o.loads_from).meta.get("run_config", {}).get("routing", "model") == "model"
     if o.sweep_ep:
-        return _sweep(cfg, hw, o, loads)
-    return _report(cfg, hw, o, _plan(cfg, hw, o, o.ranks // o.dp, o.sequences, loads), the_run)
+        return _sweep(cfg, hw, o, loads, limited)
+    return _report(cfg, hw, o, _plan(cfg, hw, o, o.ranks // o.dp, o.sequences, loads, limited), the_run)
 
 
 def _the_run(o: PlanOptions, cfg: ModelConfig) -> tuple[PlanOptions, dict | None]:
@@ -218,17 +227,28 @@ def _report(cfg: ModelConfig, hw: Hardware, o: PlanOptions, pl: _Plan, the_run: 
             ex = "".join(f", {n} {c['ms']:.3f} ({c['inter_node_bytes'] / 2**20:.1f} MiB across nodes)"
                          for n, c in L["exchange"].items())
             print(f"    {kind} layer x{L['count']}: {L['ms']:.3f} ms = {parts}{ex}, exposed {L['exposed_comm_ms']:.3f}")
+    if pl.candidates:
+        print(f"\nplacement by the loads of {o.loads_from} (--eplb {o.eplb}): each policy's rank load (the hottest "
+              f"slot's rows over the mean, mean over MoE layers), bytes a GPU moves in one MoE layer (both "
+              f"directions; cross-node: the busiest node's) and the predicted "
+              f"{'decode' if o.mode == 'decode' else 'prefill'} step")
+        print(format_candidates(pl.candidates, pl.chosen))
     if pl.placement.colocated:
         print("\nnote: more experts than slots: ranks hold several experts per layer "
               "(breaks the one-expert-per-GPU principle)")
     if o.placement:
-        print("\n" + format_placement(pl.placement))
+        ids = pl.placement.layer_ids
+        print("\n" + format_placement(pl.placement, ids[0] if ids else None))
     if o.json:
         pred = pl.predicted
         write_json(o.json, {"params_total": params["all"]["total"], "params_activated": params["all"]["activated"],
                             "params": params, "memory_per_gpu_bytes": pl.memory, "fits": pl.fits,
                             "max_sequences_per_gpu": pl.most_sequences, "hbm_bytes": hbm, "hardware": hw.name,
                             "imbalance": pl.imbalance,
+                            "placement_candidates": [
+                                {"policy": c.policy, "rank_load": c.rank_load, "inter_node_bytes": c.inter_node_bytes,
+                                 "intra_node_bytes": c.intra_node_bytes, "predicted_step_ms": c.step_ms,
+                                 "chosen": c is pl.chosen} for c in pl.candidates or []],
                             "predicted_step_ms": {m: r["step_ms"] for m, r in pred.items()},
                             "predicted_input_tokens_per_s": pred["prefill"]["tokens_per_s_per_gpu"] * o.ranks,
                             "predicted_output_tokens_per_s": pred["decode"]["tokens_per_s_per_gpu"] * o.ranks,
@@ -236,10 +256,10 @@ def _report(cfg: ModelConfig, hw: Hardware, o: PlanOptions, pl: _Plan, the_run: 
     return 0
 
 
-def _sweep(cfg: ModelConfig, hw: Hardware, o: PlanOptions, loads_ME) -> int:
+def _sweep(cfg: ModelConfig, hw: Hardware, o: PlanOptions, loads_ME, group_limited: bool = True) -> int:
     """Predicted throughput per GPU over EP sizes (rows) and decode batches; scaling efficiency is a
     GPU's throughput over the smallest EP's at the same batch."""
-    rows = [_plan(cfg, hw, o, ep, s, loads_ME) for ep in sorted(o.sweep_ep) for s in o.sweep_sequences]
+    rows = [_plan(cfg, hw, o, ep, s, loads_ME, group_limited) for ep in sorted(o.sweep_ep) for s in o.sweep_sequences]
     base = {pl.sequences: pl for pl in rows if pl.ep == min(o.sweep_ep)}
     table = []
     print(f"{o.config} on {hw.name} (a projection), prefill {o.tokens} tokens a GPU a step, decode at "

@@ -74,7 +74,9 @@ def run_job(o: RunOptions) -> int:
         with watchdog.waiting("the link measurement (ping-pong between nodes)"):
             links = measure_links(ctx)
     engine = Engine(cfg, weights, backend, ctx, options=options, num_layers=layers, loads=loads,
-                    synthetic_routing=synthetic, profiler=prof, node_cost=links and links.node_cost())
+                    synthetic_routing=synthetic, profiler=prof, node_cost=links and links.node_cost(),
+                    choose_policy=_policy_chooser(cfg, ctx, layers, backend, links, workload, options,
+                                                  group_limited=synthetic is None))
     for line in run_checks(ctx, backend, engine.transport, o.layout.allow_shared_gpu):
         log.debug("selftest: %s", line)
     rank_map = ctx.world.gather({"host": ctx.hostnames[ctx.rank], "node": ctx.node_id, "gpu": backend.device_id,
@@ -118,6 +120,42 @@ def _check_fits(cfg, layers: int, workload: Workload, ctx: ParallelContext, back
         raise UsageError(f"the model and workload need about {need / 2**30:.1f} GiB per rank (weights and KV cache) "
                          f"but {have / 2**30:.1f} GiB are free: truncate with --layers, lower --batch or --seq-len, "
                          f"or use more ranks")
+
+
+def _policy_chooser(cfg, ctx: ParallelContext, layers: int, backend, links, workload: Workload, options,
+                    group_limited: bool):
+    """--eplb auto: loads [M, E] -> the policy whose placement the planner predicts the fastest step
+    for (hpc_moe.perf.balance), on this backend's hardware file with the links measured at the
+    start when there are some; rank 0 logs every candidate. The same on every rank.
+    group_limited: the model's router picks the experts (synthetic routing ignores groups)."""
+    from hpc_moe.perf.balance import best, candidates, format_candidates
+    from hpc_moe.perf.footprint import Layout
+    from hpc_moe.perf.hardware import load_hardware
+
+    hw = load_hardware("h100-sxm" if backend.is_gpu else "cpu-2core")
+    if links is not None:
+        hw = hw.with_links(links, "this run")
+    nodes = len(set(ctx.node_of_ep_rank))
+    layout = Layout(ctx.ep_size, ctx.dp_size, ctx.expert_tp, ctx.ep_size // nodes)
+    scheme = options.dispatch.scheme
+    two_stage = scheme == "hierarchical" or (scheme == "auto" and 1 < nodes < ctx.ep_size and ctx.expert_tp == 1)
+    moe = [i for i in range(layers) if cfg.is_moe_layer(i)]
+
+    def choose(loads_ME: np.ndarray) -> str:
+        tokens = float(loads_ME.sum(axis=1).mean()) / cfg.num_experts_per_tok / ctx.size  # a GPU's, a step
+        cands = candidates(cfg, hw, layout, ctx.node_of_ep_rank, loads_ME, layers=moe, tokens=max(tokens, 1.0),
+                           mode="decode" if workload.mode == "decode" else "prefill",
+                           sequences=max(1.0, workload.batch.upper() / ctx.size), context=workload.seq_len.upper(),
+                           dispatch="hierarchical" if two_stage else "flat", micro_batches=options.micro_batches,
+                           model_layers=layers, redundant=options.redundant_experts,
+                           node_cost=links and links.node_cost(), group_limited=group_limited)
+        chosen = best(cands)
+        if ctx.rank == 0:
+            log.info("--eplb auto: placement policies priced on %s (rank load = hottest slot / mean):\n%s",
+                     hw.name, format_candidates(cands, chosen))
+        return chosen.policy
+
+    return choose
 
 
 class StopRequest:
@@ -190,7 +228,9 @@ def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workloa
             engine.replan(cumulative)
             if ctx.rank == 0:
                 recorder.append_placement(step=measured + 1, placement=_placement_ranks(engine.placement))
-            log.info("after measured step %d: experts re-placed from the loads measured so far", measured)
+            model = _placement_model(engine.placement)
+            log.info("after measured step %d: experts re-placed from the loads measured so far (%s; expected rank "
+                     "load %.2f)", measured, model["policy"], np.mean(model["modelled_rank_load"]))
         t_rec = time.perf_counter()
         # The timeline only goes to a trace file (--trace none keeps just the summary's numbers).
         sample = o.trace is not None and bool(o.events_every) and measured % o.events_every == 0
@@ -307,6 +347,16 @@ def _placement_ranks(placement) -> np.ndarray:
     return np.where(np.repeat(slots, tp, axis=-1) >= 0, ranks, -1).astype(np.int32)
 
 
+def _placement_model(p) -> dict:
+    """The placement's policy and, placed by loads, the rank load (max/mean per MoE layer) it
+    expects as choose_replica sends the tokens: the trace's figure to set against the measured."""
+    if p.loads is None:
+        return {"policy": p.policy, "modelled_rank_load": None}
+    ids = p.layer_ids or [None] * len(p.loads)
+    rows = [p.routed_loads(w, layer) for layer, w in zip(ids, p.loads)]
+    return {"policy": p.policy, "modelled_rank_load": [float(r.max() / r.mean()) for r in rows]}
+
+
 def _open_recorder(o: RunOptions, cfg, layers, ctx, backend, engine: Engine, workload, rank_map, links):
     from hpc_moe.ep.transport import mpi_cuda_support
     from hpc_moe.trace.writer import MemoryTrace, TraceWriter
@@ -314,7 +364,8 @@ def _open_recorder(o: RunOptions, cfg, layers, ctx, backend, engine: Engine, wor
     meta = {"model_config": cfg.to_dict(), "run_config": run_config, "parallel_config": ctx.describe(),
             "mpi_library_version": MPI.Get_library_version(), "transport": engine.transport_name,
             "cuda_aware": mpi_cuda_support() == 1, "array_backend": f"{backend.name} ({backend.dtype})",
-            "truncated": layers < cfg.num_hidden_layers, "links": links and links.to_dict()}
+            "truncated": layers < cfg.num_hidden_layers, "links": links and links.to_dict(),
+            "extra": {"placement": _placement_model(engine.placement)}}
     layout = dict(num_layers=layers, moe_layers=engine.moe_layers, placement=_placement_ranks(engine.placement),
                   rank_map=rank_map, phases=PHASES, comm_phases=COMM_PHASES)
     if o.trace is None:

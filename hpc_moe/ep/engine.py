@@ -9,6 +9,7 @@ Shape legend: T tokens, V vocabulary, M MoE layers, E experts, P EP ranks.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -33,8 +34,9 @@ log = logging.getLogger("hpc_moe")
 class EngineOptions:
     """micro_batches: a step's sequences in this many parts whose exchanges overlap each other's
     compute (1: no split); dispatch: algorithm / transport / payload / combine form / scheme;
-    eplb: the placement policy for loads, "hierarchical", "global" or "auto" (hierarchical when the
-    nodes divide the routing groups, as DeepSeek's EPLB chooses); redundant_experts: replicas
+    eplb: the placement policy for loads (hpc_moe.ep.placement.POLICIES) or "auto" (the engine's
+    ``choose_policy`` picks one for each set of loads; without it, or without loads, DeepSeek's
+    rule: hierarchical when the nodes divide the routing groups); redundant_experts: replicas
     beyond one per expert when experts are colocated."""
 
     micro_batches: int = 1
@@ -64,15 +66,21 @@ class Engine:
     def __init__(self, cfg: ModelConfig, weights, backend: Backend, ctx: ParallelContext, *,
                  options: EngineOptions = EngineOptions(), num_layers: int | None = None, loads=None,
                  synthetic_routing: SyntheticRouting | None = None, profiler: Profiler | None = None,
-                 node_cost=None):
+                 node_cost=None, choose_policy=None):
         """loads: expected tokens per expert (float [E] or [M, E]) for the placement's replicas and
         colocation; None places experts evenly. node_cost: float per node, the relative cost of its
-        links (hpc_moe.links.Links.node_cost), or None where the links are even."""
+        links (hpc_moe.links.Links.node_cost), or None where the links are even. choose_policy:
+        with --eplb auto, loads float [M, E] -> the policy to place them by (the same on every
+        rank for the same loads; hpc_moe.apps.run prices every policy with the planner)."""
         n = cfg.num_hidden_layers if num_layers is None else num_layers
         self.cfg, self.backend, self.ctx, self.options = cfg, backend, ctx, options
         self.moe_layers = [i for i in range(n) if cfg.is_moe_layer(i)]
+        self._choose = choose_policy if options.eplb == "auto" else None
         nodes = len(set(ctx.node_of_ep_rank))
         policy = options.eplb if options.eplb != "auto" else "hierarchical" if cfg.n_group % nodes == 0 else "global"
+        if self._choose is not None and loads is not None and self.moe_layers:
+            policy = self._choose(np.broadcast_to(np.asarray(loads, np.float64),
+                                                  (len(self.moe_layers), cfg.n_routed_experts)))
         placement = ExpertPlacement.build(cfg.n_routed_experts, ctx.ep_size, ctx.expert_tp, ctx.node_of_ep_rank,
                                           cfg.n_group, loads=loads, layers=self.moe_layers or None, policy=policy,
                                           redundant=options.redundant_experts, node_cost=node_cost)
@@ -126,8 +134,12 @@ class Engine:
             block.update_bias(counts, rate)
 
     def replan(self, loads_ME: np.ndarray) -> None:
-        """Re-place experts from measured loads [M, E] (the same on every rank); outputs unchanged."""
-        self.executor.set_placement(self.placement.from_loads(loads_ME))
+        """Re-place experts from measured loads [M, E] (the same on every rank); outputs unchanged.
+        With --eplb auto the policy is chosen again for these loads."""
+        p = self.placement
+        if self._choose is not None:
+            p = dataclasses.replace(p, policy=self._choose(np.asarray(loads_ME, np.float64)))
+        self.executor.set_placement(p.from_loads(loads_ME))
 
     def close(self) -> None:
         self.executor.close()

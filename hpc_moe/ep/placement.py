@@ -6,8 +6,11 @@ parallel inside it); there are S = ep_size / expert_tp slots. The rules, per lay
 * E == S: slot i owns exactly one expert (the principle: one expert per GPU per layer).
 * E <  S: every expert owns one slot and the S - E spare slots hold replicas, given greedily as
   DeepSeek's EPLB does (the next replica goes to the expert with the highest load / replicas).
-  A token's expert is served by one replica: the source node's own replica if it has one, then
-  spread over the candidates by (token index + source rank).
+  A token's expert is served by one replica. Without loads: the source node's own replicas if it
+  has some, else all, alike, by (token index + source rank). Placed by loads: by the shares that
+  level the slots (hpc_moe.ep.packing.replica_shares: the own node's replicas first, another
+  node's where that saves more than SPILL of a mean slot's load), so that the rows each rank
+  receives are those the placement expects (``routed_loads``), not an even split's.
 * E >  S: experts are colocated (``colocated`` is True, so that the run can say it breaks the
   principle), ceil/floor(E/S) per slot, balanced by load (longest-processing-time) when loads are
   given.
@@ -28,9 +31,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hpc_moe.ep.packing import colocate, pack, refine, replica_shares, replicate
 from hpc_moe.errors import InputError
 
-POLICIES = ("hierarchical", "global")
+# DeepSeek EPLB's two policies, and each followed by the refinement of hpc_moe.ep.packing (swaps of
+# replicas between slots: inside each node for hierarchical, anywhere for global).
+POLICIES = ("hierarchical", "global", "hierarchical-refined", "global-refined")
+# A low-discrepancy sequence frac((t + 1) x golden ratio) picks replicas by their shares; ranks
+# are offset by multiples of the plastic number's fraction, so they do not pick in lockstep.
+_GOLDEN = (np.sqrt(5.0) - 1) / 2
+_PLASTIC = 0.3247179572447460
 
 
 class PlacementError(InputError):
@@ -45,12 +55,14 @@ class ExpertPlacement:
     layer_ids: the model layer of each map, or None when one map serves every layer; every method
     takes ``layer`` (a model layer id, ignored for a shared map). Slot s is EP ranks
     [s * expert_tp, (s + 1) * expert_tp). node_of_rank: node id of every EP rank [ep_size].
-    policy: how loads place experts (EPLB's two): "hierarchical" (routing groups packed onto nodes
-    by load, then replicas and packing inside each node) or "global" (replicas of the hot experts
-    anywhere, packed over all slots); redundant: replicas beyond one per expert when experts are
-    colocated (E > slots), as DeepSeek's redundant experts; node_cost: float per node id, the
-    relative cost of its links (hpc_moe.links.Links.node_cost), whose cheapest nodes take the
-    heaviest nodes' experts, or None where the links are even; all three are kept for re-placement.
+    policy: how loads place experts (POLICIES): EPLB's "hierarchical" (routing groups packed onto
+    nodes by load, then replicas and packing inside each node) or "global" (replicas of the hot
+    experts anywhere, packed over all slots), or either with "-refined" (its packing refined by
+    swaps of replicas that lower the hottest slot's load, inside the nodes or anywhere);
+    redundant: replicas beyond one per expert when experts are colocated (E > slots), as
+    DeepSeek's redundant experts; node_cost: float per node id, the relative cost of its links
+    (hpc_moe.links.Links.node_cost), whose cheapest nodes take the heaviest nodes' experts, or
+    None where the links are even; all three are kept for re-placement.
     """
 
     n_experts: int
@@ -63,10 +75,12 @@ class ExpertPlacement:
     policy: str = "hierarchical"
     redundant: int = 0
     node_cost: tuple[float, ...] | None = None
+    loads: tuple[np.ndarray, ...] | None = None
     _tables: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "_tables", tuple(_tables(self, m) for m in self.slot_experts))
+        loads = self.loads or (None,) * len(self.slot_experts)
+        object.__setattr__(self, "_tables", tuple(_tables(self, m, w) for m, w in zip(self.slot_experts, loads)))
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -100,7 +114,8 @@ class ExpertPlacement:
         _need(cost is None or len(cost) > max(node_of_rank), f"node_cost needs a cost for each of nodes 0..{max(node_of_rank)}")
         maps = tuple(_place_layer(n_experts, node_of_slot, n_group, loads_LE[i], policy, redundant, cost)
                      for i in range(n_maps))
-        return cls(n_experts, ep_size, expert_tp, node_of_rank, n_group, maps, layer_ids, policy, redundant, cost)
+        return cls(n_experts, ep_size, expert_tp, node_of_rank, n_group, maps, layer_ids, policy, redundant, cost,
+                   None if loads is None else tuple(loads_LE))
 
     def from_loads(self, loads, layer: int | None = None) -> ExpertPlacement:
         """Re-place from measured tokens per expert: [E] for one layer (``layer`` given) or for all
@@ -108,17 +123,21 @@ class ExpertPlacement:
         loads = np.asarray(loads, dtype=np.float64)
         maps = list(self.slot_experts)
         node_of_slot = self.node_of_rank[::self.expert_tp]
+        kept = list(self.loads or [None] * len(maps))
         if layer is not None:
             _need(self.layer_ids is not None, "this placement has one shared map; build it "
                   "with layers=... to re-place layers one by one")
             _need(loads.shape == (self.n_experts,), f"loads must have shape ({self.n_experts},)")
-            maps[self._index(layer)] = _place_layer(self.n_experts, node_of_slot, self.n_group, loads,
-                                                    self.policy, self.redundant, self.node_cost)
+            i = self._index(layer)
+            kept[i] = _loads(loads, self.n_experts, 1)[0]
+            maps[i] = _place_layer(self.n_experts, node_of_slot, self.n_group, kept[i], self.policy, self.redundant,
+                                   self.node_cost)
         else:
-            loads_LE = _loads(loads, self.n_experts, len(maps))
-            maps = [_place_layer(self.n_experts, node_of_slot, self.n_group, loads_LE[i], self.policy, self.redundant,
+            kept = list(_loads(loads, self.n_experts, len(maps)))
+            maps = [_place_layer(self.n_experts, node_of_slot, self.n_group, kept[i], self.policy, self.redundant,
                                  self.node_cost) for i in range(len(maps))]
-        return dataclasses.replace(self, slot_experts=tuple(maps))
+        even = [np.ones(self.n_experts) if w is None else w for w in kept]
+        return dataclasses.replace(self, slot_experts=tuple(maps), loads=tuple(even))
 
     # ---- queries ---------------------------------------------------------------------------
     @property
@@ -154,20 +173,53 @@ class ExpertPlacement:
     def choose_replica(self, expert_ids, src_rank: int, token_idx, layer: int | None = None) -> np.ndarray:
         """Slot serving each (expert, token) of EP rank ``src_rank``; arrays broadcast together.
 
-        Deterministic: the replicas on the source's node if any, else all, picked by
-        (token_idx + src_rank) modulo their number. Returns int64 of the broadcast shape.
-        """
-        _, _, cand_NER, ncand_NE, _ = self._tables[self._index(layer)]
+        Deterministic: among the replicas on the source's node if any, else all, by the shares
+        that level the slots as the placement models them (route_shares): token t takes the
+        replica whose interval of the cumulative shares holds the fraction of (t + 1) x the golden
+        ratio (+ a per-rank offset), a sequence that fills every interval in proportion to its
+        width; without loads, every replica alike, by (token_idx + src_rank) modulo their number.
+        Returns int64 of the broadcast shape."""
+        _, _, cand_NER, ncand_NE, _, cum_NER = self._tables[self._index(layer)]
         e = np.asarray(expert_ids, dtype=np.int64)
         node = self.node_of_rank[src_rank]
-        n = ncand_NE[node, e]
-        j = (np.asarray(token_idx, dtype=np.int64) + src_rank) % n
+        t = np.asarray(token_idx, dtype=np.int64)
+        if self.loads is None:
+            j = (t + src_rank) % ncand_NE[node, e]
+        else:
+            u = np.modf((t + 1) * _GOLDEN + src_rank * _PLASTIC)[0]
+            cum = cum_NER[node][e]  # [..., R]
+            j = np.minimum((np.broadcast_to(u, e.shape)[..., None] >= cum).sum(axis=-1), ncand_NE[node, e] - 1)
         return cand_NER[node, e, j]
-
     def route(self, topk_idx_TK, src_rank: int, layer: int | None = None) -> np.ndarray:
         """int64 [T, K]: the slot each (token, k) of ``src_rank`` goes to (topk_idx int [T, K])."""
         topk = np.asarray(topk_idx_TK, dtype=np.int64)
         return self.choose_replica(topk, src_rank, np.arange(topk.shape[0])[:, None], layer)
+
+    def slot_loads(self, loads_E, layer: int | None = None) -> np.ndarray:
+        """float64 [S]: each slot's expected rows from tokens per expert (float [E]), an expert's
+        load split evenly over its replicas (as EPLB models it)."""
+        rep_ER, n_rep_E = self._tables[self._index(layer)][:2]
+        share_E = np.asarray(loads_E, dtype=np.float64) / n_rep_E
+        valid = rep_ER >= 0
+        return np.bincount(rep_ER[valid], weights=np.broadcast_to(share_E[:, None], rep_ER.shape)[valid],
+                           minlength=self.n_slots)
+
+    def route_shares(self, layer: int | None = None) -> np.ndarray:
+        """float64 [N, E, S]: the share of node n's tokens for expert e that choose_replica sends to
+        slot s (among its replicas on node n, else among all)."""
+        _, _, cand_NER, ncand_NE, _, cum_NER = self._tables[self._index(layer)]
+        n_nodes, e_count, r = cand_NER.shape
+        share_NER = np.diff(np.where(np.isfinite(cum_NER), cum_NER, 1.0), axis=-1, prepend=0.0)
+        out = np.zeros((n_nodes, e_count, self.n_slots))
+        n_i, e_i, j = np.nonzero(np.arange(r)[None, None, :] < ncand_NE[:, :, None])
+        np.add.at(out, (n_i, e_i, cand_NER[n_i, e_i, j]), share_NER[n_i, e_i, j])
+        return out
+
+    def routed_loads(self, loads_E, layer: int | None = None) -> np.ndarray:
+        """float64 [S]: each slot's expected rows from tokens per expert (float [E]) as
+        choose_replica sends them, the tokens spread evenly over the nodes."""
+        shares = self.route_shares(layer)
+        return np.einsum("e,nes->s", np.asarray(loads_E, np.float64), shares) / len(shares)
 
     def to_array(self, layer: int | None = None) -> np.ndarray:
         """int32 [E, R] slots of each expert, -1 padded; [L, E, R] for all per-layer maps when
@@ -215,12 +267,23 @@ def _place_layer(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray
                  redundant: int = 0, node_cost=None):
     """-> tuple over slots of sorted expert tuples."""
     s_total = len(node_of_slot)
-    if policy == "global":
-        counts = _replicate(loads_E, max(s_total, n_experts + redundant), s_total)
-        packed = _pack(counts, loads_E, list(range(s_total)), node_of_slot)
-        return _by_links(tuple(tuple(sorted(x)) for x in packed), node_of_slot, loads_E, node_cost)
+    base = policy.removesuffix("-refined")
     nodes = sorted(set(node_of_slot))
     slots_by_node = [[s for s in range(s_total) if node_of_slot[s] == n] for n in nodes]
+    if base == "global":
+        counts = replicate(loads_E, max(s_total, n_experts + redundant), s_total)
+        held = pack(counts, loads_E, list(range(s_total)), node_of_slot)
+    else:
+        held = _hierarchical(n_experts, node_of_slot, n_group, loads_E, redundant, slots_by_node)
+    if base != policy:
+        held = refine(held, loads_E, [list(range(s_total))] if base == "global" else slots_by_node)
+    return _by_links(tuple(tuple(sorted(x)) for x in held), node_of_slot, loads_E, node_cost)
+
+
+def _hierarchical(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray, redundant: int,
+                  slots_by_node: list[list[int]]) -> list[list[int]]:
+    """EPLB's hierarchical policy: -> the experts of each slot."""
+    s_total = len(node_of_slot)
     # Node n gets a contiguous share of the expert order proportional to its slots.
     cum = np.cumsum([0] + [len(x) for x in slots_by_node])
     bounds = (n_experts * cum) // s_total
@@ -232,16 +295,16 @@ def _place_layer(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray
         if len(ex) == 0:
             empty.extend(slots)
         elif len(ex) <= len(slots):
-            counts = _replicate(loads_E[ex], len(slots))
+            counts = replicate(loads_E[ex], len(slots))
             for s, e in zip(slots, np.repeat(ex, counts)):
                 result[s] = [int(e)]
         elif redundant:  # colocated with spare replicas: this node's share of them
             counts = np.zeros(n_experts, np.int64)
-            counts[ex] = _replicate(loads_E[ex], len(ex) + redundant * len(slots) // s_total, len(slots))
-            for s, held in zip(slots, _pack(counts, loads_E, slots, node_of_slot)):
+            counts[ex] = replicate(loads_E[ex], len(ex) + redundant * len(slots) // s_total, len(slots))
+            for s, held in zip(slots, pack(counts, loads_E, slots, node_of_slot)):
                 result[s] = held
         else:
-            for s, group in zip(slots, _colocate(ex, loads_E, len(slots))):
+            for s, group in zip(slots, colocate(ex, loads_E, len(slots))):
                 result[s] = group
     if empty:  # fewer experts than nodes: the expert-less nodes take global replicas
         counts = np.zeros(n_experts)
@@ -252,7 +315,7 @@ def _place_layer(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray
             e = int(np.argmax(loads_E / counts))
             counts[e] += 1
             result[s] = [e]
-    return _by_links(tuple(tuple(sorted(x)) for x in result), node_of_slot, loads_E, node_cost)
+    return result
 
 
 def _by_links(slot_map, node_of_slot, loads_E: np.ndarray, node_cost):
@@ -269,8 +332,8 @@ def _by_links(slot_map, node_of_slot, loads_E: np.ndarray, node_cost):
     if np.ptp(load_N) <= 1e-6 * load_N.max():
         return slot_map
     out = list(slot_map)
-    for pack, node in zip(np.argsort(-load_N, kind="stable"), np.argsort([node_cost[k] for k in nodes], kind="stable")):
-        for src, dst in zip(slots_of[pack], slots_of[node]):
+    for heavy, node in zip(np.argsort(-load_N, kind="stable"), np.argsort([node_cost[k] for k in nodes], kind="stable")):
+        for src, dst in zip(slots_of[heavy], slots_of[node]):
             out[dst] = slot_map[src]
     return tuple(out)
 
@@ -294,67 +357,10 @@ def _group_order(n_experts: int, n_group: int, per_node, loads_E) -> np.ndarray:
     return np.concatenate([natural[g * gs:(g + 1) * gs] for m in members for g in sorted(m)])
 
 
-def _replicate(loads_m: np.ndarray, n_physical: int, max_each: int | None = None) -> np.ndarray:
-    """EPLB: one replica each, then each spare physical expert to the expert with the highest
-    load / replicas (at most max_each replicas: one per slot)."""
-    counts = np.ones(len(loads_m), dtype=np.int64)
-    for _ in range(n_physical - len(loads_m)):
-        per = np.where(counts < (max_each or n_physical), loads_m / counts, -1.0)
-        if per.max() < 0:  # every expert has a replica on every slot
-            break
-        counts[int(np.argmax(per))] += 1
-    return counts
-
-
-def _pack(counts_E: np.ndarray, loads_E: np.ndarray, slots: list[int], node_of_slot) -> list[list[int]]:
-    """EPLB's balanced packing: the replicas (expert e counts_E[e] times, each carrying
-    load / counts) onto ``slots``, floor/ceil(replicas / slots) each, heaviest first onto the least
-    loaded slot that has room and does not hold that expert yet; ties go to a node that does not
-    hold it, so that replicas spread over nodes (a token uses one on its own node)."""
-    e_R = np.repeat(np.arange(len(counts_E)), counts_E)
-    load_R = loads_E[e_R] / counts_E[e_R]
-    q, r = divmod(len(e_R), len(slots))
-    held: list[list[int]] = [[] for _ in slots]
-    load = np.zeros(len(slots))
-    big = 0
-    for i in np.argsort(-load_R, kind="stable"):
-        e = int(e_R[i])
-        nodes_with_e = {node_of_slot[slots[j]] for j in range(len(slots)) if e in held[j]}
-        ok = [j for j in range(len(slots)) if e not in held[j]
-              and (len(held[j]) < q or (len(held[j]) == q and big < r))]
-        # Late in the packing every slot with room may hold e already: then one slot takes one more.
-        ok = ok or [j for j in range(len(slots)) if e not in held[j]]
-        j = min(ok, key=lambda j: (load[j], node_of_slot[slots[j]] in nodes_with_e, len(held[j]), j))
-        big += len(held[j]) == q
-        held[j].append(e)
-        load[j] += load_R[i]
-    return held
-
-
-def _colocate(ex: np.ndarray, loads_E: np.ndarray, n_slots: int) -> list[list[int]]:
-    """Experts ``ex`` on n_slots slots, floor/ceil(m / n_slots) each: contiguous blocks for equal
-    loads, else longest-processing-time first onto the least loaded slot that may take one more."""
-    q, r = divmod(len(ex), n_slots)
-    loads = loads_E[ex]
-    if np.ptp(loads) == 0:
-        sizes = [q + 1] * r + [q] * (n_slots - r)
-        starts = np.cumsum([0] + sizes)
-        return [[int(e) for e in ex[starts[i]:starts[i + 1]]] for i in range(n_slots)]
-    slots: list[list[int]] = [[] for _ in range(n_slots)]
-    load = np.zeros(n_slots)
-    big = 0
-    for i in np.argsort(-loads, kind="stable"):
-        ok = [s for s in range(n_slots) if len(slots[s]) < q or (len(slots[s]) == q and big < r)]
-        s = min(ok, key=lambda j: (load[j], len(slots[j]), j))
-        big += len(slots[s]) == q
-        slots[s].append(int(ex[i]))
-        load[s] += loads[i]
-    return slots
-
-
-def _tables(p: ExpertPlacement, slot_experts):
+def _tables(p: ExpertPlacement, slot_experts, loads_E):
     """Lookup tables of one map: replicas [E, R], replica counts [E], per-node candidates
-    [N, E, R] and their counts [N, E] (for choose_replica), local index [S, E]."""
+    [N, E, R] and their counts [N, E] (for choose_replica), local index [S, E], and the
+    cumulative shares of the candidates [N, E, R] (even without loads, levelled with them)."""
     e_count, s_count = p.n_experts, len(slot_experts)
     _need(s_count == p.n_slots, f"map has {s_count} slots, expected {p.n_slots}")
     owners: list[list[int]] = [[] for _ in range(e_count)]
@@ -373,9 +379,18 @@ def _tables(p: ExpertPlacement, slot_experts):
     n_nodes = max(p.node_of_rank) + 1
     cand_NER = np.zeros((n_nodes, e_count, r), dtype=np.int64)
     ncand_NE = np.zeros((n_nodes, e_count), dtype=np.int64)
+    remote_NER = np.zeros((n_nodes, e_count, r), dtype=bool)
     for n in range(n_nodes):
         for e, o in enumerate(owners):
-            near = [s for s in o if node_of_slot[s] == n] or o
-            cand_NER[n, e, :len(near)] = near
-            ncand_NE[n, e] = len(near)
-    return rep_ER, n_rep_E, cand_NER, ncand_NE, local_SE
+            near = [s for s in o if node_of_slot[s] == n]
+            # Without loads a token stays on its node's replicas; with them, the others may take
+            # some where that levels the slots (replica_shares).
+            cand = (near + [s for s in o if node_of_slot[s] != n]) if loads_E is not None else (near or o)
+            cand_NER[n, e, :len(cand)] = cand
+            ncand_NE[n, e] = len(cand)
+            remote_NER[n, e, :len(cand)] = [node_of_slot[s] != n for s in cand]
+    share_NER = (replica_shares(cand_NER, ncand_NE, remote_NER, np.asarray(loads_E, np.float64), s_count)
+                 if loads_E is not None else np.where(np.arange(r) < ncand_NE[:, :, None], 1.0 / ncand_NE[:, :, None], 0.0))
+    cum_NER = np.cumsum(share_NER, axis=-1)
+    cum_NER[np.arange(r) >= ncand_NE[:, :, None]] = np.inf  # past the last candidate: never chosen
+    return rep_ER, n_rep_E, cand_NER, ncand_NE, local_SE, cum_NER

@@ -42,6 +42,18 @@ CACHE_PASSES = 4
 
 
 @dataclass(frozen=True)
+class Traffic:
+    """A placement's exchange per token of a GPU, one direction (the combine returns as many):
+    rows_sent: rows it packs (one per rank reached); inter_node_rows: rows that cross nodes, on
+    the busiest node's links (the larger of what it sends and receives); intra_node_rows: rows
+    that move inside a node (the second stage's forwarding included when hierarchical)."""
+
+    rows_sent: float
+    inter_node_rows: float
+    intra_node_rows: float
+
+
+@dataclass(frozen=True)
 class Phase:
     name: str
     flops: float
@@ -118,15 +130,19 @@ def exchanges(layout: Layout, dispatch: str) -> int:
 
 
 def exchange_phase(cfg: ModelConfig, layout: Layout, hw: Hardware, tokens: float, dispatch: str,
-                   payload: str = "native", share: float = 1.0) -> dict:
+                   payload: str = "native", share: float = 1.0, traffic: Traffic | None = None) -> dict:
     """Both directions of a MoE layer's all-to-all, per GPU: rows, bytes and messages inside and
-    across nodes, and the alpha-beta time of each link."""
+    across nodes, and the alpha-beta time of each link. traffic: a placement's rows per token
+    (hpc_moe.perf.balance); None: experts dealt in contiguous blocks, routing uniform."""
     ep, rpn = layout.ep, min(layout.ranks_per_node, layout.ep)
     nodes = -(-ep // rpn)
     rank_E, node_E = _owners(cfg, layout)
     ranks = reach(cfg, rank_E) * layout.expert_tp  # an expert-TP slot needs the row on each of its ranks
     row = sum(wire_row_bytes(cfg, hw.dtype_bytes, payload))  # there and back
-    if dispatch == "hierarchical" and nodes > 1:
+    if traffic is not None:
+        ranks = traffic.rows_sent
+        inter_r, intra_r = tokens * traffic.inter_node_rows, tokens * traffic.intra_node_rows
+    elif dispatch == "hierarchical" and nodes > 1:
         # one copy per remote node reached, forwarded inside that node unless it lands on its owner
         remote_nodes = reach(cfg, node_E) * (nodes - 1) / nodes
         inter_r = tokens * remote_nodes
@@ -186,18 +202,19 @@ def layer_work(cfg: ModelConfig, layer: int, *, mode: str, tokens: float, sequen
 def predict_step(cfg: ModelConfig, layout: Layout, hw: Hardware, *, mode: str, tokens: float, sequences: float,
                  context: float, expert_fp8: bool, dispatch: str = "flat", micro_batches: int = 1,
                  imbalance: float = 1.0, layers: int | None = None, payload: str = "native",
-                 ranks_per_host: int | None = None, attention: str = "materialised") -> dict:
+                 ranks_per_host: int | None = None, attention: str = "materialised",
+                 traffic: Traffic | None = None) -> dict:
     """Per-phase predictions of one layer of each kind and of the whole step, per GPU (times in ms).
 
     ranks_per_host: ranks sharing a machine's devices (default: the layout's ranks per node, or fewer
     when the job is smaller); more ranks than the hardware's GPUs per node divide its rates while
     they compute (Hardware.device_share): how much depends on how often they compute at once,
     so the share and the step's busy fraction are solved together. attention: the kernels' form
-    ("materialised" or "fused", see layer_work)."""
+    ("materialised" or "fused", see layer_work); traffic: the placement's exchange (exchange_phase)."""
     ranks = ranks_per_host or min(layout.ranks_per_node, layout.ep * layout.dp)
     kw = dict(mode=mode, tokens=tokens, sequences=sequences, context=context, expert_fp8=expert_fp8,
               dispatch=dispatch, micro_batches=micro_batches, imbalance=imbalance, layers=layers, payload=payload,
-              attention=attention)
+              attention=attention, traffic=traffic)
     busy = 1.0
     for _ in range(50):  # a damped fixed point: more waiting frees cores, which shortens the compute
         out = _predict_at(cfg, layout, hw, hw.device_share(ranks, hw.concurrency_at(busy)),
@@ -212,7 +229,8 @@ def predict_step(cfg: ModelConfig, layout: Layout, hw: Hardware, *, mode: str, t
 
 def _predict_at(cfg: ModelConfig, layout: Layout, hw: Hardware, share: float, sync_s: float, *, mode: str, tokens: float,
                 sequences: float, context: float, expert_fp8: bool, dispatch: str, micro_batches: int,
-                imbalance: float, layers: int | None, payload: str, attention: str) -> dict:
+                imbalance: float, layers: int | None, payload: str, attention: str,
+                traffic: Traffic | None = None) -> dict:
     """predict_step with each rank getting ``share`` of its device and each MoE layer's exchanges
     waiting ``sync_s`` for peers that share it."""
     n = layers or cfg.num_hidden_layers
@@ -228,7 +246,7 @@ def _predict_at(cfg: ModelConfig, layout: Layout, hw: Hardware, share: float, sy
         if kind == "moe":
             slots = layout.ep // layout.expert_tp
             per_slot = -(-cfg.n_routed_experts // slots)
-            ex = exchange_phase(cfg, layout, hw, T, dispatch, payload, share)
+            ex = exchange_phase(cfg, layout, hw, T, dispatch, payload, share, traffic)
             work = layer_work(cfg, idx[0], mode=mode, tokens=T, sequences=sequences, context=context,
                               pairs=T * cfg.num_experts_per_tok * layout.ep / cfg.n_routed_experts * per_slot * imbalance,
                               rows_sent=ex["rows_sent"], act_bytes=hw.dtype_bytes,

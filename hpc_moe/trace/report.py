@@ -158,7 +158,7 @@ def summary_table(trace: Trace) -> str:
     if loads["rank_load_max_over_mean"] is not None:
         out += ["", "Load per rank and nodes per token (token rows received; a token counts once per rank)",
                 f"  rank load max/mean {loads['rank_load_max_over_mean']:.2f} (each step's and MoE layer's, then their mean; "
-                "1.00 = balanced)",
+                "1.00 = balanced)" + _modelled(trace),
                 f"  nodes a token reached: mean {loads['nodes_per_token_mean']:.2f}, max {loads['nodes_per_token_max']} "
                 f"of {trace.num_nodes}"]
     imb = st["imbalance"]
@@ -199,6 +199,15 @@ def summary_json(trace: Trace) -> dict[str, Any]:
         **(rank_stats(trace) if trace.num_steps else {}),
         "stragglers": [g["rank"] for g in (straggler_stats(trace) or {"stragglers": []})["stragglers"]],
     }
+
+
+def _modelled(trace: Trace) -> str:
+    """What the placement expected of the rank load (the run's extra['placement']), or nothing."""
+    model = (trace.meta.get("extra") or {}).get("placement") or {}
+    if not model.get("modelled_rank_load"):
+        return ""
+    return (f"; the {model['policy']} placement expected {np.mean(model['modelled_rank_load']):.2f} "
+            "(mean over MoE layers, from the loads it was placed by)")
 
 
 def load_stats(trace: Trace) -> dict[str, float | None]:

@@ -14,6 +14,7 @@ from mpi4py import MPI
 from hpc_moe.apps.workload import Workload
 from hpc_moe.cli import main
 from hpc_moe.config import load_config
+from hpc_moe.ep.placement import POLICIES
 from hpc_moe.perf.hardware import load_hardware
 from hpc_moe.trace.reader import read_trace
 
@@ -213,12 +214,12 @@ def test_simulated_nodes_loads_and_nodes_reached_in_the_trace(tmp_path_factory):
         assert s["internode_bytes_per_step"] > 0
 
 
-def test_replan_records_each_placement_and_both_eplb_policies_run(tmp_path_factory):
+def test_replan_records_each_placement_and_every_eplb_policy_runs(tmp_path_factory):
     size = WORLD.Get_size()
     d = shared_dir(tmp_path_factory, "eplb")
     common = ("--mode", "prefill", "--batch", "8", "--seq-len", "uniform:4,12", "--routing", "zipf:1.5")
     run(*common, "--steps", "4", "--replan-every", "2", "--trace", f"{d}/a.h5")
-    for policy in ("hierarchical", "global"):
+    for policy in ("hierarchical", "global", "global-refined", "auto"):
         run(*common, "--steps", "2", "--loads-from", f"{d}/a.h5", "--eplb", policy, "--redundant-experts", "4",
             "--ranks-per-node", str(max(1, size // 2)), "--trace", f"{d}/{policy}.h5")
     if WORLD.Get_rank():
@@ -226,13 +227,16 @@ def test_replan_records_each_placement_and_both_eplb_policies_run(tmp_path_facto
     a = read_trace(f"{d}/a.h5")
     assert a.placements["step"].tolist() == [2]  # after measured step 2 (warm-up not counted), not after the last
     assert a.placements["placement"].shape[1:] == (*a.placement.shape[:2], size)
-    for policy in ("hierarchical", "global"):
+    for policy in ("hierarchical", "global", "global-refined", "auto"):
         t = read_trace(f"{d}/{policy}.h5")
         assert t.state == "completed" and t.meta["run_config"]["eplb"] == policy
+        model = t.meta["extra"]["placement"]  # the policy run (auto's choice) and the rank load it expects
+        assert model["policy"] == policy or (policy == "auto" and model["policy"] in POLICIES)
+        assert len(model["modelled_rank_load"]) == len(t.moe_layers) and min(model["modelled_rank_load"]) >= 1.0
         e = load_config("tiny").n_routed_experts
-        if size < e:  # colocated: up to 4 replicas more, as many as the slots can take without duplicates
+        if size < e and policy != "auto":  # colocated: up to 4 replicas more, as many as the slots can take without duplicates
             held = (t.placement >= 0).sum(axis=(1, 2))
-            if policy == "global":
+            if policy.startswith("global"):
                 assert (held == min(e + 4, e * size)).all()
             else:  # replicas stay on their group's node
                 assert ((e <= held) & (held <= e + 4)).all()
