@@ -127,6 +127,11 @@ def test_the_flag_list_is_frozen():
     assert {name: _flags(p) for name, p in _leaves(build_parser())} == FLAGS
 
 
+def test_every_help_formats():  # a stray % in a field's help breaks only --help
+    for name, p in _leaves(build_parser()):
+        assert p.format_help().startswith(f"usage: hpc-moe {name}")
+
+
 @pytest.mark.parametrize("argv, cls, given", [
     (["run"], RunOptions, {}),
     (["generate", "--config", "tiny", "--input-ids", "i.npy", "--output", "o.npz"], GenerateOptions,
