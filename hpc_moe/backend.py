@@ -24,6 +24,7 @@ except Exception:  # ImportError, or a CUDA library that fails to load
 bfloat16 = np.dtype(ml_dtypes.bfloat16)
 float8_e4m3 = np.dtype(ml_dtypes.float8_e4m3fn)
 
+BACKENDS = ("auto", "numpy", "cupy")
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": bfloat16, "float64": np.dtype(np.float64)}
 
 
@@ -125,8 +126,8 @@ def get_backend(kind: str = "auto", dtype: str | None = None, local_rank: int = 
     None (float32 on CPU, bfloat16 on GPU); local_rank: this process's index among the ranks of its
     node, so that rank i of a node drives GPU i mod (GPUs on the node).
     """
-    if kind not in ("auto", "numpy", "cupy"):
-        raise BackendError(f"unknown backend {kind!r} (choose auto, numpy or cupy)")
+    if kind not in BACKENDS:
+        raise BackendError(f"unknown backend {kind!r} (choose {', '.join(BACKENDS)})")
     if dtype is not None and dtype not in _DTYPES:
         raise BackendError(f"unknown dtype {dtype!r} (choose {', '.join(_DTYPES)})")
     ngpu = gpu_count()

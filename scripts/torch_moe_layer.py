@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hpc_moe.apps.bench_layer import BenchLayerOptions, layer_config
+from hpc_moe.apps.bench_layer import layer_config
+from hpc_moe.apps.bench_options import BenchLayerOptions
 from hpc_moe.weights.synthetic import SyntheticWeights
 
 IMPL = "torch.distributed all_to_all_single (gloo)"

@@ -21,9 +21,10 @@ from test_trace import (
 )
 
 import hpc_moe.trace.plots as plots
+from hpc_moe.flags import add_flags, from_args
 from hpc_moe.trace.reader import read_trace
 from hpc_moe.trace.report import (
-    add_report_args,
+    ReportOptions,
     make_report,
     run_report,
     scaling_points,
@@ -193,21 +194,25 @@ def test_make_report_writes_pngs(synthetic, tmp_path):
 def test_run_report_cli(synthetic, tmp_path, capsys):
     path, _, _ = synthetic
     parser = argparse.ArgumentParser()
-    add_report_args(parser)
-    assert run_report(parser.parse_args([str(path), "--out", str(tmp_path / "o"), "--skip-steps", "2"])) == 0
+    add_flags(parser, ReportOptions)
+
+    def report(*args):
+        return run_report(from_args(ReportOptions, parser.parse_args(list(args))))
+
+    assert report(str(path), "--out", str(tmp_path / "o"), "--skip-steps", "2") == 0
     out = capsys.readouterr().out
     assert "4 steps, completed" in out and out.count("wrote ") == 7
-    assert run_report(parser.parse_args([str(tmp_path / "nope.h5"), "--no-plots"])) == 2
+    assert report(str(tmp_path / "nope.h5"), "--no-plots") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such file" in err
     (tmp_path / "bad.h5").write_text("garbage")
-    assert run_report(parser.parse_args([str(path), str(tmp_path / "bad.h5"), "--no-plots"])) == 2
+    assert report(str(path), str(tmp_path / "bad.h5"), "--no-plots") == 2
     assert "cannot read trace" in capsys.readouterr().err
     # Two traces of one size are no scaling series: their overlap side by side, no efficiency.
-    assert run_report(parser.parse_args([str(path), str(path), "--no-plots"])) == 0
+    assert report(str(path), str(path), "--no-plots") == 0
     out = capsys.readouterr().out
     assert "Scaling" not in out and out.count("== synth") == 2
-    assert run_report(parser.parse_args([str(path), "--out", str(tmp_path / "p"), "--no-tables"])) == 0
+    assert report(str(path), "--out", str(tmp_path / "p"), "--no-tables") == 0
     out = capsys.readouterr().out
     assert "Throughput" not in out and out.count("wrote ") == 7
     assert "slowest rank" in summary_table(read_trace(path))

@@ -23,14 +23,12 @@ Definitions (every time is the max over ranks of one iteration; median and p99 o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from hpc_moe.apps.bench_options import BenchDispatchOptions
 from hpc_moe.apps.benchkit import (
     Polled,
     RawFloor,
-    add_common_args,
     max_over_ranks,
     mean_over_ranks,
     osu_overlap,
@@ -46,40 +44,6 @@ from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.ep.plan import NodeMap, flat_plan, meta_layout
 from hpc_moe.errors import UsageError
 from hpc_moe.outputs import check_output, write_json
-
-
-@dataclass(frozen=True)
-class BenchDispatchOptions:
-    tokens: int = 512
-    hidden: int = 7168
-    topk: int = 8
-    experts: int = 256
-    algorithm: str = "alltoallv"
-    payload: str = "native"
-    transport: str = "auto"
-    deterministic: bool = False
-    backend: str = "auto"
-    dtype: str = "bfloat16"
-    iters: int = 20
-    warmup: int = 3
-    ranks_per_node: int | None = None
-    no_overlap: bool = False
-    no_imb: bool = False
-    seed: int = 0
-    json: str | None = None
-
-
-def add_dispatch_args(p) -> None:
-    p.add_argument("--tokens", type=int, default=512, help="tokens per rank")
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--experts", type=int, default=256, help="routed experts (uniform random routing)")
-    p.add_argument("--algorithm", default="alltoallv", choices=["alltoallv", "pipelined"], help="for the exchange row")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--ranks-per-node", type=int, default=None, help="simulate nodes of k ranks")
-    p.add_argument("--no-overlap", action="store_true", help="skip the overlap measurement")
-    p.add_argument("--no-imb", action="store_true", help="skip IMB-MPI1's Alltoallv of the same bytes (run where installed)")
-    add_common_args(p)
 
 
 def run_bench_dispatch(o: BenchDispatchOptions) -> int:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import time
 import types
-from dataclasses import dataclass
 
 import numpy as np
 
+from hpc_moe.apps.bench_options import BenchKernelsOptions
 from hpc_moe.backend import Backend, get_backend
 from hpc_moe.config import load_config
 from hpc_moe.errors import UsageError
@@ -26,23 +26,6 @@ from hpc_moe.model.moe import ExpertWeights
 from hpc_moe.model.router import route
 from hpc_moe.outputs import check_output, write_json
 from hpc_moe.rowops import take_rows, weighted_rows_sum
-
-
-@dataclass(frozen=True)
-class BenchKernelsOptions:
-    config: str = "deepseek-v3"
-    backend: str = "auto"
-    dtype: str | None = None
-    tokens: tuple[int, ...] = (128, 512, 2048, 4096, 16384)
-    prefill: tuple[int, ...] = (1024, 4096)
-    decode: tuple[str, ...] = ("32x4096", "128x4096")
-    peak_size: int = 8192
-    copy_mib: int = 1024
-    iters: int = 10
-    warmup: int = 2
-    torch: bool = True
-    seed: int = 0
-    json: str | None = None
 
 
 def _decode_shapes(o: BenchKernelsOptions) -> list[tuple[int, int]]:

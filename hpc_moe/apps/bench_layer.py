@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpc_moe.apps.benchkit import RawFloor, add_common_args, max_over_ranks, timed
+from hpc_moe.apps.bench_options import BenchLayerOptions
+from hpc_moe.apps.benchkit import RawFloor, max_over_ranks, timed
 from hpc_moe.apps.common import on_root
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext, mpi_library
@@ -38,41 +39,6 @@ from hpc_moe.timing import PHASES, Profiler
 from hpc_moe.weights.synthetic import SyntheticWeights
 
 LAYER_PHASES = ("gate", "dispatch", "expert", "combine", "wait")
-
-
-@dataclass(frozen=True)
-class BenchLayerOptions:
-    tokens: int = 128
-    hidden: int = 7168
-    inter: int = 256
-    experts: int = 8
-    topk: int = 2
-    dtype: str = "float32"
-    backend: str = "auto"
-    transport: str = "auto"
-    payload: str = "native"
-    deterministic: bool = False
-    ranks_per_node: int | None = None
-    dispatch: str = "auto"
-    micro_batches: int = 1
-    iters: int = 20
-    warmup: int = 3
-    seed: int = 0
-    json: str | None = None
-
-
-def add_layer_args(p) -> None:
-    p.add_argument("--tokens", type=int, default=128, help="tokens per rank")
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--inter", type=int, default=256, help="moe_intermediate_size")
-    p.add_argument("--experts", type=int, default=8,
-                   help="routed experts (as many as ranks: one a rank; more are colocated, fewer replicated)")
-    p.add_argument("--topk", type=int, default=2)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--ranks-per-node", type=int, default=None, help="simulate nodes of k ranks")
-    p.add_argument("--dispatch", default="auto", choices=["auto", "flat", "hierarchical"])
-    p.add_argument("--micro-batches", type=int, default=1, help="parts of the tokens in flight at once (overlap)")
-    add_common_args(p)
 
 
 def check(o: BenchLayerOptions) -> None:

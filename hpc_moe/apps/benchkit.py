@@ -11,21 +11,6 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from hpc_moe.ep.transport import TRANSPORTS
-
-
-def add_common_args(p) -> None:
-    """The flags every benchmark has: array backend, all-to-all transport, payload and combine form,
-    iterations, seed and the JSON output."""
-    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "cupy"])
-    p.add_argument("--transport", default="auto", choices=TRANSPORTS)
-    p.add_argument("--payload", default="native", choices=["native", "fp8"])
-    p.add_argument("--deterministic", action="store_true", help="the pairs form of the combine")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="OUT", help="write the figures as JSON (rank 0)")
-
 
 def timed(comm: MPI.Comm, sync, fn):
     """Barrier, then (seconds of fn() on this rank, its result)."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 
 from hpc_moe.apps.common import hardware_of, loads_from_trace
+from hpc_moe.apps.options import PlanOptions
 from hpc_moe.apps.workload import Workload
 from hpc_moe.config import ModelConfig, load_config
 from hpc_moe.ep.placement import POLICIES, ExpertPlacement
@@ -20,53 +21,6 @@ from hpc_moe.perf.footprint import GpuLoad, Layout, memory_per_gpu, parameter_co
 from hpc_moe.perf.hardware import Hardware
 from hpc_moe.perf.predict import predict_step
 from hpc_moe.trace.reader import read_trace
-
-
-@dataclass(frozen=True)
-class PlanOptions:
-    ranks: int | None = None
-    config: str = "deepseek-v3"
-    ranks_per_node: int | None = None
-    dp: int = 1
-    expert_tp: int = 1
-    loads_from: str | None = None
-    eplb: str = "auto"
-    layers: int | None = None
-    experts_dtype: str = "auto"
-    sequences: int = 8
-    context: int = 4096
-    tokens: int = 4096
-    hardware: str = "h100-sxm"
-    hbm_gib: float | None = None
-    dispatch: str = "auto"
-    micro_batches: int = 1
-    placement: bool = False
-    json: str | None = None
-    sweep_ep: tuple[int, ...] = ()
-    sweep_sequences: tuple[int, ...] = (32, 64, 128, 256)
-    sweep_plot: str | None = None
-    payload: str = "native"
-    attention: str = "materialised"
-    nics_per_node: int | None = None
-    calibrate: tuple[str, ...] = ()
-    validate: tuple[str, ...] = ()
-    save: str | None = None
-    links_from: str | None = None
-    # the run to plan, as `hpc-moe run` spells it (mode None: plan's own --sequences/--context/--tokens)
-    mode: str | None = None
-    batch: str = "8"
-    seq_len: str = "64"
-    prefill_fraction: float = 0.25
-    steps: int = 20
-    warmup: int = 2
-    seed: int = 0
-    overlap: str | None = None
-
-    def __post_init__(self):
-        for name in ("calibrate", "validate"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.hbm_gib is not None and not self.hbm_gib > 0:
-            raise UsageError(f"--hbm-gib must be > 0 (got {self.hbm_gib:g})")
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def run_job(o: RunOptions) -> int:
     watchdog = Watchdog(ctx.world, o.watchdog, hosts=ctx.hostnames)
     prof = Profiler(layers, backend.phase_clock(), enabled=o.profile == "on", watchdog=watchdog,
                     ranges=backend.phase_ranges())
-    options = dataclasses.replace(o.layout.engine_options(), eplb=o.eplb, redundant_experts=o.redundant_experts)
+    options = o.layout.engine_options()
     links = None
     if o.probe_links == "on" and ctx.num_nodes > 1:
         with watchdog.waiting("the link measurement (ping-pong between nodes)"):

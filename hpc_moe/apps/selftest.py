@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 import numpy as np
 from mpi4py import MPI
 
 from hpc_moe.apps.common import on_root
+from hpc_moe.apps.options import SelftestOptions
 from hpc_moe.backend import Backend, get_backend
 from hpc_moe.comm import ParallelContext, mpi_library
 from hpc_moe.ep.shm import DISPATCH
@@ -32,15 +32,6 @@ from hpc_moe.outputs import check_output
 
 class SelftestError(InputError):
     """A check of the machine failed (the message names it)."""
-
-
-@dataclass(frozen=True)
-class SelftestOptions:
-    backend: str = "auto"
-    dtype: str | None = None
-    transport: str = "auto"
-    trace: str | None = None
-    allow_shared_gpu: bool = False
 
 
 def check_mpi(ctx: ParallelContext) -> str:

@@ -21,28 +21,25 @@ from mpi4py import MPI
 from hpc_moe.backend import Backend
 from hpc_moe.comm import ParallelContext
 from hpc_moe.ep.channel import Channel
+from hpc_moe.ep.choices import ALGORITHMS, PAYLOADS, SCHEMES, TRANSPORTS
 from hpc_moe.ep.exchange import Exchange, ExpertFn, MoEExchange
 from hpc_moe.ep.hierarchical import HierarchicalExchange
 from hpc_moe.ep.pipelined import PipelinedExchange
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.ep.plan import NodeMap, Plan
 from hpc_moe.ep.shm_exchange import ShmExchange
-from hpc_moe.ep.transport import TRANSPORTS, ShmTransport
+from hpc_moe.ep.transport import ShmTransport
 from hpc_moe.ep.wire import RowLayout, as_bytes
 from hpc_moe.errors import UsageError
 from hpc_moe.fp8 import fp8_quantize
 from hpc_moe.rowops import take_rows
 from hpc_moe.timing import NullProfiler, Profiler
 
-ALGORITHMS = ("alltoallv", "pipelined")
-SCHEMES = ("auto", "flat", "hierarchical")
-PAYLOADS = ("native", "fp8")
-
 
 @dataclass(frozen=True)
 class DispatchOptions:
     """algorithm: "alltoallv" (one Ialltoallv per direction) | "pipelined" (per-peer messages,
-    experts run as sources land); transport: one of ep.transport.TRANSPORTS; payload:
+    experts run as sources land); transport: one of ep.choices.TRANSPORTS; payload:
     "native" (the compute dtype) | "fp8" (e4m3 + one float32 scale per 128 values; combine stays
     native); deterministic: combine in the placement-independent ``pairs`` form; scheme: "flat"
     (one exchange over the EP group), "hierarchical" (each token crosses to a node once:

@@ -34,7 +34,7 @@ log = logging.getLogger("hpc_moe")
 class EngineOptions:
     """micro_batches: a step's sequences in this many parts whose exchanges overlap each other's
     compute (1: no split); dispatch: algorithm / transport / payload / combine form / scheme;
-    eplb: the placement policy for loads (hpc_moe.ep.placement.POLICIES) or "auto" (the engine's
+    eplb: the placement policy for loads (hpc_moe.ep.choices.POLICIES) or "auto" (the engine's
     ``choose_policy`` picks one for each set of loads; without it, or without loads, DeepSeek's
     rule: hierarchical when the nodes divide the routing groups); redundant_experts: replicas
     beyond one per expert when experts are colocated."""

@@ -31,12 +31,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hpc_moe.ep.choices import POLICIES
 from hpc_moe.ep.packing import colocate, pack, refine, replica_shares, replicate
 from hpc_moe.errors import InputError
 
-# DeepSeek EPLB's two policies, and each followed by the refinement of hpc_moe.ep.packing (swaps of
-# replicas between slots: inside each node for hierarchical, anywhere for global).
-POLICIES = ("hierarchical", "global", "hierarchical-refined", "global-refined")
 # A low-discrepancy sequence frac((t + 1) x golden ratio) picks replicas by their shares; ranks
 # are offset by multiples of the plastic number's fraction, so they do not pick in lockstep.
 _GOLDEN = (np.sqrt(5.0) - 1) / 2

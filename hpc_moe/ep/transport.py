@@ -31,10 +31,9 @@ from mpi4py import MPI
 
 from hpc_moe import backend as _bk
 from hpc_moe.backend import Backend
+from hpc_moe.ep.choices import TRANSPORTS
 from hpc_moe.ep.shm import NotContiguous, SharedSlots, on_one_node
 from hpc_moe.errors import InputError
-
-TRANSPORTS = ("auto", "host", "shm", "cuda-aware", "nccl")
 
 
 class TransportError(InputError):

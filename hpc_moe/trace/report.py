@@ -9,14 +9,15 @@ Shape legend: S steps, L layers, M MoE layers, E experts, R ranks, P phases.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from hpc_moe.flags import flag
 from hpc_moe.outputs import OutputError, check_output
 from hpc_moe.trace.metrics import comm_stats, exchange_overlap, expert_load_imbalance
 from hpc_moe.trace.reader import KINDS, Trace, TraceError, read_trace
@@ -322,39 +323,42 @@ def make_report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     return write_plots(traces, out_dir, step=step)
 
 
-def add_report_args(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``hpc-moe report``."""
-    parser.add_argument("traces", nargs="+", metavar="TRACE.h5", help="trace files (several: a scaling series)")
-    parser.add_argument("--out", metavar="DIR", default=None,
-                        help="directory for the PNG plots (default: report/ next to the first trace)")
-    parser.add_argument("--skip-steps", type=int, default=0, metavar="N",
-                        help="leave out the first N measured steps of each trace (warm-up steps are never written)")
-    parser.add_argument("--step", type=int, default=None, help="step for the timeline plot (default: the last sampled; "
-                        "run records timelines every --events-every measured steps, 10 by default)")
-    parser.add_argument("--no-plots", action="store_true", help="print the tables only")
-    parser.add_argument("--no-tables", action="store_true", help="write the plots only (the run printed its summary)")
+@dataclass(frozen=True)
+class ReportOptions:
+    """``hpc-moe report``: traces (several: a scaling series), where the plots go, what to print."""
+
+    traces: tuple[str, ...] = flag(positional=True, nargs="+", metavar="TRACE.h5",
+                                   help="trace files (several: a scaling series)")
+    out: str | None = flag(None, metavar="DIR",
+                           help="directory for the PNG plots (default: report/ next to the first trace)")
+    skip_steps: int = flag(0, metavar="N",
+                           help="leave out the first N measured steps of each trace (warm-up steps are never written)")
+    step: int | None = flag(None, type=int, help="step for the timeline plot (default: the last sampled; run records "
+                            "timelines every --events-every measured steps, 10 by default)")
+    no_plots: bool = flag(False, help="print the tables only")
+    no_tables: bool = flag(False, help="write the plots only (the run printed its summary)")
 
 
-def run_report(args: argparse.Namespace) -> int:
+def run_report(o: ReportOptions) -> int:
     """Print summary tables (and the scaling table for several traces), write plots; 0 on success,
     2 with a one-line error for a missing, corrupt or unwritable file."""
     try:
-        if args.skip_steps < 0:
-            raise TraceError(f"--skip-steps must be >= 0, got {args.skip_steps}")
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.traces[0])), "report")
-        if not args.no_plots:
+        if o.skip_steps < 0:
+            raise TraceError(f"--skip-steps must be >= 0, got {o.skip_steps}")
+        out = o.out or os.path.join(os.path.dirname(os.path.abspath(o.traces[0])), "report")
+        if not o.no_plots:
             check_output(os.path.join(out, "plot.png"), "--out")
-        traces = [read_trace(p).subset(slice(args.skip_steps, None)) for p in args.traces]
-        tables = [] if args.no_tables else [summary_table(t) for t in traces]
-        if len({t.num_ranks for t in traces}) > 1 and not args.no_tables:  # a scaling series
+        traces = [read_trace(p).subset(slice(o.skip_steps, None)) for p in o.traces]
+        tables = [] if o.no_tables else [summary_table(t) for t in traces]
+        if len({t.num_ranks for t in traces}) > 1 and not o.no_tables:  # a scaling series
             tables.append(scaling_table(traces))
         if len(traces) > 1 and len({t.num_layers for t in traces}) == 1 and len(traces[0].moe_layers) \
-                and not args.no_tables:
+                and not o.no_tables:
             tables.append(overlap_table(traces))
         for table in tables:
             print(table, end="\n\n")
-        if not args.no_plots:
-            for path in write_plots(traces, out, step=args.step):
+        if not o.no_plots:
+            for path in write_plots(traces, out, step=o.step):
                 print(f"wrote {path}")
     except (TraceError, OutputError) as e:
         print(f"hpc-moe report: error: {e}", file=sys.stderr)

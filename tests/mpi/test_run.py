@@ -229,7 +229,7 @@ def test_replan_records_each_placement_and_every_eplb_policy_runs(tmp_path_facto
     assert a.placements["placement"].shape[1:] == (*a.placement.shape[:2], size)
     for policy in ("hierarchical", "global", "global-refined", "auto"):
         t = read_trace(f"{d}/{policy}.h5")
-        assert t.state == "completed" and t.meta["run_config"]["eplb"] == policy
+        assert t.state == "completed" and t.meta["run_config"]["layout"]["eplb"] == policy
         model = t.meta["extra"]["placement"]  # the policy run (auto's choice) and the rank load it expects
         assert model["policy"] == policy or (policy == "auto" and model["policy"] in POLICIES)
         assert len(model["modelled_rank_load"]) == len(t.moe_layers) and min(model["modelled_rank_load"]) >= 1.0
