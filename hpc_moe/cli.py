@@ -145,7 +145,8 @@ def _add_run(sub):
     b.add_argument("--loads-from", metavar="TRACE.h5",
                    help="place experts (replicas, colocation) by the loads an earlier run measured")
     b.add_argument("--replan-every", type=int, default=0,
-                   help="re-place experts from the loads measured so far every N steps (outputs unchanged)")
+                   help="re-place experts from the loads measured so far every N steps (outputs unchanged; the "
+                        "experts that change owner travel during the next step, in force from the one after)")
     b.add_argument("--eplb", default="auto", choices=["auto", *POLICIES],
                    help="how loads place experts: DeepSeek EPLB's hierarchical (groups packed onto nodes, replicas "
                    "inside them) or global (replicas anywhere) policy, or either -refined (its packing improved by "
