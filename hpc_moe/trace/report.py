@@ -215,10 +215,11 @@ def replacement_rows(trace: Trace) -> list[dict[str, Any]]:
     """Each re-placement (--replan-every): the step it took effect from, the experts and bytes
     that moved, the seconds their transfers took (fetch), spent posting them before the step they
     ran under and waiting after it (outside every step's wall time), and that step's wall ms
-    against the median of the steps before it on the same placement (None where not in the trace)."""
+    against the median of the steps before it on the same placement (None where not in the trace,
+    or where an older trace loaded the experts between steps: fetch time 0)."""
     rows, prev = [], int(trace.step.min()) if trace.num_steps else 0
     for p in trace.placements:
-        ran = trace.wall_time_s[trace.step == p["step"] - 1]
+        ran = trace.wall_time_s[(trace.step == p["step"] - 1) & (p["fetch_time_s"] > 0)]
         before = trace.wall_time_s[(trace.step >= prev) & (trace.step < p["step"] - 1)]
         rows.append({"step": int(p["step"]), "experts": int(p["experts_moved"]), "bytes": int(p["bytes_moved"]),
                      "fetch_ms": 1e3 * p["fetch_time_s"], "post_ms": 1e3 * p["post_time_s"],
