@@ -152,7 +152,8 @@ class RunOptions:
     loads_from: str | None = flag(None, metavar="TRACE.h5", group=_BALANCE,
                                   help="place experts (replicas, colocation) by the loads an earlier run measured")
     replan_every: int = flag(0, group=_BALANCE,
-                             help="re-place experts from the loads measured so far every N steps (outputs unchanged)")
+                             help="re-place experts from the loads measured so far every N steps (outputs unchanged; "
+                             "the experts that change owner travel during the next step, in force from the one after)")
     probe_links: str = flag("on", choices=("on", "off"), group=_BALANCE,
                             help="with more than one node: time every node pair's link at the start (about a "
                             "second), record them in the trace, and, placing by loads, give the heaviest nodes' "

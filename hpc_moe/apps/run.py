@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import signal
 import time
-from contextlib import contextmanager
 
 import numpy as np
 from mpi4py import MPI
@@ -24,6 +21,7 @@ from hpc_moe.apps.common import loads_from_trace, on_root, open_weights, quiet_o
 from hpc_moe.apps.options import RunOptions
 from hpc_moe.apps.progress import Progress
 from hpc_moe.apps.selftest import run_checks
+from hpc_moe.apps.stop import StopRequest
 from hpc_moe.apps.workload import Step, Workload, assign
 from hpc_moe.backend import get_backend
 from hpc_moe.comm import ParallelContext
@@ -158,29 +156,6 @@ def _policy_chooser(cfg, ctx: ParallelContext, layers: int, backend, links, work
     return choose
 
 
-class StopRequest:
-    """SIGTERM or SIGUSR1 (Slurm's --signal before the time limit): the first asks the job to stop
-    after the step in flight, every rank together; a second ends this process at once."""
-
-    def __init__(self):
-        self.signal: signal.Signals | None = None
-
-    @contextmanager
-    def installed(self):
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:  # the second signal: the default action, now
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self.signal = signal.Signals(signum)
-
-
 # ---- the step loop -----------------------------------------------------------------------------
 def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workload, backend, prof: Profiler,
           recorder, watchdog: Watchdog, stop: StopRequest) -> int:
@@ -191,7 +166,7 @@ def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workloa
     rng = np.random.default_rng([o.seed, ctx.rank])
     cumulative = np.zeros((len(engine.moe_layers), engine.cfg.n_routed_experts), np.int64)
     progress = Progress(o.steps, o.duration) if ctx.rank == 0 else None
-    measured, started, index, recording = 0, time.perf_counter(), 0, 0.0
+    measured, started, index, recording, pending = 0, time.perf_counter(), 0, 0.0, None
     while not o.steps or measured < o.steps:
         warm = index < o.warmup
         if index == o.warmup:
@@ -224,13 +199,12 @@ def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workloa
         if warm:
             continue
         cumulative += counts  # loads of measured steps only
-        if o.replan_every and (measured + 1) % o.replan_every == 0 and measured + 1 != o.steps:  # not after the last
-            engine.replan(cumulative)
-            if ctx.rank == 0:
-                recorder.append_placement(step=measured + 1, placement=_placement_ranks(engine.placement))
-            model = _placement_model(engine.placement)
-            log.info("after measured step %d: experts re-placed from the loads measured so far (%s; expected rank "
-                     "load %.2f)", measured, model["policy"], np.mean(model["modelled_rank_load"]))
+        if pending is not None:  # this step ran while the moved experts travelled: the next one uses them
+            with watchdog.waiting("the moved experts' weights (Isend/Irecv of a re-placement)"):
+                _adopt(ctx, engine, pending, recorder, measured + 1)
+            pending = None
+        if o.replan_every and (measured + 1) % o.replan_every == 0 and measured + 2 < (o.steps or measured + 3):
+            pending = engine.post_replan(cumulative)  # not where no step would use it
         t_rec = time.perf_counter()
         # The timeline only goes to a trace file (--trace none keeps just the summary's numbers).
         sample = o.trace is not None and bool(o.events_every) and measured % o.events_every == 0
@@ -252,12 +226,34 @@ def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workloa
             recording += time.perf_counter() - t_rec
             progress.update(step, wall)
         measured += 1
+    if pending is not None:  # a --duration run ended with transfers in flight: complete them, adopt nothing
+        pending.fetch.wait()
     if progress is not None:
         progress.close()
         loop = time.perf_counter() - started
         log.info("%d steps in %.2f s; recording them took %.3f s (%.2f%%)", measured, loop, recording,
                  100 * recording / max(loop, 1e-9))
     return measured
+
+
+def _adopt(ctx: ParallelContext, engine: Engine, pending, recorder, step: int) -> None:
+    """Wait for a re-placement's transfers, adopt it from measured step ``step`` on, and record it
+    with the bytes moved (all ranks), the seconds from posting to done and those spent blocked
+    posting them and in the wait (the slowest rank's each). Collective."""
+    rec = engine.finish_replan(pending)
+    moved = np.array([rec.experts_received, rec.bytes_received], np.int64)
+    ctx.world.Allreduce(MPI.IN_PLACE, [moved, MPI.INT64_T])
+    secs = np.array([rec.fetch_s, rec.post_s, rec.wait_s])
+    ctx.world.Allreduce(MPI.IN_PLACE, [secs, MPI.DOUBLE], op=MPI.MAX)
+    if ctx.rank == 0:
+        recorder.append_placement(step=step, placement=_placement_ranks(engine.placement), experts_moved=int(moved[0]),
+                                  bytes_moved=int(moved[1]), fetch_time_s=float(secs[0]), post_time_s=float(secs[1]),
+                                  wait_time_s=float(secs[2]))
+    model = _placement_model(engine.placement)
+    log.info("from measured step %d: experts re-placed from the loads measured before the step ahead (%s; "
+             "expected rank load %.2f); %d experts (%.1f MB) fetched during that step in %.3f s, %.3f s of it "
+             "posting before it and %.3f s waiting after it", step, model["policy"], np.mean(model["modelled_rank_load"]),
+             moved[0], moved[1] / 1e6, *secs)
 
 
 def _broadcast_step(ctx: ParallelContext, step: Step | None) -> tuple[Step, np.ndarray]:

@@ -21,6 +21,7 @@ from hpc_moe.comm import ParallelContext
 from hpc_moe.config import ModelConfig
 from hpc_moe.ep.dispatch import DispatchOptions
 from hpc_moe.ep.executor import ExpertParallelExecutor, StepRecord
+from hpc_moe.ep.migration import ExpertFetch, FetchRecord
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.model.kvcache import Batch, KVCache
 from hpc_moe.model.router import SyntheticRouting
@@ -43,6 +44,14 @@ class EngineOptions:
     dispatch: DispatchOptions = field(default_factory=DispatchOptions)
     eplb: str = "auto"
     redundant_experts: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class PendingPlacement:
+    """A re-placement between Engine.post_replan and Engine.finish_replan."""
+
+    placement: ExpertPlacement
+    fetch: ExpertFetch
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,12 +143,24 @@ class Engine:
             block.update_bias(counts, rate)
 
     def replan(self, loads_ME: np.ndarray) -> None:
-        """Re-place experts from measured loads [M, E] (the same on every rank); outputs unchanged.
-        With --eplb auto the policy is chosen again for these loads."""
+        """Re-place experts from measured loads [M, E] (the same on every rank) now; outputs
+        unchanged. With --eplb auto the policy is chosen again for these loads."""
+        self.finish_replan(self.post_replan(loads_ME))
+
+    def post_replan(self, loads_ME: np.ndarray) -> PendingPlacement:
+        """The placement for loads [M, E], its moved experts' transfers posted; the current one
+        stays in force (run a step while they fly) until ``finish_replan``."""
         p = self.placement
         if self._choose is not None:
             p = dataclasses.replace(p, policy=self._choose(np.asarray(loads_ME, np.float64)))
-        self.executor.set_placement(p.from_loads(loads_ME))
+        new = p.from_loads(loads_ME)
+        return PendingPlacement(new, self.executor.post_placement(new))
+
+    def finish_replan(self, pending: PendingPlacement) -> FetchRecord:
+        """Wait for the transfers and adopt the placement; -> this rank's FetchRecord."""
+        fetched, record = pending.fetch.wait()
+        self.executor.set_placement(pending.placement, fetched)
+        return record
 
     def close(self) -> None:
         self.executor.close()

@@ -21,6 +21,7 @@ from hpc_moe.comm import ParallelContext
 from hpc_moe.config import ModelConfig
 from hpc_moe.ep.dispatch import Dispatcher, DispatchOptions
 from hpc_moe.ep.exchange import ExchangeRecord, MoEExchange, Received
+from hpc_moe.ep.migration import ExpertFetch, moves
 from hpc_moe.ep.placement import ExpertPlacement
 from hpc_moe.errors import UsageError
 from hpc_moe.model.moe import ExpertWeights, Poll, apply_experts, weigh_pairs
@@ -65,6 +66,7 @@ class ExpertParallelExecutor:
         self.moe_layers = moe_layers
         self.channels = [Dispatcher(ctx, placement, backend, options, logger=log if i == 0 else log.getChild("channel"),
                                     duplicate=i > 0) for i in range(channels)]
+        self._fetch_comm = ctx.ep_comm.Dup()  # experts' weights at re-placements, apart from the exchanges
         self.experts: dict[int, list[ExpertWeights]] = {}
         self.expert_ids: dict[int, list[int]] = {}
         self.set_placement(placement)
@@ -82,14 +84,27 @@ class ExpertParallelExecutor:
         """Close the channels (transports, duplicated and split communicators). Collective."""
         for d in self.channels:
             d.close()
+        self._fetch_comm.Free()
 
-    def set_placement(self, placement: ExpertPlacement) -> None:
-        """Adopt a new placement (every rank must adopt the same one); loads only the experts this
-        rank newly owns. Outputs do not change."""
+    def post_placement(self, placement: ExpertPlacement) -> ExpertFetch:
+        """Post the transfers of the experts that change owner under ``placement`` (the same on
+        every rank); the current placement stays in force until ``set_placement(placement,
+        fetch.wait()[0])``. Collective in effect: every EP rank must post the same re-placement."""
+        held = {(layer, e): w for layer, ws in self.experts.items() for e, w in zip(self.expert_ids[layer], ws)}
+        inter = self.cfg.moe_intermediate_size // self.ctx.expert_tp
+        shapes = ((2 * inter, self.cfg.hidden_size), (self.cfg.hidden_size, inter))
+        return ExpertFetch(self._fetch_comm, self.backend, held, moves(self.placement, placement, self.moe_layers),
+                           shapes, self.channels[0].options.deterministic)
+
+    def set_placement(self, placement: ExpertPlacement, fetched: dict | None = None) -> None:
+        """Adopt a new placement (every rank must adopt the same one); of the experts this rank
+        newly owns, those in ``fetched`` ((layer, expert) -> ExpertWeights, from post_placement)
+        are taken as they are and the others loaded from the weights. Outputs do not change."""
         tp, tp_rank = self.ctx.expert_tp, self.ctx.ep_rank % self.ctx.expert_tp
         for d in self.channels:
             d.placement = placement
         held = {(layer, e): w for layer, ws in self.experts.items() for e, w in zip(self.expert_ids[layer], ws)}
+        held.update(fetched or {})
         self.expert_ids = {layer: placement.local_experts(self.ctx.ep_rank, layer) for layer in self.moe_layers}
         self.experts = {
             layer: [held.get((layer, e)) or ExpertWeights.load(

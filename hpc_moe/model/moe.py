@@ -21,7 +21,7 @@ from hpc_moe import fused
 from hpc_moe.backend import Backend
 from hpc_moe.config import ModelConfig
 from hpc_moe.model.layers import array_module, linear, silu
-from hpc_moe.model.router import Routing, SyntheticRouting, route, update_bias
+from hpc_moe.model.router import Routing, SyntheticRouting, route, topk_changed, update_bias
 from hpc_moe.rowops import segment_index, take_rows, to_float32, weighted_rows_sum
 from hpc_moe.timing import NullProfiler, Profiler
 
@@ -181,6 +181,9 @@ class MoEBlock:
 
     Holds the gating weights, the correction bias (float32 [E], updated by ``update_bias``) and the
     tokens routed to each expert since ``reset_counts`` (int64 [E], host, this rank's tokens).
+    With ``reference_bias`` set (float32 [E]), routing also counts the tokens whose top-k would
+    differ under that bias (``topk_changed``, ``topk_seen``: ints since ``reset_counts``): what a
+    bias learned online changed against the checkpoint's, on the very tokens the model routed.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int, weights, backend: Backend, experts: ExpertExecutor,
@@ -194,6 +197,8 @@ class MoEBlock:
         self.shared = ExpertWeights.load(weights, backend, f"{p}.shared_experts", row_blocked=row_blocked) \
             if cfg.n_shared_experts else None
         self.counts_E = np.zeros(cfg.n_routed_experts, np.int64)
+        self.reference_bias = None  # None: no second routing, no cost
+        self.topk_changed = self.topk_seen = 0
 
     def route(self, x_TD) -> Routing:
         """The router's top-k; with synthetic routing the gate still runs (its time is real) but
@@ -202,6 +207,10 @@ class MoEBlock:
         if self.synthetic is not None:
             self.calls += 1
             return self.synthetic(x_TD, self.cfg, self.layer, self.calls)
+        if self.reference_bias is not None:
+            ref = route(x_TD, self.gate, self.reference_bias, self.cfg, self.row_blocked)
+            self.topk_changed += int(topk_changed(r.topk_idx_TK, ref.topk_idx_TK).sum())
+            self.topk_seen += int(x_TD.shape[0])
         return r
 
     def start(self, x_TD, prof: Profiler, micro_batch: int = 0, poll: Poll | None = None) -> MoEStep:
@@ -227,6 +236,7 @@ class MoEBlock:
 
     def reset_counts(self) -> None:
         self.counts_E[:] = 0
+        self.topk_changed = self.topk_seen = 0
 
     def update_bias(self, counts_E: np.ndarray, rate: float) -> None:
         """The aux-loss-free rule, bias += rate * sign(mean load - load), from global counts [E]."""

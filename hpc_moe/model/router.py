@@ -61,6 +61,14 @@ def expert_counts(topk_idx_TK, n_experts: int) -> np.ndarray:
     return np.asarray(counts.get() if xp is not np else counts, dtype=np.int64)
 
 
+def topk_changed(topk_a_TK, topk_b_TK):
+    """bool [T] (same array module as the inputs): tokens whose set of K experts differs between two
+    routings of the same tokens (int64 [T, K] each). Sets, not sequences: the order within a top-k
+    follows the biased scores and changes nothing downstream (each weight goes with its expert)."""
+    xp = array_module(topk_a_TK)
+    return (xp.sort(topk_a_TK, axis=-1) != xp.sort(topk_b_TK, axis=-1)).any(axis=-1)
+
+
 def update_bias(bias_E: np.ndarray, counts_E: np.ndarray, rate: float) -> np.ndarray:
     """The aux-loss-free balancing rule: bias += rate * sign(mean load - load), float32 [E].
 

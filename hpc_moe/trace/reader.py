@@ -38,8 +38,12 @@ EXCHANGE_DTYPE = np.dtype([("step", "<i8"), ("rank", "<i4"), ("layer", "<i4"), (
                            ("kind", "i1"), ("t_start_s", "<f8"), ("t_post_s", "<f8"), ("t_done_s", "<f8"),
                            ("blocked_s", "<f8")])
 def placement_dtype(maps: int, experts: int, ranks: int) -> np.dtype:
-    """A re-placement record: the step it took effect from and the placement, replicas padded to R."""
-    return np.dtype([("step", "<i8"), ("placement", "<i4", (maps, experts, ranks))])
+    """A re-placement record: the step it took effect from, the placement (replicas padded to R),
+    the experts and bytes that moved to new owners (all ranks), the seconds from posting their
+    transfers to done, of those spent posting and blocked waiting for them (the slowest rank's)."""
+    return np.dtype([("step", "<i8"), ("placement", "<i4", (maps, experts, ranks)), ("experts_moved", "<i8"),
+                     ("bytes_moved", "<i8"), ("fetch_time_s", "<f8"), ("post_time_s", "<f8"),
+                     ("wait_time_s", "<f8")])
 
 
 STATUS_DTYPE = np.dtype([("state", "i1"), ("steps_written", "<i8"), ("elapsed_s", "<f8"),
@@ -363,7 +367,10 @@ def _read(f: h5py.File, path: str) -> Trace:
         if name not in rows:  # an older file (docs/trace-format.md, Versioning)
             rows[name] = np.zeros((n, *shape), dtype)
     exchanges = f["exchanges"][:] if "exchanges" in f else np.empty(0, EXCHANGE_DTYPE)
-    placements = f["placements"][:] if "placements" in f else np.empty(0, placement_dtype(*layout["placement"].shape[:2], R))
+    placements = np.zeros(len(f["placements"]) if "placements" in f else 0, placement_dtype(*layout["placement"].shape[:2], R))
+    for name in placements.dtype.names if len(placements) else ():  # older files lack the moved bytes: zeros
+        if name in f["placements"].dtype.names:
+            placements[name] = f["placements"][name]
     return Trace.from_contents(path, dict(f.attrs), rows, f["events"][:], exchanges, placements, layout,
                                STATES[int(f["status"][()]["state"])])
 

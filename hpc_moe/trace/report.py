@@ -162,6 +162,7 @@ def summary_table(trace: Trace) -> str:
                 "1.00 = balanced)" + _modelled(trace),
                 f"  nodes a token reached: mean {loads['nodes_per_token_mean']:.2f}, max {loads['nodes_per_token_max']} "
                 f"of {trace.num_nodes}"]
+    out += _replacement_table(trace)
     imb = st["imbalance"]
     if imb.size and np.isfinite(imb).any():
         worst = int(np.nanargmax(imb))
@@ -209,6 +210,38 @@ def _modelled(trace: Trace) -> str:
         return ""
     return (f"; the {model['policy']} placement expected {np.mean(model['modelled_rank_load']):.2f} "
             "(mean over MoE layers, from the loads it was placed by)")
+
+
+def replacement_rows(trace: Trace) -> list[dict[str, Any]]:
+    """Each re-placement (--replan-every): the step it took effect from, the experts and bytes
+    that moved, the seconds their transfers took (fetch), spent posting them before the step they
+    ran under and waiting after it (outside every step's wall time), and that step's wall ms
+    against the median of the steps before it on the same placement (None where not in the trace,
+    or where an older trace loaded the experts between steps: fetch time 0)."""
+    rows, prev = [], int(trace.step.min()) if trace.num_steps else 0
+    for p in trace.placements:
+        ran = trace.wall_time_s[(trace.step == p["step"] - 1) & (p["fetch_time_s"] > 0)]
+        before = trace.wall_time_s[(trace.step >= prev) & (trace.step < p["step"] - 1)]
+        rows.append({"step": int(p["step"]), "experts": int(p["experts_moved"]), "bytes": int(p["bytes_moved"]),
+                     "fetch_ms": 1e3 * p["fetch_time_s"], "post_ms": 1e3 * p["post_time_s"],
+                     "wait_ms": 1e3 * p["wait_time_s"], "step_ms": 1e3 * ran[0] if len(ran) else None,
+                     "before_ms": 1e3 * float(np.median(before)) if len(before) else None})
+        prev = int(p["step"])
+    return rows
+
+
+def _replacement_table(trace: Trace) -> list[str]:
+    rows = replacement_rows(trace)
+    if not rows:
+        return []
+    return ["", "Re-placements (the moved experts travel during the step before the one they serve; post and wait: "
+            "outside every step)", _table(
+                ["from step", "experts moved", "bytes", "fetch ms", "post ms", "wait ms", "that step ms",
+                 "median before ms", "ratio"],
+                [[r["step"], r["experts"], _bytes(r["bytes"]), f"{r['fetch_ms']:.1f}", f"{r['post_ms']:.1f}",
+                  f"{r['wait_ms']:.1f}", "-" if r["step_ms"] is None else f"{r['step_ms']:.1f}",
+                  "-" if r["before_ms"] is None else f"{r['before_ms']:.1f}",
+                  f"{r['step_ms'] / r['before_ms']:.2f}x" if r["step_ms"] and r["before_ms"] else "-"] for r in rows])]
 
 
 def load_stats(trace: Trace) -> dict[str, float | None]:

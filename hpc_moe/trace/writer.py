@@ -164,8 +164,11 @@ class _Recorder:
             raise TraceError("exchanges need blocked_s >= 0")
         self._store_records("exchanges", rows)
 
-    def append_placement(self, *, step: int, placement: np.ndarray) -> None:
-        """Record a re-placement that takes effect from ``step`` (int [M or 1, E, K] as at open)."""
+    def append_placement(self, *, step: int, placement: np.ndarray, experts_moved: int = 0, bytes_moved: int = 0,
+                         fetch_time_s: float = 0.0, post_time_s: float = 0.0, wait_time_s: float = 0.0) -> None:
+        """Record a re-placement that takes effect from ``step`` (int [M or 1, E, K] as at open),
+        with what its transfers moved and took (hpc_moe.trace.reader.placement_dtype; 0 where
+        the experts were not fetched)."""
         self._check_open()
         p = check_placement(placement, len(self.moe_layers), self.num_ranks)
         row = np.full(1, -1, self._placement_dtype)
@@ -173,6 +176,8 @@ class _Recorder:
         if p.shape[:2] != row["placement"].shape[1:3]:
             raise TraceError(f"placement {p.shape} does not match the trace's {self.placement.shape}")
         row["placement"][0, :, :, :p.shape[2]] = p
+        row["experts_moved"], row["bytes_moved"] = experts_moved, bytes_moved
+        row["fetch_time_s"], row["post_time_s"], row["wait_time_s"] = fetch_time_s, post_time_s, wait_time_s
         self._store_records("placements", row)
 
     def _checked_rows(self, what: str, dtype: np.dtype, step: int, id_limits: dict, **columns) -> np.ndarray:

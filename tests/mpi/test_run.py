@@ -17,6 +17,7 @@ from hpc_moe.config import load_config
 from hpc_moe.ep.placement import POLICIES
 from hpc_moe.perf.hardware import load_hardware
 from hpc_moe.trace.reader import read_trace
+from hpc_moe.trace.report import replacement_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_trace import _doc_tables  # noqa: E402  (the schema tables of docs/trace-format.md)
@@ -225,7 +226,17 @@ def test_replan_records_each_placement_and_every_eplb_policy_runs(tmp_path_facto
     if WORLD.Get_rank():
         return
     a = read_trace(f"{d}/a.h5")
-    assert a.placements["step"].tolist() == [2]  # after measured step 2 (warm-up not counted), not after the last
+    # Posted after measured step 1, fetched during step 2, in force from step 3 (warm-up not counted).
+    assert a.placements["step"].tolist() == [3]
+    cfg = load_config("tiny")
+    per_expert = 3 * cfg.moe_intermediate_size * cfg.hidden_size * 4  # gate, up and down, float32
+    p = a.placements[0]
+    assert p["bytes_moved"] == p["experts_moved"] * per_expert
+    assert p["experts_moved"] == 0 if size == 1 else p["experts_moved"] >= 0
+    assert p["fetch_time_s"] >= p["post_time_s"] + p["wait_time_s"] and min(p["post_time_s"], p["wait_time_s"]) >= 0
+    row, = replacement_rows(a)  # the report's: the step the transfers ran under (2) against steps 0-1
+    assert row["step"] == 3 and row["step_ms"] == 1e3 * a.wall_time_s[2]
+    assert row["before_ms"] == 1e3 * np.median(a.wall_time_s[:2])
     assert a.placements["placement"].shape[1:] == (*a.placement.shape[:2], size)
     for policy in ("hierarchical", "global", "global-refined", "auto"):
         t = read_trace(f"{d}/{policy}.h5")
