@@ -15,13 +15,13 @@ import pytest
 from hpc_moe.backend import bfloat16, float8_e4m3
 from hpc_moe.config import load_config
 from hpc_moe.errors import InputError
+from hpc_moe.weights import names
 from hpc_moe.weights.checkpoint import (
     INDEX_NAME,
     SINGLE_NAME,
     Checkpoint,
     CheckpointError,
     dequantize_fp8,
-    is_quantized_name,
     quantize_fp8,
     read_header,
     save_checkpoint,
@@ -89,7 +89,7 @@ def test_tensor_shapes_tiny(tiny):
         tensor_shapes(tiny, layers=[3])
 
 
-def test_is_quantized_name(tiny):
+def test_is_quantized(tiny):
     yes = ["model.layers.0.self_attn.q_a_proj.weight", "model.layers.0.self_attn.q_b_proj.weight",
            "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
            "model.layers.0.self_attn.kv_b_proj.weight", "model.layers.0.self_attn.o_proj.weight",
@@ -99,7 +99,7 @@ def test_is_quantized_name(tiny):
           "model.layers.0.input_layernorm.weight", "model.layers.0.self_attn.q_a_layernorm.weight",
           "model.layers.0.self_attn.kv_a_layernorm.weight", "model.layers.3.mlp.gate.weight",
           "model.layers.3.mlp.gate.e_score_correction_bias", "model.layers.0.self_attn.o_proj.weight_scale_inv"]
-    assert all(map(is_quantized_name, yes)) and not any(map(is_quantized_name, no))
+    assert all(map(names.is_quantized, yes)) and not any(map(names.is_quantized, no))
 
 
 def test_deepseek_v3_parameter_count():
@@ -204,7 +204,7 @@ def test_roundtrip_fp8(tmp_path, tiny, changes):
     block = cfg.fp8_block
     assert ck.config.fp8_block == block
     n_quant = 0
-    for name, (R, C) in ((n, s) for n, s in tensor_shapes(cfg).items() if is_quantized_name(n)):
+    for name, (R, C) in ((n, s) for n, s in tensor_shapes(cfg).items() if names.is_quantized(n)):
         n_quant += 1
         q, s = ck.get_raw(name), ck.get_raw(name + "_scale_inv")
         assert q.dtype == float8_e4m3 and s.dtype == np.float32

@@ -27,6 +27,7 @@ from hpc_moe.errors import UsageError
 from hpc_moe.model.moe import ExpertWeights, Poll, apply_experts, weigh_pairs
 from hpc_moe.model.router import Routing
 from hpc_moe.timing import NullProfiler, Profiler
+from hpc_moe.weights import names
 
 log = logging.getLogger("hpc_moe")
 
@@ -108,7 +109,7 @@ class ExpertParallelExecutor:
         self.expert_ids = {layer: placement.local_experts(self.ctx.ep_rank, layer) for layer in self.moe_layers}
         self.experts = {
             layer: [held.get((layer, e)) or ExpertWeights.load(
-                self.weights, self.backend, f"model.layers.{layer}.mlp.experts.{e}", tp_rank, tp,
+                self.weights, self.backend, names.expert(layer, e), tp_rank, tp,
                 self.channels[0].options.deterministic) for e in ids]
             for layer, ids in self.expert_ids.items()}
 

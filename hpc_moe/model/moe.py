@@ -24,6 +24,7 @@ from hpc_moe.model.layers import array_module, linear, silu
 from hpc_moe.model.router import Routing, SyntheticRouting, route, topk_changed, update_bias
 from hpc_moe.rowops import segment_index, take_rows, to_float32, weighted_rows_sum
 from hpc_moe.timing import NullProfiler, Profiler
+from hpc_moe.weights import names
 
 Poll = Callable[[], None]
 
@@ -149,7 +150,7 @@ class LocalExperts:
 
     def __init__(self, cfg: ModelConfig, weights, backend: Backend, layers, row_blocked: bool = False):
         self.experts = {
-            layer: [ExpertWeights.load(weights, backend, f"model.layers.{layer}.mlp.experts.{e}",
+            layer: [ExpertWeights.load(weights, backend, names.expert(layer, e),
                                        row_blocked=row_blocked)
                     for e in range(cfg.n_routed_experts)]
             for layer in layers if cfg.is_moe_layer(layer)
@@ -188,7 +189,7 @@ class MoEBlock:
 
     def __init__(self, cfg: ModelConfig, layer: int, weights, backend: Backend, experts: ExpertExecutor,
                  synthetic: SyntheticRouting | None = None, row_blocked: bool = False):
-        p = f"model.layers.{layer}.mlp"
+        p = names.mlp(layer)
         self.cfg, self.layer, self.experts, self.backend = cfg, layer, experts, backend
         self.synthetic, self.calls = synthetic, 0
         self.gate = backend.asarray(weights.get(f"{p}.gate.weight"), dtype=backend.xp.float32)

@@ -20,10 +20,11 @@ from hpc_moe.model.layers import MLA, MLAWeights, Rope, linear, rms_norm
 from hpc_moe.model.moe import ExpertExecutor, ExpertWeights, LocalExperts, MoEBlock
 from hpc_moe.model.router import SyntheticRouting
 from hpc_moe.timing import NullProfiler, Profiler
+from hpc_moe.weights import names
 
 
 def load_mla(cfg: ModelConfig, weights, backend: Backend, layer: int) -> MLAWeights:
-    p = f"model.layers.{layer}.self_attn"
+    p = names.attention(layer)
 
     def get(name):
         return backend.asarray(weights.get(f"{p}.{name}.weight"))
@@ -70,10 +71,10 @@ class Model:
         self.experts = experts if experts is not None else LocalExperts(cfg, weights, backend, layers, deterministic)
         rope = Rope.from_config(cfg)
         self.rope = rope
-        self.embed = backend.asarray(weights.get("model.embed_tokens.weight"))
+        self.embed = backend.asarray(weights.get(names.EMBED))
         self.attn, self.ffn, self.input_norm, self.post_norm = [], [], [], []
         for i in layers:
-            p = f"model.layers.{i}"
+            p = names.layer(i)
             self.input_norm.append(backend.asarray(weights.get(f"{p}.input_layernorm.weight")))
             self.post_norm.append(backend.asarray(weights.get(f"{p}.post_attention_layernorm.weight")))
             self.attn.append(MLA(cfg, load_mla(cfg, weights, backend, i), rope, deterministic))
@@ -81,9 +82,9 @@ class Model:
                 self.ffn.append(MoEBlock(cfg, i, weights, backend, self.experts, synthetic_routing, deterministic))
             else:
                 self.ffn.append(ExpertWeights.load(weights, backend, f"{p}.mlp", row_blocked=deterministic))
-        self.norm = backend.asarray(weights.get("model.norm.weight"))
+        self.norm = backend.asarray(weights.get(names.FINAL_NORM))
         self._inflight: list = []
-        self.lm_head = self.embed if cfg.tie_word_embeddings else backend.asarray(weights.get("lm_head.weight"))
+        self.lm_head = self.embed if cfg.tie_word_embeddings else backend.asarray(weights.get(names.LM_HEAD))
 
     def new_cache(self, slots: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, self.num_layers, slots, max_len, self.backend)

@@ -14,31 +14,14 @@ from hpc_moe.config import ModelConfig
 from hpc_moe.errors import UsageError
 from hpc_moe.fp8 import FP8_BLOCK
 from hpc_moe.weights.checkpoint import tensor_shapes
-
-KINDS = ("attention", "dense_mlp", "routed_experts", "shared_experts", "router", "embeddings_and_head", "norms")
-
-
-def _kind(name: str) -> str:
-    if ".mlp.experts." in name:
-        return "routed_experts"
-    if ".mlp.shared_experts." in name:
-        return "shared_experts"
-    if ".mlp.gate." in name:
-        return "router"
-    if ".mlp." in name:
-        return "dense_mlp"
-    if "embed_tokens" in name or name.startswith("lm_head"):
-        return "embeddings_and_head"
-    if name.endswith("layernorm.weight") or name == "model.norm.weight":
-        return "norms"
-    return "attention"
+from hpc_moe.weights.names import KINDS, kind
 
 
 def layer_parameters(cfg: ModelConfig, layers) -> dict[str, int]:
     """Parameters per kind of the given decoder layers, plus embeddings, head and final norm."""
     counts = dict.fromkeys(KINDS, 0)
     for name, shape in tensor_shapes(cfg, layers).items():
-        counts[_kind(name)] += int(np.prod(shape))
+        counts[kind(name)] += int(np.prod(shape))
     return counts
 
 

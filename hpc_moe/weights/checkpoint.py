@@ -24,6 +24,7 @@ import numpy as np
 from hpc_moe.backend import bfloat16, float8_e4m3
 from hpc_moe.config import ConfigError, ModelConfig
 from hpc_moe.fp8 import FP8_MAX
+from hpc_moe.weights import names
 from hpc_moe.weights.safetensors_io import ST_DTYPES, CheckpointError, TensorInfo, atomic_file, read_header, write_tensors_file
 
 CONFIG_NAME = "config.json"
@@ -32,9 +33,6 @@ INDEX_NAME = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
 
 _FP8_NAMES = frozenset({"F8_E4M3", "F8_E5M2"})
-_QUANTIZED = re.compile(
-    r"^model\.layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
-    r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight$")
 
 
 # ---- key names ---------------------------------------------------------------------------------
@@ -47,7 +45,7 @@ def tensor_shapes(cfg: ModelConfig, layers: Iterable[int] | None = None) -> dict
     part of this program's model and is not listed.
     """
     H, V, nh = cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H)}
+    shapes: dict[str, tuple[int, ...]] = {names.EMBED: (V, H)}
 
     def mlp(prefix: str, inter: int) -> None:
         shapes[prefix + "gate_proj.weight"] = shapes[prefix + "up_proj.weight"] = (inter, H)
@@ -56,7 +54,7 @@ def tensor_shapes(cfg: ModelConfig, layers: Iterable[int] | None = None) -> dict
     for L in range(cfg.num_hidden_layers) if layers is None else layers:
         if not 0 <= L < cfg.num_hidden_layers:
             raise ValueError(f"layer {L} out of range [0, {cfg.num_hidden_layers})")
-        p, a, m = f"model.layers.{L}.", f"model.layers.{L}.self_attn.", f"model.layers.{L}.mlp."
+        p, a, m = names.layer(L) + ".", names.attention(L) + ".", names.mlp(L) + "."
         shapes[p + "input_layernorm.weight"] = (H,)
         if cfg.q_lora_rank is None:
             shapes[a + "q_proj.weight"] = (nh * cfg.qk_head_dim, H)
@@ -79,17 +77,10 @@ def tensor_shapes(cfg: ModelConfig, layers: Iterable[int] | None = None) -> dict
                 mlp(m + "shared_experts.", I * cfg.n_shared_experts)
         else:
             mlp(m, cfg.intermediate_size)
-    shapes["model.norm.weight"] = (H,)
+    shapes[names.FINAL_NORM] = (H,)
     if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (V, H)
+        shapes[names.LM_HEAD] = (V, H)
     return shapes
-
-
-def is_quantized_name(name: str) -> bool:
-    """True for the tensors a published FP8 checkpoint stores as e4m3 + ``_scale_inv``: the 2-D
-    weights of attention projections, dense MLPs, routed and shared experts. Embedding, lm_head,
-    norms, the router gate and its bias stay in high precision."""
-    return _QUANTIZED.match(name) is not None
 
 
 # ---- FP8 block quantisation --------------------------------------------------------------------
@@ -289,8 +280,8 @@ def _read_index(d: str, index: str) -> dict[str, TensorInfo]:
 def _order(name: str) -> tuple:
     # Layer order (embedding first, head last) with numbers compared as numbers, so that a shard
     # holds consecutive layers and experts, as published checkpoints do.
-    m = re.match(r"model\.layers\.(\d+)\.", name)
-    layer = int(m[1]) if m else (-1 if "embed_tokens" in name else 1 << 30)
+    layer = names.layer_of(name)
+    layer = layer if layer is not None else (-1 if name == names.EMBED else 1 << 30)
     return (layer, [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)])
 
 
@@ -313,7 +304,7 @@ def save_checkpoint(directory: str, cfg: ModelConfig, source: Any, *, shards: in
     tensors of the source are dropped (its ``get`` already dequantises). shards: 1 gives
     ``model.safetensors``; n > 1 gives ``model-0000i-of-0000n.safetensors`` + index, split by
     bytes in layer order. dtype: "float32" or "bfloat16" for unquantised tensors. fp8: store the
-    :func:`is_quantized_name` weights as e4m3 + float32 ``weight_scale_inv`` blocks; None means
+    :func:`~hpc_moe.weights.names.is_quantized` weights as e4m3 + float32 ``weight_scale_inv`` blocks; None means
     "when cfg.quantization_config says fp8". config.json records what was written (torch_dtype,
     quantization_config). Each file is replaced atomically and config.json is written last (and
     removed first), so a crash leaves a directory that does not open rather than a mixed one.
@@ -331,15 +322,15 @@ def save_checkpoint(directory: str, cfg: ModelConfig, source: Any, *, shards: in
     st_dtype, np_dtype = ("F32", np.dtype(np.float32)) if dtype == "float32" else ("BF16", bfloat16)
 
     keys = set(source.keys())
-    names = sorted((n for n in keys if not (n.endswith(SCALE_SUFFIX) and n[:-len(SCALE_SUFFIX)] in keys)), key=_order)
+    keys_out = sorted((n for n in keys if not (n.endswith(SCALE_SUFFIX) and n[:-len(SCALE_SUFFIX)] in keys)), key=_order)
     expected = tensor_shapes(cfg)
     specs: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}  # per tensor: stored entries
-    for n in names:
+    for n in keys_out:
         shape = _source_shape(source, n)
         if n in expected and shape != expected[n]:
             raise CheckpointError(f"tensor {n!r} from {type(source).__name__}: shape {list(shape)}, "
                                   f"config implies {list(expected[n])}")
-        if block is not None and is_quantized_name(n) and len(shape) == 2:
+        if block is not None and names.is_quantized(n) and len(shape) == 2:
             specs[n] = {n: ("F8_E4M3", shape), n + SCALE_SUFFIX: ("F32", _blocks(shape, block))}
         else:
             specs[n] = {n: (st_dtype, shape)}
@@ -347,10 +338,10 @@ def save_checkpoint(directory: str, cfg: ModelConfig, source: Any, *, shards: in
     def nbytes(n: str) -> int:
         return sum(math.prod(s) * ST_DTYPES[d].itemsize for d, s in specs[n].values())
 
-    total = sum(nbytes(n) for n in names)
+    total = sum(nbytes(n) for n in keys_out)
     groups: list[list[str]] = [[] for _ in range(shards)]
     done = 0
-    for n in names:  # a tensor goes to the shard its middle byte falls in
+    for n in keys_out:  # a tensor goes to the shard its middle byte falls in
         groups[min(shards - 1, int((done + nbytes(n) / 2) * shards / max(total, 1)))].append(n)
         done += nbytes(n)
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from hpc_moe.config import ModelConfig
 from hpc_moe.errors import UsageError
+from hpc_moe.weights import names
 from hpc_moe.weights.checkpoint import CheckpointError, tensor_shapes
 
 
@@ -69,7 +70,7 @@ class SyntheticWeights:
         if name.endswith("norm.weight"):  # input/post_attention/q_a/kv_a layernorms, model.norm
             w *= np.float32(0.1)
             w += np.float32(1.0)
-        elif name == "model.embed_tokens.weight":
+        elif name == names.EMBED:
             pass
         elif name.endswith("mlp.gate.weight"):
             w *= np.float32(2.0 / math.sqrt(self.config.hidden_size))
