@@ -17,6 +17,18 @@ from hpc_moe.trace.report import ReportOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The parallel layout's flags (LayoutOptions): the same in run and generate.
+LAYOUT = {
+    "--dp": 1, "--ranks-per-node": None, "--expert-tp": 1, "--dispatch": ("auto", ("auto", "flat", "hierarchical")),
+    "--algorithm": ("alltoallv", ("alltoallv", "pipelined")),
+    "--transport": ("auto", ("auto", "host", "shm", "cuda-aware", "nccl")),
+    "--payload": ("native", ("native", "fp8")), "--overlap": ("off", ("on", "off")), "--micro-batches": 2,
+    "--allow-shared-gpu": False, "--deterministic": False,
+    "--eplb": ("auto", ("auto", "hierarchical", "global", "hierarchical-refined", "global-refined")),
+    "--redundant-experts": 0, "--backend": ("auto", ("auto", "numpy", "cupy")),
+    "--dtype": (None, ("float32", "bfloat16")),
+}
+
 # subcommand -> {flag: default, or (default, choices)}; positional arguments by their names.
 FLAGS = {
     "run": {
@@ -25,27 +37,12 @@ FLAGS = {
         "--prefill-fraction": 0.25, "--routing": "model", "--steps": None, "--duration": None, "--warmup": 2,
         "--trace": "hpc-moe-trace.h5", "--summary-json": None, "--overwrite": False, "--events-every": 10,
         "--watchdog": 600.0, "--profile": ("on", ("on", "off")), "--baseline": None, "--loads-from": None,
-        "--replan-every": 0, "--probe-links": ("on", ("on", "off")), "--bias-update-rate": 0.0, "--dp": 1,
-        "--ranks-per-node": None, "--expert-tp": 1, "--dispatch": ("auto", ("auto", "flat", "hierarchical")),
-        "--algorithm": ("alltoallv", ("alltoallv", "pipelined")),
-        "--transport": ("auto", ("auto", "host", "shm", "cuda-aware", "nccl")),
-        "--payload": ("native", ("native", "fp8")), "--overlap": ("off", ("on", "off")), "--micro-batches": 2,
-        "--allow-shared-gpu": False, "--deterministic": False,
-        "--eplb": ("auto", ("auto", "hierarchical", "global", "hierarchical-refined", "global-refined")),
-        "--redundant-experts": 0, "--backend": ("auto", ("auto", "numpy", "cupy")),
-        "--dtype": (None, ("float32", "bfloat16")),
+        "--replan-every": 0, "--probe-links": ("on", ("on", "off")), "--bias-update-rate": 0.0,
+        **LAYOUT,
     },
     "generate": {
         "--checkpoint": None, "--config": None, "--seed": 0, "--input-ids": None, "--max-new-tokens": 16,
-        "--output": None, "--dp": 1, "--ranks-per-node": None, "--expert-tp": 1,
-        "--dispatch": ("auto", ("auto", "flat", "hierarchical")),
-        "--algorithm": ("alltoallv", ("alltoallv", "pipelined")),
-        "--transport": ("auto", ("auto", "host", "shm", "cuda-aware", "nccl")),
-        "--payload": ("native", ("native", "fp8")), "--overlap": ("off", ("on", "off")), "--micro-batches": 2,
-        "--allow-shared-gpu": False, "--deterministic": False,
-        "--eplb": ("auto", ("auto", "hierarchical", "global", "hierarchical-refined", "global-refined")),
-        "--redundant-experts": 0, "--backend": ("auto", ("auto", "numpy", "cupy")),
-        "--dtype": (None, ("float32", "bfloat16")),
+        "--output": None, **LAYOUT,
     },
     "checkpoint make": {
         "--config": None, "--out": None, "--seed": 0, "--shards": 1, "--dtype": ("float32", ("float32", "bfloat16")),

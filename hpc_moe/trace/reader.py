@@ -27,6 +27,7 @@ import numpy as np
 
 from hpc_moe.errors import InputError
 from hpc_moe.timing import COMM_PHASES, EXCHANGE_KINDS, PHASES  # noqa: F401 (part of the format: re-exported)
+from hpc_moe.trace.provenance import git_commit, software_version
 
 SCHEMA_NAME = "hpc_moe.trace"
 SCHEMA_VERSION = 2  # 2: exchange records, rank loads, nodes reached (version 1 files read with them empty)
@@ -87,7 +88,7 @@ def root_attributes(meta: Mapping[str, Any], ranks: Mapping[str, np.ndarray], *,
         raise TraceError("trace meta: cuda_aware and truncated must be bools")
     return {
         "schema_name": SCHEMA_NAME, "schema_version": SCHEMA_VERSION,
-        "software_version": _software_version(), "git_commit": _git_commit(),
+        "software_version": software_version(), "git_commit": git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
         "command_line": clean_text(meta.get("command_line") or shlex.join(sys.argv)),
         **{k: _jsonable(meta[k], k) for k in ("model_config", "run_config", "parallel_config")},
@@ -121,42 +122,6 @@ def _jsonable(value: Any, key: str) -> str:
     if not isinstance(value, Mapping):
         raise TraceError(f"meta[{key!r}] must be a dict, a dataclass or a JSON object string")
     return json.dumps(value, sort_keys=True, default=str)
-
-
-def _software_version() -> str:
-    try:
-        import hpc_moe
-        return str(hpc_moe.__version__)
-    except (ImportError, AttributeError):
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("hpc_moe")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def _git_commit() -> str:
-    """HEAD of the checkout this package runs from, read from .git files ("unknown" outside one).
-
-    No ``git`` subprocess: forking inside an MPI process upsets some interconnect stacks.
-    """
-    git = Path(__file__).resolve().parents[2] / ".git"
-    try:
-        if git.is_file():  # a worktree: ".git" names the real git dir
-            git = (git.parent / git.read_text().split("gitdir:", 1)[1].strip()).resolve()
-        head = (git / "HEAD").read_text().strip()
-        ref = head.removeprefix("ref:").strip()
-        if ref == head:  # detached HEAD
-            return head
-        common = (git / (git / "commondir").read_text().strip()).resolve() if (git / "commondir").is_file() else git
-        for root in (git, common):
-            if (root / ref).is_file():
-                return (root / ref).read_text().strip()
-        packed = (common / "packed-refs").read_text().splitlines() if (common / "packed-refs").is_file() else []
-        return next((line.split()[0] for line in packed if line.endswith(" " + ref)), "unknown")
-    except (OSError, IndexError):
-        return "unknown"
 
 
 # --------------------------------------------------------------------------------------------- reading
