@@ -10,7 +10,6 @@ Shape legend: R world ranks, P EP ranks, L layers, M MoE layers, E experts, F ph
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
@@ -20,6 +19,7 @@ from mpi4py import MPI
 from hpc_moe.apps.common import loads_from_trace, on_root, open_weights, quiet_other_ranks, warn_shared_cores
 from hpc_moe.apps.options import RunOptions
 from hpc_moe.apps.progress import Progress
+from hpc_moe.apps.recording import open_recorder, placement_model, placement_ranks
 from hpc_moe.apps.selftest import run_checks
 from hpc_moe.apps.stop import StopRequest
 from hpc_moe.apps.workload import Step, Workload, assign
@@ -32,7 +32,7 @@ from hpc_moe.model.kvcache import Batch, KVCache
 from hpc_moe.model.router import SyntheticRouting
 from hpc_moe.outputs import check_output, write_json
 from hpc_moe.perf.footprint import GpuLoad, Layout, memory_per_gpu
-from hpc_moe.timing import COMM_PHASES, PHASES, Profiler
+from hpc_moe.timing import Profiler
 from hpc_moe.trace.reader import read_trace
 from hpc_moe.watchdog import Watchdog
 
@@ -79,7 +79,7 @@ def run_job(o: RunOptions) -> int:
         log.debug("selftest: %s", line)
     rank_map = ctx.world.gather({"host": ctx.hostnames[ctx.rank], "node": ctx.node_id, "gpu": backend.device_id,
                                  "device": backend.device, "machine": ctx.machines[ctx.rank]}, root=0)
-    recorder = on_root(ctx, lambda: _open_recorder(o, cfg, layers, ctx, backend, engine,
+    recorder = on_root(ctx, lambda: open_recorder(o, cfg, layers, ctx, backend, engine,
                                                    workload, rank_map, links), share=False)
     if ctx.rank == 0:
         _announce(cfg, layers, ctx, engine, workload, o, links)
@@ -246,10 +246,10 @@ def _adopt(ctx: ParallelContext, engine: Engine, pending, recorder, step: int) -
     secs = np.array([rec.fetch_s, rec.post_s, rec.wait_s])
     ctx.world.Allreduce(MPI.IN_PLACE, [secs, MPI.DOUBLE], op=MPI.MAX)
     if ctx.rank == 0:
-        recorder.append_placement(step=step, placement=_placement_ranks(engine.placement), experts_moved=int(moved[0]),
+        recorder.append_placement(step=step, placement=placement_ranks(engine.placement), experts_moved=int(moved[0]),
                                   bytes_moved=int(moved[1]), fetch_time_s=float(secs[0]), post_time_s=float(secs[1]),
                                   wait_time_s=float(secs[2]))
-    model = _placement_model(engine.placement)
+    model = placement_model(engine.placement)
     log.info("from measured step %d: experts re-placed from the loads measured before the step ahead (%s; "
              "expected rank load %.2f); %d experts (%.1f MB) fetched during that step in %.3f s, %.3f s of it "
              "posting before it and %.3f s waiting after it", step, model["policy"], np.mean(model["modelled_rank_load"]),
@@ -333,42 +333,7 @@ def _gather_rows(ctx: ParallelContext, rows_NC: np.ndarray):
     return out.reshape(-1, mine.shape[1]) if ctx.rank == 0 else None
 
 
-# ---- rank 0: trace, announcement, summary ------------------------------------------------------
-def _placement_ranks(placement) -> np.ndarray:
-    """The placement as EP ranks [M, E, K * expert_tp] (every rank of each replica's slot), -1 padded."""
-    slots = placement.to_array()
-    slots = slots[None] if slots.ndim == 2 else slots
-    tp = placement.expert_tp
-    ranks = np.repeat(slots * tp, tp, axis=-1) + np.tile(np.arange(tp), slots.shape[-1])
-    return np.where(np.repeat(slots, tp, axis=-1) >= 0, ranks, -1).astype(np.int32)
-
-
-def _placement_model(p) -> dict:
-    """The placement's policy and, placed by loads, the rank load (max/mean per MoE layer) it
-    expects as choose_replica sends the tokens: the trace's figure to set against the measured."""
-    if p.loads is None:
-        return {"policy": p.policy, "modelled_rank_load": None}
-    ids = p.layer_ids or [None] * len(p.loads)
-    rows = [p.routed_loads(w, layer) for layer, w in zip(ids, p.loads)]
-    return {"policy": p.policy, "modelled_rank_load": [float(r.max() / r.mean()) for r in rows]}
-
-
-def _open_recorder(o: RunOptions, cfg, layers, ctx, backend, engine: Engine, workload, rank_map, links):
-    from hpc_moe.ep.transport import mpi_cuda_support
-    from hpc_moe.trace.writer import MemoryTrace, TraceWriter
-    run_config = {**dataclasses.asdict(o), "workload": workload.describe()}
-    meta = {"model_config": cfg.to_dict(), "run_config": run_config, "parallel_config": ctx.describe(),
-            "mpi_library_version": MPI.Get_library_version(), "transport": engine.transport_name,
-            "cuda_aware": mpi_cuda_support() == 1, "array_backend": f"{backend.name} ({backend.dtype})",
-            "truncated": layers < cfg.num_hidden_layers, "links": links and links.to_dict(),
-            "extra": {"placement": _placement_model(engine.placement)}}
-    layout = dict(num_layers=layers, moe_layers=engine.moe_layers, placement=_placement_ranks(engine.placement),
-                  rank_map=rank_map, phases=PHASES, comm_phases=COMM_PHASES)
-    if o.trace is None:
-        return MemoryTrace(meta, **layout)
-    return TraceWriter(o.trace, meta, overwrite=o.overwrite, **layout)
-
-
+# ---- rank 0: announcement, summary ------------------------------------------------------------
 def _announce(cfg, layers, ctx, engine: Engine, workload, o: RunOptions, links) -> None:
     log.info("%s: %d of %d layers%s, %d experts, top-%d; %d ranks on %s (EP %d x DP %d, expert TP %d)",
              o.checkpoint or o.config, layers, cfg.num_hidden_layers,
