@@ -4,12 +4,13 @@ the loads an earlier ``hpc-moe run`` measured.
 
 For one layout (experts of the config, --ranks in nodes of --ranks-per-node, --redundant-experts
 replicas beyond one per expert when experts are colocated) it prints the rank load max/mean (the
-hottest GPU's rows over the mean, each expert's load split evenly over its replicas, as EPLB
-models it) of DeepSeek's hierarchical and global policies, of every hpc_moe policy, and of
-``--eplb auto`` (the policy the planner's cost model picks, as ``hpc-moe run`` picks it; its
-replicas' shares as hpc_moe's choose_replica sends tokens to them), per MoE layer and the mean
-over layers, then one Markdown row for docs/benchmarks.md (its last two columns: auto's routed rank
-load against the better of DeepSeek's policies and against the one `eplb.py` itself runs).
+hottest GPU's rows over the mean) per MoE layer and the mean over layers of: (a) DeepSeek's
+hierarchical and global policies with each expert's load split evenly over its replicas, as
+eplb.py models it and a DeepSeek-style engine routes; (b) the same two placements with the shares
+hpc_moe's router gives replicas (hpc_moe.ep.packing.replica_shares); every hpc_moe policy on both
+models; and (c) ``--eplb auto`` (the policy the planner's cost model picks, as ``hpc-moe run``
+picks it, routed by its own shares), with the candidates' table; then one Markdown row for
+docs/benchmarks.md (its last two columns: auto against the better of (a) and of (b)).
 
     python scripts/eplb_compare.py --eplb-py /path/to/EPLB/eplb.py --loads-from a.h5 \\
         --config scripts/eplb/tiny-e12.json --ranks 16 --ranks-per-node 4
@@ -26,14 +27,18 @@ import numpy as np
 
 from hpc_moe.config import load_config
 from hpc_moe.ep.placement import POLICIES, ExpertPlacement
-from hpc_moe.perf.balance import best, candidates
+from hpc_moe.perf.balance import best, candidates, format_candidates
 from hpc_moe.perf.footprint import Layout
 from hpc_moe.perf.hardware import load_hardware
 from hpc_moe.trace.reader import read_trace
 
 
-def deepseek(eplb, loads_ME: np.ndarray, n_phys: int, groups: int, nodes: int, gpus: int, hierarchical: bool):
-    """float [M]: rank load max/mean of DeepSeek's policy (None where its preconditions fail)."""
+def deepseek(eplb, loads_ME: np.ndarray, n_phys: int, groups: int, nodes: int, gpus: int, hierarchical: bool,
+             cfg, layers):
+    """-> (float [M] rank load max/mean of DeepSeek's policy with each expert's load split evenly
+    over its replicas, as eplb.py models it and a DeepSeek-style engine routes; float [M] the same
+    placement with hpc_moe's replica shares, as hpc_moe's router would send the tokens), or None
+    where the policy's preconditions fail."""
     import torch
     if hierarchical and groups % nodes:
         return None
@@ -42,7 +47,12 @@ def deepseek(eplb, loads_ME: np.ndarray, n_phys: int, groups: int, nodes: int, g
                                                              nodes if hierarchical else 1, gpus)
     per_phys = (w.gather(-1, phy2log) / logcnt.gather(-1, phy2log).float()).numpy()  # [M, n_phys]
     per_gpu = per_phys.reshape(len(loads_ME), gpus, -1).sum(-1)
-    return per_gpu.max(-1) / per_gpu.mean(-1)
+    maps = tuple(tuple(tuple(sorted(int(e) for e in row)) for row in m.reshape(gpus, -1)) for m in phy2log.numpy())
+    rpn = gpus // nodes
+    p = ExpertPlacement(cfg.n_routed_experts, gpus, 1, tuple(r // rpn for r in range(gpus)), cfg.n_group, maps,
+                        tuple(layers), "global", loads=tuple(np.asarray(loads_ME, np.float64) + 1e-9))
+    routed = np.array([(s.max() / s.mean()) for s in (p.routed_loads(x, layer) for layer, x in zip(layers, loads_ME))])
+    return per_gpu.max(-1) / per_gpu.mean(-1), routed
 
 
 def ours(cfg, loads_ME, ranks, rpn, redundant, policy, layers, routed: bool):
@@ -79,8 +89,11 @@ def main() -> int:
     if n_phys % ranks:
         print(f"DeepSeek's eplb.py needs physical experts ({n_phys}) divisible by the GPUs ({ranks})", file=sys.stderr)
         return 2
-    rows = {"DeepSeek hierarchical": deepseek(eplb, loads, n_phys, cfg.n_group, nodes, ranks, True),
-            "DeepSeek global": deepseek(eplb, loads, n_phys, cfg.n_group, nodes, ranks, False)}
+    rows = {}
+    for name, hier in (("hierarchical", True), ("global", False)):
+        got = deepseek(eplb, loads, n_phys, cfg.n_group, nodes, ranks, hier, cfg, layers)
+        rows[f"DeepSeek {name}"] = None if got is None else got[0]
+        rows[f"DeepSeek {name}, hpc_moe's shares"] = None if got is None else got[1]
     for policy in POLICIES:
         rows[f"hpc_moe {policy}"] = ours(cfg, loads, ranks, rpn, a.redundant_experts, policy, layers, False)
     for policy in POLICIES:
@@ -98,19 +111,25 @@ def main() -> int:
     print("rank load max/mean: the hottest rank's rows over the mean; DeepSeek's and hpc_moe's placements with each "
           "expert's load split evenly over its replicas (EPLB's model), and ', routed': as hpc_moe's choose_replica "
           "sends the tokens")
-    print(f"{'placement':<52}{'mean':>7}  per MoE layer")
+    print(f"{'placement':<60}{'mean':>7}  per MoE layer")
     for name, r in rows.items():
-        print(f"{name:<52}" + ("    n/a  (groups not divisible by nodes)" if r is None else
+        print(f"{name:<60}" + ("    n/a  (groups not divisible by nodes)" if r is None else
                                f"{r.mean():>7.3f}  " + " ".join(f"{x:.3f}" for x in r)))
-    ds = [r.mean() for k, r in rows.items() if k.startswith("DeepSeek") and r is not None]
-    auto = rows[f"hpc_moe --eplb auto ({chosen.policy}), routed"].mean()
-    ds_h, ds_g = (rows[k] for k in ("DeepSeek hierarchical", "DeepSeek global"))
-    rule = ds_h if cfg.n_group % nodes == 0 else ds_g  # what eplb.rebalance_experts itself runs
-    even = rows[f"hpc_moe {chosen.policy}"].mean()  # auto's placement on EPLB's own model
+    def mean(key):
+        return None if rows[key] is None else float(rows[key].mean())
+    even = [mean(f"DeepSeek {k}") for k in ("hierarchical", "global")]
+    shared = [mean(f"DeepSeek {k}, hpc_moe's shares") for k in ("hierarchical", "global")]
+    rule = even[0] if cfg.n_group % nodes == 0 else even[1]  # what eplb.rebalance_experts itself runs
+    auto = mean(f"hpc_moe --eplb auto ({chosen.policy}), routed")
+    best_even, best_shared = min(x for x in even if x is not None), min(x for x in shared if x is not None)
+    print(f"--eplb auto: {chosen.policy}, predicted step {chosen.step_ms:.3f} ms; every candidate:")
+    print(format_candidates(cands, chosen))
+
+    def cell(x):
+        return "n/a" if x is None else f"{x:.3f}"
     print(f"| {E} experts, {cfg.n_group} groups, {ranks} ranks / {nodes} nodes, {n_phys} physical | "
-          f"{'n/a' if ds_h is None else f'{ds_h.mean():.3f}'} | {ds_g.mean():.3f} | {rule.mean():.3f} | "
-          f"{chosen.policy} | {even:.3f} | {auto:.3f} | {100 * (auto / min(ds) - 1):+.1f} % | "
-          f"{100 * (auto / rule.mean() - 1):+.1f} % |")
+          f"{cell(even[0])} | {cell(even[1])} | {cell(rule)} | {cell(shared[0])} | {cell(shared[1])} | {chosen.policy} | "
+          f"{auto:.3f} | {100 * (auto / best_even - 1):+.1f} % | {100 * (auto / best_shared - 1):+.1f} % |")
     return 0
 
 

@@ -80,3 +80,40 @@ def test_a_forced_policy_is_the_only_candidate(tiny12):
     cands = candidates(tiny12, load_hardware("cpu-2core"), Layout(16, 1, 1, 4), [r // 4 for r in range(16)],
                        issue_loads(), layers=[1, 2], tokens=64, model_layers=3, policies=("hierarchical",))
     assert [c.policy for c in cands] == ["hierarchical"] and best(cands) is cands[0]
+
+
+def test_cut_is_chosen_where_levelling_pays_for_its_crossings(tiny12):
+    # 12 experts on 8 ranks with 12 redundant (3 places a rank, 2 nodes): cut levels every rank,
+    # which even splits over replicas cannot, at the price of more rows across nodes (a cut expert's
+    # replicas on two nodes). On the CPU file expert rows dominate and cut is chosen; on H100
+    # links the crossings cost more than the 2.8 % of rank load it saves, and global is.
+    loads = issue_loads()
+    kw = dict(layers=[1, 2], tokens=4096, dispatch="hierarchical", model_layers=3, redundant=12, group_limited=False)
+    layout, nodes = Layout(8, 1, 1, 4), [r // 4 for r in range(8)]
+    cpu = {c.policy: c for c in candidates(tiny12, load_hardware("cpu-2core"), layout, nodes, loads, **kw)}
+    assert cpu["cut"].rank_load == pytest.approx(1.0, abs=1e-6)
+    assert cpu["cut"].rank_load < min(c.rank_load for c in cpu.values() if c.policy != "cut")
+    assert cpu["cut"].inter_node_bytes > cpu["global"].inter_node_bytes
+    assert best(list(cpu.values())).policy == "cut"
+    gpu = candidates(tiny12, load_hardware("h100-sxm"), layout, nodes, loads, **kw)
+    assert best(gpu).policy == "global"
+
+
+def test_replacement_prices_the_kept_placement_and_the_moved_bytes(tiny12):
+    loads = issue_loads()
+    layout, nodes = Layout(8, 1, 1, 4), [r // 4 for r in range(8)]
+    kw = dict(layers=[1, 2], tokens=4096, dispatch="hierarchical", model_layers=3, redundant=12, group_limited=False)
+    hw = load_hardware("h100-sxm")
+    now = ExpertPlacement.build(12, 8, node_of_rank=nodes, n_group=4, loads=loads, layers=[1, 2], policy="global",
+                                redundant=12)
+    same = candidates(tiny12, hw, layout, nodes, loads, current=now, replan_every=4, policies=("global",), **kw)
+    assert [c.policy for c in same] == ["global", "global, kept"]
+    assert same[0].moved_experts == 0 and same[0].move_ms == 0  # the same loads: nothing to move
+    assert best(same).moved_experts == 0
+    moved = candidates(tiny12, hw, layout, nodes, loads[::-1], current=now, replan_every=4, **kw)
+    fresh = candidates(tiny12, hw, layout, nodes, loads[::-1], **kw)
+    expert_bytes = 3 * tiny12.hidden_size * tiny12.moe_intermediate_size * hw.dtype_bytes
+    for c, f in zip(moved, fresh):  # each step carries its busiest receiver's bytes over 4 steps
+        assert c.moved_bytes % expert_bytes == 0 and c.step_ms == pytest.approx(f.step_ms + c.move_ms)
+        assert c.move_ms == pytest.approx(1e3 * hw.inter_node.seconds(c.moved_bytes, c.moved_bytes / expert_bytes) / 4)
+    assert moved[-1].policy == "global, kept" and moved[-1].moved_experts < min(c.moved_experts for c in moved[:-1])

@@ -24,7 +24,7 @@ LAYOUT = {
     "--transport": ("auto", ("auto", "host", "shm", "cuda-aware", "nccl")),
     "--payload": ("native", ("native", "fp8")), "--overlap": ("off", ("on", "off")), "--micro-batches": 2,
     "--allow-shared-gpu": False, "--deterministic": False,
-    "--eplb": ("auto", ("auto", "hierarchical", "global", "hierarchical-refined", "global-refined")),
+    "--eplb": ("auto", ("auto", "hierarchical", "global", "hierarchical-refined", "global-refined", "cut")),
     "--redundant-experts": 0, "--backend": ("auto", ("auto", "numpy", "cupy")),
     "--dtype": (None, ("float32", "bfloat16")),
 }
@@ -54,7 +54,7 @@ FLAGS = {
     "plan": {
         "--config": "deepseek-v3", "--ranks": None, "--ranks-per-node": None, "--dp": 1, "--expert-tp": 1,
         "--loads-from": None,
-        "--eplb": ("auto", ("auto", "hierarchical", "global", "hierarchical-refined", "global-refined")),
+        "--eplb": ("auto", ("auto", "hierarchical", "global", "hierarchical-refined", "global-refined", "cut")),
         "--layers": None, "--experts-dtype": ("auto", ("auto", "fp8", "bf16")),
         "--mode": (None, ("prefill", "decode", "mixed")), "--batch": "8", "--seq-len": "64",
         "--prefill-fraction": 0.25, "--steps": 20, "--warmup": 2, "--seed": 0, "--overlap": (None, ("off", "on")),

@@ -322,3 +322,76 @@ def test_replica_shares_level_the_ranks_and_routing_follows_them():
             here = [s for s in p.owners(e) if s // 4 == n]
             if here:
                 assert shares[n, e, here].sum() >= 0.5
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cut_fills_every_slot_once_per_expert_and_routes_as_modelled(seed):
+    # Random layouts with more experts than ranks: E experts, S ranks on N nodes, some redundant.
+    rng = np.random.default_rng(seed)
+    n_nodes, per_node = [(2, 4), (4, 4), (2, 2)][seed % 3]
+    s_count = n_nodes * per_node
+    e_count = int(rng.integers(s_count + 1, 3 * s_count + 1))
+    redundant = int(rng.integers(0, 2 * s_count))
+    loads = rng.permutation(1000 / np.arange(1, e_count + 1) ** rng.uniform(0.6, 1.6))
+    p = ExpertPlacement.build(e_count, s_count, node_of_rank=nodes(n_nodes, per_node), loads=loads, policy="cut",
+                              redundant=redundant)
+    cap = -(-max(s_count, e_count + redundant) // s_count)
+    held = p.slot_experts[0]
+    assert all(1 <= len(h) <= cap and len(set(h)) == len(h) for h in held)  # filled, within memory, no duplicate
+    assert sorted({e for h in held for e in h}) == list(range(e_count))
+    assert sum(map(len, held)) <= e_count + redundant
+    shares = p.route_shares()  # [N, E, S]: every node's tokens of every expert, all of them, to its replicas
+    assert np.allclose(shares.sum(axis=2), 1.0)
+    for e in range(e_count):
+        assert set(np.nonzero(shares[:, e].sum(axis=0))[0]) <= set(p.owners(e))
+    if p.demand[0] is None:  # too few spare places to cut the line well: global's placement, levelled
+        assert redundant < s_count - 1
+        g = ExpertPlacement.build(e_count, s_count, node_of_rank=nodes(n_nodes, per_node), loads=loads,
+                                  policy="global", redundant=redundant)
+        assert p.slot_experts == g.slot_experts
+        return
+    modelled = p.demand[0] * loads[:, None]  # the pieces the cut gave every slot [E, S]
+    routed = p.routed_loads(loads)
+    assert routed == pytest.approx(modelled.sum(axis=0), rel=1e-9)
+    if redundant >= s_count - 1:  # a cut at every slot's end: every rank at the mean
+        assert routed.max() / routed.mean() == pytest.approx(1.0, abs=1e-6)
+    # drawn tokens land where the placement expects them
+    topk = draws(loads / loads.sum(), s_count)
+    got = sum(np.bincount(p.route(t, rank).ravel(), minlength=s_count) for rank, t in enumerate(topk))
+    want = p.routed_loads(np.bincount(np.concatenate(topk).ravel(), minlength=e_count).astype(float))
+    assert np.abs(got / want - 1).max() < 0.03
+
+
+def test_cut_keeps_tokens_on_their_node_where_the_pieces_allow():
+    # One hot expert cut over both nodes: each node's tokens stay on their own replica as far as
+    # its piece takes them; only the excess crosses.
+    loads = np.array([8.0, 1, 1, 1, 1, 1, 1, 1, 1])
+    p = ExpertPlacement.build(9, 4, node_of_rank=nodes(2, 2), loads=loads, policy="cut", redundant=3)
+    shares, demand = p.route_shares(), p.demand[0]
+    for e in range(9):
+        for n in range(2):
+            mine = [s for s in p.owners(e) if s // 2 == n]
+            # node n's half of e's tokens: as much as its replicas' pieces hold stays home
+            assert shares[n, e, mine].sum() == pytest.approx(min(1.0, 2 * demand[e, mine].sum()))
+
+
+def test_replacement_matches_slots_and_keep_moves_least():
+    rng = np.random.default_rng(3)
+    loads = rng.permutation(1000 / np.arange(1, 33) ** 1.2)
+    nudged = loads * rng.uniform(0.95, 1.05, 32)  # the loads barely move
+    for policy in ("global", "hierarchical", "cut"):
+        p = ExpertPlacement.build(32, 16, node_of_rank=nodes(4, 4), n_group=8, loads=loads, policy=policy,
+                                  redundant=16)
+
+        def moved(q, p=p):
+            return sum(len(set(b) - set(a)) for a, b in zip(p.slot_experts[0], q.slot_experts[0]))
+        fresh = ExpertPlacement.build(32, 16, node_of_rank=nodes(4, 4), n_group=8, loads=nudged, policy=policy,
+                                      redundant=16)
+        matched = p.from_loads(nudged)
+        assert sorted(map(sorted, matched.slot_experts[0])) == sorted(map(sorted, fresh.slot_experts[0]))
+        assert matched.routed_loads(nudged).max() == pytest.approx(fresh.routed_loads(nudged).max())
+        assert moved(matched) <= moved(fresh)
+        kept = p.from_loads(nudged, keep=True)  # the current map, refined by swaps only
+        assert moved(p.from_loads(loads)) == 0  # the same loads: the same placement, nothing moves
+        assert max(moved(matched), moved(kept)) <= 48 // 5  # of 48 held, where a fresh one moves more
+        assert kept.demand == (None,) and kept.routed_loads(nudged).sum() == pytest.approx(nudged.sum())

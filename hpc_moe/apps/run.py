@@ -74,7 +74,7 @@ def run_job(o: RunOptions) -> int:
     engine = Engine(cfg, weights, backend, ctx, options=options, num_layers=layers, loads=loads,
                     synthetic_routing=synthetic, profiler=prof, node_cost=links and links.node_cost(),
                     choose_policy=_policy_chooser(cfg, ctx, layers, backend, links, workload, options,
-                                                  group_limited=synthetic is None))
+                                                  group_limited=synthetic is None, replan_every=o.replan_every))
     for line in run_checks(ctx, backend, engine.transport, o.layout.allow_shared_gpu):
         log.debug("selftest: %s", line)
     rank_map = ctx.world.gather({"host": ctx.hostnames[ctx.rank], "node": ctx.node_id, "gpu": backend.device_id,
@@ -121,11 +121,14 @@ def _check_fits(cfg, layers: int, workload: Workload, ctx: ParallelContext, back
 
 
 def _policy_chooser(cfg, ctx: ParallelContext, layers: int, backend, links, workload: Workload, options,
-                    group_limited: bool):
-    """--eplb auto: loads [M, E] -> the policy whose placement the planner predicts the fastest step
-    for (hpc_moe.perf.balance), on this backend's hardware file with the links measured at the
-    start when there are some; rank 0 logs every candidate. The same on every rank.
-    group_limited: the model's router picks the experts (synthetic routing ignores groups)."""
+                    group_limited: bool, replan_every: int = 0):
+    """(loads [M, E], current placement or None) -> the candidate (hpc_moe.perf.balance) the planner
+    predicts the fastest step for: every policy with --eplb auto, else the forced one; at a
+    re-placement also the current placement kept, each step carrying the weights it moves over
+    replan_every steps. On this backend's hardware file with the links measured at the start when
+    there are some; rank 0 logs every candidate. The same on every rank. group_limited: the
+    model's router picks the experts (synthetic routing ignores groups)."""
+    from hpc_moe.ep.choices import POLICIES
     from hpc_moe.perf.balance import best, candidates, format_candidates
     from hpc_moe.perf.footprint import Layout
     from hpc_moe.perf.hardware import load_hardware
@@ -139,19 +142,21 @@ def _policy_chooser(cfg, ctx: ParallelContext, layers: int, backend, links, work
     two_stage = scheme == "hierarchical" or (scheme == "auto" and 1 < nodes < ctx.ep_size and ctx.expert_tp == 1)
     moe = [i for i in range(layers) if cfg.is_moe_layer(i)]
 
-    def choose(loads_ME: np.ndarray) -> str:
+    def choose(loads_ME: np.ndarray, current=None):
         tokens = float(loads_ME.sum(axis=1).mean()) / cfg.num_experts_per_tok / ctx.size  # a GPU's, a step
         cands = candidates(cfg, hw, layout, ctx.node_of_ep_rank, loads_ME, layers=moe, tokens=max(tokens, 1.0),
                            mode="decode" if workload.mode == "decode" else "prefill",
                            sequences=max(1.0, workload.batch.upper() / ctx.size), context=workload.seq_len.upper(),
                            dispatch="hierarchical" if two_stage else "flat", micro_batches=options.micro_batches,
                            model_layers=layers, redundant=options.redundant_experts,
-                           node_cost=links and links.node_cost(), group_limited=group_limited)
+                           node_cost=links and links.node_cost(), group_limited=group_limited,
+                           policies=POLICIES if options.eplb == "auto" else (options.eplb,), current=current,
+                           replan_every=replan_every)
         chosen = best(cands)
         if ctx.rank == 0:
-            log.info("--eplb auto: placement policies priced on %s (rank load = hottest slot / mean):\n%s",
+            log.info("--eplb %s: placements priced on %s (rank load = hottest slot / mean):\n%s", options.eplb,
                      hw.name, format_candidates(cands, chosen))
-        return chosen.policy
+        return chosen
 
     return choose
 

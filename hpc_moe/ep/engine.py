@@ -9,7 +9,6 @@ Shape legend: T tokens, V vocabulary, M MoE layers, E experts, P EP ranks.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -79,17 +78,21 @@ class Engine:
         """loads: expected tokens per expert (float [E] or [M, E]) for the placement's replicas and
         colocation; None places experts evenly. node_cost: float per node, the relative cost of its
         links (hpc_moe.links.Links.node_cost), or None where the links are even. choose_policy:
-        with --eplb auto, loads float [M, E] -> the policy to place them by (the same on every
-        rank for the same loads; hpc_moe.apps.run prices every policy with the planner)."""
+        (loads float [M, E], current placement or None) -> the hpc_moe.perf.balance.Candidate to
+        place them by (the same on every rank for the same loads; hpc_moe.apps.run prices the
+        policies with the planner: every one with --eplb auto, the forced one otherwise): its
+        policy places the first loads (with --eplb auto), its placement those of a re-placement
+        (the current one kept and refined is a candidate too). Without it, a re-placement takes
+        the policy's fresh placement."""
         n = cfg.num_hidden_layers if num_layers is None else num_layers
         self.cfg, self.backend, self.ctx, self.options = cfg, backend, ctx, options
         self.moe_layers = [i for i in range(n) if cfg.is_moe_layer(i)]
-        self._choose = choose_policy if options.eplb == "auto" else None
+        self._choose = choose_policy
         nodes = len(set(ctx.node_of_ep_rank))
         policy = options.eplb if options.eplb != "auto" else "hierarchical" if cfg.n_group % nodes == 0 else "global"
-        if self._choose is not None and loads is not None and self.moe_layers:
-            policy = self._choose(np.broadcast_to(np.asarray(loads, np.float64),
-                                                  (len(self.moe_layers), cfg.n_routed_experts)))
+        if options.eplb == "auto" and choose_policy is not None and loads is not None and self.moe_layers:
+            policy = choose_policy(np.broadcast_to(np.asarray(loads, np.float64),
+                                                   (len(self.moe_layers), cfg.n_routed_experts)), None).policy
         placement = ExpertPlacement.build(cfg.n_routed_experts, ctx.ep_size, ctx.expert_tp, ctx.node_of_ep_rank,
                                           cfg.n_group, loads=loads, layers=self.moe_layers or None, policy=policy,
                                           redundant=options.redundant_experts, node_cost=node_cost)
@@ -144,16 +147,15 @@ class Engine:
 
     def replan(self, loads_ME: np.ndarray) -> None:
         """Re-place experts from measured loads [M, E] (the same on every rank) now; outputs
-        unchanged. With --eplb auto the policy is chosen again for these loads."""
+        unchanged. With a chooser the placement is chosen again for these loads, the current one
+        kept (refined) among the candidates."""
         self.finish_replan(self.post_replan(loads_ME))
 
     def post_replan(self, loads_ME: np.ndarray) -> PendingPlacement:
         """The placement for loads [M, E], its moved experts' transfers posted; the current one
         stays in force (run a step while they fly) until ``finish_replan``."""
-        p = self.placement
-        if self._choose is not None:
-            p = dataclasses.replace(p, policy=self._choose(np.asarray(loads_ME, np.float64)))
-        new = p.from_loads(loads_ME)
+        p, loads_ME = self.placement, np.asarray(loads_ME, np.float64)
+        new = self._choose(loads_ME, p).placement if self._choose is not None else p.from_loads(loads_ME)
         return PendingPlacement(new, self.executor.post_placement(new))
 
     def finish_replan(self, pending: PendingPlacement) -> FetchRecord:

@@ -19,6 +19,8 @@ candidate replicas.
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 # A replica on another node takes a token only where the token's own node's replicas would be this
@@ -179,3 +181,119 @@ def _level(base: np.ndarray, mass: float) -> float:
         if k == len(b) or t <= b[k]:
             return float(t)
     return float(b[-1])
+
+
+def cut(loads_E: np.ndarray, caps_S: list[int]) -> tuple[list[list[int]], np.ndarray] | None:
+    """The experts (loads float [E]) on len(caps_S) slots, slot s holding at most caps_S[s] of them,
+    the heaviest laid end to end and cut where a slot is full: -> (the experts of each slot,
+    piece_ES float64 [E, S]: the load of expert e slot s takes).
+
+    The E - h lightest experts are spread whole over the
+    slots (as many to each as the places allow, one place kept for the line, heaviest first onto
+    the least loaded), then the h heaviest, laid end to end, fill each slot's remaining places up
+    to the mean load, an expert cut where a slot reaches it (its rest starts the next slot: no slot
+    holds an expert twice). Every cut is one replica more, so the places bound the cuts. Each h
+    from S - spare places to E is tried (a sample of them where there are many) and the one of
+    least hottest slot kept. A cut expert's replicas take unequal shares, its pieces: with about
+    S - 1 spare places every slot can reach the mean, which an even split over replicas cannot.
+    None where no slot holds two experts (a cut then only makes replicas that are best split
+    evenly: EPLB's global policy) or the places do not suffice."""
+    loads = np.asarray(loads_E, np.float64)
+    n_exp, n_slots = len(loads), len(caps_S)
+    order = sorted(range(n_exp), key=lambda e: (-loads[e], e))  # heaviest first
+    if max(caps_S) < 2:
+        return None
+    lo = max(1, n_exp - sum(c - 1 for c in caps_S))
+    hs = sorted({int(h) for h in np.linspace(lo, n_exp, min(16, n_exp - lo + 1))})
+    best = None
+    for h, line_places, over in itertools.product(hs, (1, 2), (1.0, 1.02, 1.05, 1.1, 1.2)):
+        got = _line(loads, caps_S, order[:h], order[h:], line_places, over)
+        if got is not None:
+            key = (round(got[1].sum(axis=0).max() / max(loads.sum() / n_slots, 1e-300), 9), (got[1] > 0).sum())
+            if best is None or key < best[0]:
+                best = (key, got)
+    return None if best is None else best[1]
+
+
+def _line(loads: np.ndarray, caps_S: list[int], heavy: list[int], light: list[int], line_places: int,
+          over: float):
+    """cut's construction for one split into heavy (laid on the line) and light (whole) experts,
+    line_places of each slot's places kept from the light ones (2: room for the end of one heavy
+    expert and the start of the next), each slot filled up to ``over`` x the mean (above 1 where
+    too few places are spare to cut at every slot: fewer cuts, and the last slots not overfull);
+    None where the places do not suffice."""
+    n_slots = len(caps_S)
+    held: list[list[int]] = [[] for _ in range(n_slots)]
+    piece_ES = np.zeros((len(loads), n_slots))
+    q, r = divmod(len(light), n_slots)
+    room = [max(0, min(c - line_places, q + (s < r))) for s, c in enumerate(caps_S)]  # lights a slot may take
+    if sum(room) < len(light):
+        return None
+    for e in light:  # heaviest first (light is in that order) onto the least loaded slot with room
+        s = min((s for s in range(n_slots) if len(held[s]) < room[s]), key=lambda s: (piece_ES[:, s].sum(), s))
+        held[s].append(e)
+        piece_ES[e, s] = loads[e]
+    target = over * loads.sum() / n_slots
+    line = [[e, loads[e]] for e in heavy]
+    lights, pool = set(light), []  # pool: lights evicted to make room for the line, for later slots
+    for s in range(n_slots):
+        while pool and len(held[s]) < caps_S[s] - (s < n_slots - 1):
+            e = pool.pop()
+            held[s].append(e)
+            piece_ES[e, s] = loads[e]
+        used = piece_ES[:, s].sum()
+        while line and (used < target * (1 - 1e-12) or s == n_slots - 1):
+            if len(held[s]) == caps_S[s]:  # full below the mean: a light expert gives its place to the line
+                mine = [e for e in held[s] if e in lights]
+                if not mine or s == n_slots - 1:
+                    break
+                e = min(mine, key=lambda e: (loads[e], e))
+                held[s].remove(e)
+                used -= piece_ES[e, s]
+                piece_ES[e, s] = 0.0
+                pool.append(e)
+                continue
+            e, rest = line[0]
+            take = rest if s == n_slots - 1 else min(rest, target - used)
+            held[s].append(e)
+            piece_ES[e, s] += take
+            used += take
+            line[0][1] -= take
+            if line[0][1] <= 1e-12 * max(loads[e], 1e-300):
+                line.pop(0)
+            elif s < n_slots - 1:
+                break  # the slot is at the mean: e's rest starts the next slot
+    if line or pool:
+        return None
+    return held, piece_ES
+
+
+def flow_shares(frac_ES: np.ndarray, cand_NER: np.ndarray, ncand_NE: np.ndarray,
+                remote_NER: np.ndarray) -> np.ndarray:
+    """float64 [N, E, R]: the shares of node n's tokens for expert e over its candidates
+    cand_NER[n, e, :ncand_NE[n, e]] (remote_NER: on another node) such that every replica slot s
+    receives frac_ES[e, s] of e's tokens (float [E, S], rows summing to 1; tokens spread evenly
+    over the nodes), as few crossing nodes as that allows: each node's tokens first fill its own
+    replicas' demand, what is left of them goes to what is left of the demand, in proportion."""
+    n_nodes, n_exp, r = cand_NER.shape
+    share_NER = np.zeros(cand_NER.shape)
+    for e in range(n_exp):
+        slots = cand_NER[0, e, :ncand_NE[0, e]]  # every node has all of e's replicas as candidates
+        want = frac_ES[e, slots].astype(np.float64)
+        flow_NJ = np.zeros((n_nodes, len(slots)))
+        supply = np.full(n_nodes, 1.0 / n_nodes)
+        for n in range(n_nodes):
+            mine = np.isin(slots, cand_NER[n, e, :ncand_NE[n, e]][~remote_NER[n, e, :ncand_NE[n, e]]])
+            room = want[mine].sum()
+            if room > 0:
+                give = min(supply[n], room)
+                flow_NJ[n, mine] = give * want[mine] / room
+                want[mine] -= flow_NJ[n, mine]
+                supply[n] -= give
+        if want.sum() > 1e-15:
+            flow_NJ += supply[:, None] * (want / want.sum())[None, :]
+        for n in range(n_nodes):
+            pos = {int(s): j for j, s in enumerate(slots)}
+            k = ncand_NE[n, e]
+            share_NER[n, e, :k] = [flow_NJ[n, pos[int(s)]] * n_nodes for s in cand_NER[n, e, :k]]
+    return share_NER

@@ -15,6 +15,11 @@ parallel inside it); there are S = ep_size / expert_tp slots. The rules, per lay
   principle), ceil/floor(E/S) per slot, balanced by load (longest-processing-time) when loads are
   given.
 
+Policies (hpc_moe.ep.policies): EPLB's two, each optionally refined by swaps, and ``cut``, whose
+cut experts' replicas take unequal shares (``demand``, followed by choose_replica through
+hpc_moe.ep.packing.flow_shares). A re-placement (``from_loads``) lays the new map over the old so
+that few experts move, or keeps the old one refined.
+
 Topology: slots are filled node by node with contiguous runs of experts, node n receiving a share
 of experts proportional to its slots, so the E / n_group experts of one routing group sit on one node
 where the shapes allow and group-limited routing also limits the nodes a token reaches. With loads,
@@ -32,7 +37,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hpc_moe.ep.choices import POLICIES
-from hpc_moe.ep.packing import colocate, pack, refine, replica_shares, replicate
+from hpc_moe.ep.packing import flow_shares, refine, replica_shares
+from hpc_moe.ep.policies import match, permute, place_layer
 from hpc_moe.errors import InputError
 
 # A low-discrepancy sequence frac((t + 1) x golden ratio) picks replicas by their shares; ranks
@@ -56,11 +62,15 @@ class ExpertPlacement:
     policy: how loads place experts (POLICIES): EPLB's "hierarchical" (routing groups packed onto
     nodes by load, then replicas and packing inside each node) or "global" (replicas of the hot
     experts anywhere, packed over all slots), or either with "-refined" (its packing refined by
-    swaps of replicas that lower the hottest slot's load, inside the nodes or anywhere);
+    swaps of replicas that lower the hottest slot's load, inside the nodes or anywhere), or "cut"
+    (the loads laid end to end and cut into equal pieces: hpc_moe.ep.policies);
     redundant: replicas beyond one per expert when experts are colocated (E > slots), as
     DeepSeek's redundant experts; node_cost: float per node id, the relative cost of its links
     (hpc_moe.links.Links.node_cost), whose cheapest nodes take the heaviest nodes' experts, or
-    None where the links are even; all three are kept for re-placement.
+    None where the links are even; all three are kept for re-placement. loads: the tokens per
+    expert each map was placed for (float [E] each), None without loads; demand: per map, float
+    [E, S] the share of each expert's tokens each slot is meant to take (``cut``), or None where
+    the router levels the replicas itself (replica_shares).
     """
 
     n_experts: int
@@ -74,11 +84,13 @@ class ExpertPlacement:
     redundant: int = 0
     node_cost: tuple[float, ...] | None = None
     loads: tuple[np.ndarray, ...] | None = None
+    demand: tuple[np.ndarray | None, ...] | None = None
     _tables: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
-        loads = self.loads or (None,) * len(self.slot_experts)
-        object.__setattr__(self, "_tables", tuple(_tables(self, m, w) for m, w in zip(self.slot_experts, loads)))
+        none = (None,) * len(self.slot_experts)
+        object.__setattr__(self, "_tables", tuple(_tables(self, m, w, d) for m, w, d in
+                                                  zip(self.slot_experts, self.loads or none, self.demand or none)))
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -110,32 +122,47 @@ class ExpertPlacement:
         node_of_slot = node_of_rank[::expert_tp]
         cost = None if node_cost is None else tuple(float(c) for c in node_cost)
         _need(cost is None or len(cost) > max(node_of_rank), f"node_cost needs a cost for each of nodes 0..{max(node_of_rank)}")
-        maps = tuple(_place_layer(n_experts, node_of_slot, n_group, loads_LE[i], policy, redundant, cost)
-                     for i in range(n_maps))
+        maps, demand = zip(*(place_layer(n_experts, node_of_slot, n_group, loads_LE[i], policy, redundant, cost)
+                             for i in range(n_maps)))
         return cls(n_experts, ep_size, expert_tp, node_of_rank, n_group, maps, layer_ids, policy, redundant, cost,
-                   None if loads is None else tuple(loads_LE))
+                   None if loads is None else tuple(loads_LE), None if loads is None else demand)
 
-    def from_loads(self, loads, layer: int | None = None) -> ExpertPlacement:
+    def from_loads(self, loads, layer: int | None = None, keep: bool = False) -> ExpertPlacement:
         """Re-place from measured tokens per expert: [E] for one layer (``layer`` given) or for all
-        maps (``layer`` None), or [L, E] for every per-layer map."""
+        maps (``layer`` None), or [L, E] for every per-layer map.
+
+        keep False: each map placed afresh by the policy, its slots' contents then laid over the
+        current ones so that as many experts as possible stay (hpc_moe.ep.policies.match: the same
+        cost, fewer bytes to move). keep True: the current maps kept, only refined by swaps of
+        replicas under the new loads (inside the nodes, or anywhere for global), their replicas'
+        shares levelled for the new loads: the re-placement that moves the fewest experts."""
         loads = np.asarray(loads, dtype=np.float64)
-        maps = list(self.slot_experts)
         node_of_slot = self.node_of_rank[::self.expert_tp]
-        kept = list(self.loads or [None] * len(maps))
+        n_maps = len(self.slot_experts)
         if layer is not None:
             _need(self.layer_ids is not None, "this placement has one shared map; build it "
                   "with layers=... to re-place layers one by one")
             _need(loads.shape == (self.n_experts,), f"loads must have shape ({self.n_experts},)")
-            i = self._index(layer)
-            kept[i] = _loads(loads, self.n_experts, 1)[0]
-            maps[i] = _place_layer(self.n_experts, node_of_slot, self.n_group, kept[i], self.policy, self.redundant,
-                                   self.node_cost)
+            todo = [self._index(layer)]
         else:
-            kept = list(_loads(loads, self.n_experts, len(maps)))
-            maps = [_place_layer(self.n_experts, node_of_slot, self.n_group, kept[i], self.policy, self.redundant,
-                                 self.node_cost) for i in range(len(maps))]
-        even = [np.ones(self.n_experts) if w is None else w for w in kept]
-        return dataclasses.replace(self, slot_experts=tuple(maps), loads=tuple(even))
+            todo = list(range(n_maps))
+        new_LE = _loads(loads, self.n_experts, len(todo))
+        kept = list(self.loads or [np.ones(self.n_experts)] * n_maps)
+        maps, demand = list(self.slot_experts), list(self.demand or [None] * n_maps)
+        nodes = sorted(set(node_of_slot))
+        within = [[s for s, n in enumerate(node_of_slot) if n == k] for k in nodes]
+        for i, w in zip(todo, new_LE):
+            kept[i] = w
+            if keep:
+                groups = [list(range(len(node_of_slot)))] if self.policy.startswith("global") else within
+                maps[i] = tuple(tuple(sorted(h)) for h in refine(maps[i], w, groups))
+                demand[i] = None
+                continue
+            new_map, new_demand = place_layer(self.n_experts, node_of_slot, self.n_group, w, self.policy,
+                                              self.redundant, self.node_cost)
+            maps[i], demand[i] = permute(new_map, new_demand,
+                                         match(maps[i], new_map, node_of_slot, whole_nodes=self.node_cost is None))
+        return dataclasses.replace(self, slot_experts=tuple(maps), loads=tuple(kept), demand=tuple(demand))
 
     # ---- queries ---------------------------------------------------------------------------
     @property
@@ -261,101 +288,7 @@ def _loads(loads, n_experts: int, n_maps: int) -> np.ndarray:
     return a + 1e-9  # a zero-load expert still ranks, and load / replicas stays defined
 
 
-def _place_layer(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray, policy: str = "hierarchical",
-                 redundant: int = 0, node_cost=None):
-    """-> tuple over slots of sorted expert tuples."""
-    s_total = len(node_of_slot)
-    base = policy.removesuffix("-refined")
-    nodes = sorted(set(node_of_slot))
-    slots_by_node = [[s for s in range(s_total) if node_of_slot[s] == n] for n in nodes]
-    if base == "global":
-        counts = replicate(loads_E, max(s_total, n_experts + redundant), s_total)
-        held = pack(counts, loads_E, list(range(s_total)), node_of_slot)
-    else:
-        held = _hierarchical(n_experts, node_of_slot, n_group, loads_E, redundant, slots_by_node)
-    if base != policy:
-        held = refine(held, loads_E, [list(range(s_total))] if base == "global" else slots_by_node)
-    return _by_links(tuple(tuple(sorted(x)) for x in held), node_of_slot, loads_E, node_cost)
-
-
-def _hierarchical(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray, redundant: int,
-                  slots_by_node: list[list[int]]) -> list[list[int]]:
-    """EPLB's hierarchical policy: -> the experts of each slot."""
-    s_total = len(node_of_slot)
-    # Node n gets a contiguous share of the expert order proportional to its slots.
-    cum = np.cumsum([0] + [len(x) for x in slots_by_node])
-    bounds = (n_experts * cum) // s_total
-    order = _group_order(n_experts, n_group, np.diff(bounds), loads_E)
-    result: list[list[int]] = [[] for _ in range(s_total)]
-    empty: list[int] = []
-    for n, slots in enumerate(slots_by_node):
-        ex = order[bounds[n]:bounds[n + 1]]
-        if len(ex) == 0:
-            empty.extend(slots)
-        elif len(ex) <= len(slots):
-            counts = replicate(loads_E[ex], len(slots))
-            for s, e in zip(slots, np.repeat(ex, counts)):
-                result[s] = [int(e)]
-        elif redundant:  # colocated with spare replicas: this node's share of them
-            counts = np.zeros(n_experts, np.int64)
-            counts[ex] = replicate(loads_E[ex], len(ex) + redundant * len(slots) // s_total, len(slots))
-            for s, held in zip(slots, pack(counts, loads_E, slots, node_of_slot)):
-                result[s] = held
-        else:
-            for s, group in zip(slots, colocate(ex, loads_E, len(slots))):
-                result[s] = group
-    if empty:  # fewer experts than nodes: the expert-less nodes take global replicas
-        counts = np.zeros(n_experts)
-        for held in result:
-            for e in held:
-                counts[e] += 1
-        for s in empty:
-            e = int(np.argmax(loads_E / counts))
-            counts[e] += 1
-            result[s] = [e]
-    return result
-
-
-def _by_links(slot_map, node_of_slot, loads_E: np.ndarray, node_cost):
-    """The nodes' contents exchanged whole (each node's slots keep their experts, groups and
-    replicas together) so that the heavier a node's experts, the cheaper its links: the heaviest
-    load on the node of least cost minimises the largest (load x cost). Unchanged without costs,
-    with nodes of unequal size, or with equal loads."""
-    nodes = sorted(set(node_of_slot))
-    slots_of = [[s for s, n in enumerate(node_of_slot) if n == k] for k in nodes]
-    if node_cost is None or len({len(x) for x in slots_of}) != 1:
-        return slot_map
-    replicas = np.bincount([e for held in slot_map for e in held], minlength=len(loads_E))
-    load_N = np.array([sum(loads_E[e] / replicas[e] for s in slots for e in slot_map[s]) for slots in slots_of])
-    if np.ptp(load_N) <= 1e-6 * load_N.max():
-        return slot_map
-    out = list(slot_map)
-    for heavy, node in zip(np.argsort(-load_N, kind="stable"), np.argsort([node_cost[k] for k in nodes], kind="stable")):
-        for src, dst in zip(slots_of[heavy], slots_of[node]):
-            out[dst] = slot_map[src]
-    return tuple(out)
-
-
-def _group_order(n_experts: int, n_group: int, per_node, loads_E) -> np.ndarray:
-    """Expert order to cut into node shares: whole routing groups packed onto nodes by load
-    when every node's share is a whole number of groups, else the natural order."""
-    gs = n_experts // n_group
-    natural = np.arange(n_experts)
-    if n_group == 1 or any(c % gs for c in per_node) or np.ptp(loads_E) == 0:
-        return natural
-    group_load = loads_E.reshape(n_group, gs).sum(1)
-    cap = [c // gs for c in per_node]
-    load = np.zeros(len(cap))
-    members: list[list[int]] = [[] for _ in cap]
-    for g in np.argsort(-group_load, kind="stable"):
-        open_nodes = [n for n in range(len(cap)) if len(members[n]) < cap[n]]
-        n = min(open_nodes, key=lambda i: (load[i], i))
-        members[n].append(int(g))
-        load[n] += group_load[g]
-    return np.concatenate([natural[g * gs:(g + 1) * gs] for m in members for g in sorted(m)])
-
-
-def _tables(p: ExpertPlacement, slot_experts, loads_E):
+def _tables(p: ExpertPlacement, slot_experts, loads_E, demand_ES):
     """Lookup tables of one map: replicas [E, R], replica counts [E], per-node candidates
     [N, E, R] and their counts [N, E] (for choose_replica), local index [S, E], and the
     cumulative shares of the candidates [N, E, R] (even without loads, levelled with them)."""
@@ -387,7 +320,8 @@ def _tables(p: ExpertPlacement, slot_experts, loads_E):
             cand_NER[n, e, :len(cand)] = cand
             ncand_NE[n, e] = len(cand)
             remote_NER[n, e, :len(cand)] = [node_of_slot[s] != n for s in cand]
-    share_NER = (replica_shares(cand_NER, ncand_NE, remote_NER, np.asarray(loads_E, np.float64), s_count)
+    share_NER = (flow_shares(demand_ES, cand_NER, ncand_NE, remote_NER) if demand_ES is not None
+                 else replica_shares(cand_NER, ncand_NE, remote_NER, np.asarray(loads_E, np.float64), s_count)
                  if loads_E is not None else np.where(np.arange(r) < ncand_NE[:, :, None], 1.0 / ncand_NE[:, :, None], 0.0))
     cum_NER = np.cumsum(share_NER, axis=-1)
     cum_NER[np.arange(r) >= ncand_NE[:, :, None]] = np.inf  # past the last candidate: never chosen

@@ -13,6 +13,7 @@ Legend: M MoE layers, E experts, S slots, N nodes, K top-k.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -30,7 +31,9 @@ class Candidate:
     """One policy's placement and its price: rank_load the hottest slot's rows over the mean (the
     rows its replicas take as choose_replica sends them), the mean over MoE layers; traffic its rows per
     token; inter_node_bytes and intra_node_bytes per GPU per step (one MoE layer, both
-    directions); step_ms the predicted step."""
+    directions); step_ms the predicted step. At a re-placement: moved_experts the experts ranks
+    receive (all MoE layers), moved_bytes the busiest receiver's weight bytes, move_ms their time
+    on the inter-node link spread over the steps to the next re-placement (in step_ms)."""
 
     policy: str
     placement: ExpertPlacement
@@ -39,6 +42,9 @@ class Candidate:
     inter_node_bytes: float
     intra_node_bytes: float
     step_ms: float
+    moved_experts: int = 0
+    moved_bytes: float = 0.0
+    move_ms: float = 0.0
 
 
 def rank_load(p: ExpertPlacement, loads_ME: np.ndarray) -> float:
@@ -115,19 +121,35 @@ def candidates(cfg: ModelConfig, hw: Hardware, layout: Layout, node_of_rank, loa
                layers: list[int] | None, tokens: float, mode: str = "prefill", sequences: float = 1,
                context: float = 1, dispatch: str = "flat", expert_fp8: bool = False, micro_batches: int = 1,
                redundant: int = 0, node_cost=None, policies=POLICIES, model_layers: int | None = None,
-               payload: str = "native", group_limited: bool = True) -> list[Candidate]:
+               payload: str = "native", group_limited: bool = True, current: ExpertPlacement | None = None,
+               replan_every: int = 1) -> list[Candidate]:
     """Every policy's placement for loads_ME (float [M, E]; per-layer maps when ``layers`` are the
     M MoE layer ids, else one map for their mean) and its predicted step (predict_step's inputs
     for the rest: tokens per GPU, mode, ...; model_layers: the layers the step runs;
     group_limited: the tokens' experts come from topk_group groups, as the model's router picks
-    them; False for synthetic routing, which ignores groups)."""
+    them; False for synthetic routing, which ignores groups).
+
+    current: at a re-placement, the placement in force: each policy's placement is then laid over
+    it (ExpertPlacement.from_loads), the current one refined by swaps is one more candidate
+    ("<policy>, kept"), and each candidate's step carries the time of the weights it moves,
+    spread over the replan_every steps it will serve."""
     groups = (cfg.n_group, cfg.topk_group) if group_limited and cfg.n_group and cfg.topk_group else None
     out = []
     loads_ME = np.asarray(loads_ME, dtype=np.float64)
+    built = []
     for policy in policies:
-        p = ExpertPlacement.build(cfg.n_routed_experts, layout.ep, layout.expert_tp, node_of_rank, cfg.n_group,
-                                  loads=loads_ME if layers else loads_ME.mean(axis=0), layers=layers or None,
-                                  policy=policy, redundant=redundant, node_cost=node_cost)
+        if current is None:
+            built.append((policy, ExpertPlacement.build(
+                cfg.n_routed_experts, layout.ep, layout.expert_tp, node_of_rank, cfg.n_group,
+                loads=loads_ME if layers else loads_ME.mean(axis=0), layers=layers or None, policy=policy,
+                redundant=redundant, node_cost=node_cost)))
+        else:
+            built.append((policy, dataclasses.replace(current, policy=policy).from_loads(loads_ME)))
+    if current is not None:
+        built.append((f"{current.policy}, kept", current.from_loads(loads_ME, keep=True)))
+    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * (1 if expert_fp8 else hw.dtype_bytes) \
+        / layout.expert_tp
+    for policy, p in built:
         hier = dispatch == "hierarchical"
         t = traffic(p, loads_ME, cfg.num_experts_per_tok, hier, groups)
         imb = rank_load(p, loads_ME)
@@ -136,24 +158,38 @@ def candidates(cfg: ModelConfig, hw: Hardware, layout: Layout, node_of_rank, loa
                             layers=model_layers, payload=payload, traffic=t)
         row = sum(wire_row_bytes(cfg, hw.dtype_bytes, payload))
         T = pred["tokens_per_gpu"]
+        moved, busiest = _moved(current, p) if current is not None else (0, 0)
+        move_ms = 1e3 * hw.inter_node.seconds(busiest * expert_bytes, busiest) / max(replan_every, 1)
         out.append(Candidate(policy, p, imb, t, T * t.inter_node_rows * row, T * t.intra_node_rows * row,
-                             pred["step_ms"]))
+                             pred["step_ms"] + move_ms, moved, busiest * expert_bytes, move_ms))
     return out
 
 
+def _moved(old: ExpertPlacement, new: ExpertPlacement) -> tuple[int, int]:
+    """-> (experts that ranks receive going from old to new, all maps; the most one rank receives)."""
+    per_slot = np.zeros(new.n_slots, dtype=np.int64)
+    for a, b in zip(old.slot_experts, new.slot_experts):
+        per_slot += [len(set(y) - set(x)) for x, y in zip(a, b)]
+    return int(per_slot.sum()) * new.expert_tp, int(per_slot.max())
+
+
 def best(cands: list[Candidate]) -> Candidate:
-    """The candidate of least predicted step; a tie (within 0.1 %) goes to the lower rank load,
-    then to the earlier policy (DeepSeek's own first)."""
+    """The candidate of least predicted step; a tie (within 0.1 %, below what the model resolves)
+    goes to the lower rank load, then to fewer moved experts, then to the earlier policy
+    (DeepSeek's own first)."""
     fastest = min(c.step_ms for c in cands)
     near = [c for c in cands if c.step_ms <= fastest * 1.001]
-    return min(near, key=lambda c: c.rank_load)
+    return min(near, key=lambda c: (round(c.rank_load, 6), c.moved_experts))
 
 
 def format_candidates(cands: list[Candidate], chosen: Candidate) -> str:
     """The table `hpc-moe plan --loads-from` prints: each policy's rank load, bytes and step."""
+    moving = any(c.moved_experts for c in cands)
     lines = [f"  {'policy':<22}{'rank load max/mean':>19}{'cross-node MiB':>16}{'intra-node MiB':>16}"
-             f"{'predicted step ms':>19}"]
+             + (f"{'experts moved':>15}{'move ms/step':>14}" if moving else "") + f"{'predicted step ms':>19}"]
     for c in cands:
         lines.append(f"  {c.policy:<22}{c.rank_load:>19.3f}{c.inter_node_bytes / 2**20:>16.3f}"
-                     f"{c.intra_node_bytes / 2**20:>16.3f}{c.step_ms:>19.3f}{'  <- chosen' if c is chosen else ''}")
+                     f"{c.intra_node_bytes / 2**20:>16.3f}"
+                     + (f"{c.moved_experts:>15}{c.move_ms:>14.3f}" if moving else "")
+                     + f"{c.step_ms:>19.3f}{'  <- chosen' if c is chosen else ''}")
     return "\n".join(lines)

@@ -220,7 +220,7 @@ def test_replan_records_each_placement_and_every_eplb_policy_runs(tmp_path_facto
     d = shared_dir(tmp_path_factory, "eplb")
     common = ("--mode", "prefill", "--batch", "8", "--seq-len", "uniform:4,12", "--routing", "zipf:1.5")
     run(*common, "--steps", "4", "--replan-every", "2", "--trace", f"{d}/a.h5")
-    for policy in ("hierarchical", "global", "global-refined", "auto"):
+    for policy in ("hierarchical", "global", "global-refined", "cut", "auto"):
         run(*common, "--steps", "2", "--loads-from", f"{d}/a.h5", "--eplb", policy, "--redundant-experts", "4",
             "--ranks-per-node", str(max(1, size // 2)), "--trace", f"{d}/{policy}.h5")
     if WORLD.Get_rank():
@@ -238,7 +238,7 @@ def test_replan_records_each_placement_and_every_eplb_policy_runs(tmp_path_facto
     assert row["step"] == 3 and row["step_ms"] == 1e3 * a.wall_time_s[2]
     assert row["before_ms"] == 1e3 * np.median(a.wall_time_s[:2])
     assert a.placements["placement"].shape[1:] == (*a.placement.shape[:2], size)
-    for policy in ("hierarchical", "global", "global-refined", "auto"):
+    for policy in ("hierarchical", "global", "global-refined", "cut", "auto"):
         t = read_trace(f"{d}/{policy}.h5")
         assert t.state == "completed" and t.meta["run_config"]["layout"]["eplb"] == policy
         model = t.meta["extra"]["placement"]  # the policy run (auto's choice) and the rank load it expects
@@ -249,7 +249,7 @@ def test_replan_records_each_placement_and_every_eplb_policy_runs(tmp_path_facto
             held = (t.placement >= 0).sum(axis=(1, 2))
             if policy.startswith("global"):
                 assert (held == min(e + 4, e * size)).all()
-            else:  # replicas stay on their group's node
+            else:  # replicas on their group's node; cut: a replica per cut, at most the spare places
                 assert ((e <= held) & (held <= e + 4)).all()
 
 
