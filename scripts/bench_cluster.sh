@@ -14,7 +14,8 @@
 # against bench layer; OUT/floor.txt the raw Ialltoallv of the same bytes; links-*: node0's NIC
 # at SLOW (default 250mbit), experts skewed (zipf), placed without and with the measured links;
 # OUT/planner.txt: the planner calibrated on fit-* traces (links as run measured them) against the
-# held-out held-* and scale-* traces.
+# held-out held-* and scale-* traces; eplb-*: placement policies on a skewed load (not in the
+# default PARTS: PARTS=eplb).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/cluster}
@@ -91,6 +92,18 @@ if part links; then
     run "links-$probe" 16 --batch 32 --routing zipf:1.2 --loads-from "$OUT/links-loads.h5" --probe-links "$probe"
   done
   $C rate node0 "${RATE:-1gbit}"
+fi
+# Placement policies on the issue's skew (zipf:1.2 over 12 experts in 4 groups, 2048-wide rows):
+# one run measures the loads, then hierarchical, global and auto place from them, alternated
+# REPS times (eplb-POLICY-REP; the rank load each measured is in its .json).
+if part eplb; then
+  E12=(--config scripts/eplb/wide-e12.json --batch 32 --routing zipf:1.2 --probe-links off)
+  run eplb-loads 16 "${E12[@]}"
+  for rep in $(seq "${REPS:-3}"); do
+    for eplb in hierarchical global auto; do
+      run "eplb-$eplb-$rep" 16 "${E12[@]}" --loads-from "$OUT/eplb-loads.h5" --eplb "$eplb"
+    done
+  done
 fi
 # The planner on real links: fitted to some shapes, predicting others (and the scaling runs).
 if part planner; then

@@ -134,8 +134,8 @@ class ExpertPlacement:
         keep False: each map placed afresh by the policy, its slots' contents then laid over the
         current ones so that as many experts as possible stay (hpc_moe.ep.policies.match: the same
         cost, fewer bytes to move). keep True: the current maps kept, only refined by swaps of
-        replicas under the new loads (inside the nodes, or anywhere for global), their replicas'
-        shares levelled for the new loads: the re-placement that moves the fewest experts."""
+        replicas under the new loads (inside the nodes, or anywhere for global; not for cut),
+        their replicas' shares levelled for the new loads (replica_shares): few experts move."""
         loads = np.asarray(loads, dtype=np.float64)
         node_of_slot = self.node_of_rank[::self.expert_tp]
         n_maps = len(self.slot_experts)
@@ -153,9 +153,10 @@ class ExpertPlacement:
         within = [[s for s, n in enumerate(node_of_slot) if n == k] for k in nodes]
         for i, w in zip(todo, new_LE):
             kept[i] = w
-            if keep:
+            if keep:  # cut's map as it is: swaps under an even split would undo its uneven pieces
                 groups = [list(range(len(node_of_slot)))] if self.policy.startswith("global") else within
-                maps[i] = tuple(tuple(sorted(h)) for h in refine(maps[i], w, groups))
+                if self.policy != "cut":
+                    maps[i] = tuple(tuple(sorted(h)) for h in refine(maps[i], w, groups))
                 demand[i] = None
                 continue
             new_map, new_demand = place_layer(self.n_experts, node_of_slot, self.n_group, w, self.policy,

@@ -5,14 +5,16 @@ hpc_moe.ep.placement.
 Policies (hpc_moe.ep.choices.POLICIES): EPLB's ``hierarchical`` (routing groups packed onto nodes
 by load, then replicas and packing inside each node) and ``global`` (replicas of the hot experts
 anywhere, packed over all slots), each optionally ``-refined`` by swaps of replicas
-(hpc_moe.ep.packing.refine), and ``cut``: the experts' loads laid end to end, node after node,
-and cut into equal pieces, one a slot (hpc_moe.ep.packing.cut). EPLB splits an expert's load
+(hpc_moe.ep.packing.refine), and ``cut``: the heavy experts' loads laid end to end over the slots
+(the nodes in turn) and cut into pieces that bring every slot to the mean (hpc_moe.ep.packing.cut). EPLB splits an expert's load
 evenly over its replicas, so its packings can only approach a level rank load; ``cut`` gives the
 replicas of a cut expert unequal shares (``demand``), which the router then follows.
 
 Legend: E experts, S slots.
 """
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
@@ -31,7 +33,9 @@ def place_layer(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray,
     demand_ES, pieces = None, None
     if base == "cut":
         q, r = divmod(max(s_total, n_experts + redundant), s_total)
-        order = [s for slots in slots_by_node for s in slots]  # node after node: a cut crosses nodes at most N - 1 times
+        # The nodes in turn: a heavy expert's consecutive pieces land on different nodes, where more
+        # nodes' tokens find a replica at home (node after node, they would all cross to one node).
+        order = [s for group in itertools.zip_longest(*slots_by_node) for s in group if s is not None]
         pieces = cut(loads_E, [q + (i * r // s_total != (i + 1) * r // s_total) for i in range(s_total)])
     if pieces is not None:
         held_o, piece_ES = pieces
