@@ -25,11 +25,17 @@ def place_layer(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray,
                 redundant: int = 0, node_cost=None) -> tuple[tuple[tuple[int, ...], ...], np.ndarray | None]:
     """-> (the sorted experts of every slot, demand float64 [E, S] or None): demand[e, s] is the
     share of expert e's tokens slot s is meant to take (``cut``; None: the router levels the
-    replicas' shares itself, hpc_moe.ep.packing.replica_shares)."""
+    replicas' shares itself, hpc_moe.ep.packing.replica_shares). ``cut`` is global's placement
+    where its pieces leave a slot no lower than global's even split does (one place a slot, or
+    too few spare places)."""
     s_total = len(node_of_slot)
     base = policy.removesuffix("-refined")
     nodes = sorted(set(node_of_slot))
     slots_by_node = [[s for s in range(s_total) if node_of_slot[s] == n] for n in nodes]
+    def global_held():
+        counts = replicate(loads_E, max(s_total, n_experts + redundant), s_total)
+        return pack(counts, loads_E, list(range(s_total)), node_of_slot)
+
     demand_ES, pieces = None, None
     if base == "cut":
         q, r = divmod(max(s_total, n_experts + redundant), s_total)
@@ -37,6 +43,8 @@ def place_layer(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray,
         # nodes' tokens find a replica at home (node after node, they would all cross to one node).
         order = [s for group in itertools.zip_longest(*slots_by_node) for s in group if s is not None]
         pieces = cut(loads_E, [q + (i * r // s_total != (i + 1) * r // s_total) for i in range(s_total)])
+    if pieces is not None and pieces[1].sum(axis=0).max() >= _even_max(global_held(), loads_E):
+        pieces = None  # too few spare places to cut well: global's placement, levelled by its shares
     if pieces is not None:
         held_o, piece_ES = pieces
         held = [[] for _ in range(s_total)]
@@ -45,9 +53,8 @@ def place_layer(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray,
             held[s] = held_o[i]
             demand_ES[:, s] = piece_ES[:, i]
         demand_ES /= demand_ES.sum(axis=1, keepdims=True)
-    elif base in ("global", "cut"):  # cut without two experts a slot: global's replicas, levelled
-        counts = replicate(loads_E, max(s_total, n_experts + redundant), s_total)
-        held = pack(counts, loads_E, list(range(s_total)), node_of_slot)
+    elif base in ("global", "cut"):
+        held = global_held()
     else:
         held = hierarchical(n_experts, node_of_slot, n_group, loads_E, redundant, slots_by_node)
     if base != policy:
@@ -55,6 +62,12 @@ def place_layer(n_experts: int, node_of_slot, n_group: int, loads_E: np.ndarray,
     slot_map = tuple(tuple(sorted(x)) for x in held)
     perm = by_links(slot_map, node_of_slot, loads_E, node_cost)
     return permute(slot_map, demand_ES, perm)
+
+
+def _even_max(held, loads_E: np.ndarray) -> float:
+    """The hottest slot's load with each expert's load split evenly over its replicas."""
+    counts = np.bincount([e for h in held for e in h], minlength=len(loads_E))
+    return max(sum(loads_E[e] / counts[e] for e in h) for h in held)
 
 
 def permute(slot_map, demand_ES, src_of_S):
