@@ -93,15 +93,23 @@ if part links; then
   done
   $C rate node0 "${RATE:-1gbit}"
 fi
-# Placement policies on the skew (zipf:1.2 over 12 experts in 4 groups, 2048-wide rows):
-# one run measures the loads, then hierarchical, global and auto place from them, alternated
-# REPS times (eplb-POLICY-REP; the rank load each measured is in its .json).
+# Placement policies on a skewed load (zipf:1.2, 2048-wide rows): the 12 experts in 4 groups
+# (e12), and the 16 of `wide` with 16 redundant (w16r16: 2 a rank); per layout one run measures the
+# loads, then hierarchical, global and auto place from them, alternated REPS times
+# (eplb-LAYOUT-POLICY-REP; the rank load each measured is in its .json).
 if part eplb; then
-  E12=(--config scripts/eplb/wide-e12.json --batch 32 --routing zipf:1.2 --probe-links off)
-  run eplb-loads 16 "${E12[@]}"
-  for rep in $(seq "${REPS:-3}"); do
-    for eplb in hierarchical global auto; do
-      run "eplb-$eplb-$rep" 16 "${E12[@]}" --loads-from "$OUT/eplb-loads.h5" --eplb "$eplb"
+  for layout in ${EPLB_LAYOUTS:-e12 w16r16}; do
+    case $layout in
+      e12) L=(--config scripts/eplb/wide-e12.json) ;;
+      w16r16) L=(--config wide --redundant-experts 16) ;;
+      *) echo "EPLB_LAYOUTS: e12 or w16r16 (got $layout)" >&2; exit 2 ;;
+    esac
+    L+=(--batch 32 --routing zipf:1.2 --probe-links off)
+    run "eplb-$layout-loads" 16 "${L[@]}"
+    for rep in $(seq "${REPS:-3}"); do
+      for eplb in hierarchical global auto; do
+        run "eplb-$layout-$eplb-$rep" 16 "${L[@]}" --loads-from "$OUT/eplb-$layout-loads.h5" --eplb "$eplb"
+      done
     done
   done
 fi

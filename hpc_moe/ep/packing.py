@@ -1,7 +1,7 @@
 """How hpc_moe.ep.placement packs experts onto slots: EPLB's replication and balanced packing,
 the colocation of more experts than slots, the refinement of a packing by local search (the
-``-refined`` policies), and the shares of an expert's tokens its replicas take. Pure functions,
-no MPI.
+``-refined`` policies), the ``cut`` policy's line of experts cut at the mean, and the shares of an
+expert's tokens its replicas take. Pure functions, no MPI.
 
 DeepSeek's EPLB packs replicas greedily, heaviest first onto the least loaded slot that has room;
 with several replicas a slot, that greedy order can leave the hottest slot well above the mean
@@ -11,8 +11,9 @@ of one to a slot that holds one fewer), as long as that lowers the larger of the
 loads; a slot never holds two replicas of one expert, and every slot keeps its count (or the
 floor/ceil spread of counts), so memory per rank is unchanged.
 
-Also here: the shares of an expert's tokens its replicas take (``replica_shares``), which level
-the slots where an even split would not.
+Also here: the shares of an expert's tokens its replicas take: ``replica_shares`` water-fills them
+so as to level the slots where an even split would not; ``flow_shares`` gives each replica the
+piece ``cut`` meant for it, each node's tokens on its own replicas first.
 
 Legend: S slots, Q replicas a slot (most), E experts, q the hottest slot's replicas, N nodes, R
 candidate replicas.
@@ -25,6 +26,9 @@ import numpy as np
 
 # A replica on another node takes a token only where the token's own node's replicas would be this
 # share of the mean slot load hotter: a crossing costs link time, a slightly hotter slot little.
+# A hysteresis, not a price: the step's cost is the slowest rank's rows plus the busiest node's
+# link time, two maxima, so a row's spill either pays (it comes off the hottest rank and the link
+# has slack) or not; no level offset follows from the links. auto prices whole placements instead.
 SPILL = 0.05
 
 
@@ -185,19 +189,20 @@ def _level(base: np.ndarray, mass: float) -> float:
 
 def cut(loads_E: np.ndarray, caps_S: list[int]) -> tuple[list[list[int]], np.ndarray] | None:
     """The experts (loads float [E]) on len(caps_S) slots, slot s holding at most caps_S[s] of them,
-    the heaviest laid end to end and cut where a slot is full: -> (the experts of each slot,
-    piece_ES float64 [E, S]: the load of expert e slot s takes).
+    the heaviest laid end to end and cut where a slot reaches the mean: -> (the experts of each
+    slot, piece_ES float64 [E, S]: the load of expert e slot s takes), or None.
 
-    The E - h lightest experts are spread whole over the
-    slots (as many to each as the places allow, one place kept for the line, heaviest first onto
-    the least loaded), then the h heaviest, laid end to end, fill each slot's remaining places up
-    to the mean load, an expert cut where a slot reaches it (its rest starts the next slot: no slot
-    holds an expert twice). Every cut is one replica more, so the places bound the cuts. Each h
-    from S - spare places to E is tried (a sample of them where there are many) and the one of
-    least hottest slot kept. A cut expert's replicas take unequal shares, its pieces: with about
-    S - 1 spare places every slot can reach the mean, which an even split over replicas cannot.
-    None where no slot holds two experts (a cut then only makes replicas that are best split
-    evenly: EPLB's global policy) or the places do not suffice."""
+    The E - h lightest experts are spread whole over the slots (evenly by count, one or two places
+    a slot kept for the line, heaviest first onto the least loaded), then the h heaviest, laid end
+    to end, fill each slot's remaining places up to the mean load (or a little above it), an expert
+    cut where a slot reaches it: its rest starts the next slot, so no slot holds an expert twice;
+    a slot full below the mean gives a light expert's place to the line (the light one moves on).
+    Every cut is one replica more, so the spare places bound the cuts. A sample of h from
+    S - spare to E, both line widths and a few fill levels are tried, the lowest hottest slot kept
+    (then the fewest replicas). A cut expert's replicas take unequal shares, its pieces: with
+    about S - 1 spare places every slot reaches the mean, which an even split over replicas cannot.
+    None where no slot holds two experts (a cut then only makes replicas, best split evenly:
+    EPLB's global policy) or no construction fits the places."""
     loads = np.asarray(loads_E, np.float64)
     n_exp, n_slots = len(loads), len(caps_S)
     order = sorted(range(n_exp), key=lambda e: (-loads[e], e))  # heaviest first
@@ -292,8 +297,8 @@ def flow_shares(frac_ES: np.ndarray, cand_NER: np.ndarray, ncand_NE: np.ndarray,
                 supply[n] -= give
         if want.sum() > 1e-15:
             flow_NJ += supply[:, None] * (want / want.sum())[None, :]
+        pos = {int(s): j for j, s in enumerate(slots)}
         for n in range(n_nodes):
-            pos = {int(s): j for j, s in enumerate(slots)}
             k = ncand_NE[n, e]
             share_NER[n, e, :k] = [flow_NJ[n, pos[int(s)]] * n_nodes for s in cand_NER[n, e, :k]]
     return share_NER
