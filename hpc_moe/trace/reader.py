@@ -260,7 +260,11 @@ def _check_not_truncated(path: str) -> None:
     format specification, "Superblock Version 2 and 3"). Older superblocks are left to HDF5."""
     with open(path, "rb") as f:
         head = f.read(48)
-    if len(head) < 12 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (2, 3):
+    if head[:8] != b"\x89HDF\r\n\x1a\n":  # HDF5 also finds a signature at 512, 1024, ...: leave those to it
+        if len(head) < 8 or not os.path.getsize(path) > 512:
+            raise TraceError(f"cannot read trace {path}: not an HDF5 file")
+        return
+    if len(head) < 12 or head[8] not in (2, 3):
         return
     width = head[9]
     if len(head) < 12 + 3 * width:
