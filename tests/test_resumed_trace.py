@@ -289,3 +289,14 @@ def test_a_run_never_resumed_reads_as_before(tmp_path):
     assert s["time_lost_s"] == 0.0 and [g["ranks"] for g in s["segments"]] == [4] and s["segments"][0]["lost_s"] is None
     names = sorted(Path(f).name for f in make_report([tmp_path / "t.h5"], tmp_path / "out"))
     assert not any("segment" in n for n in names) and len(names) == 7
+
+
+def test_overlap_side_by_side_takes_the_last_segment(resumed, tmp_path, capsys):
+    from hpc_moe.cli import main
+    from hpc_moe.trace.metrics import exchange_overlap
+    path, tr, _, _ = resumed
+    write_synthetic(tmp_path / "plain.h5")
+    assert main(["report", str(path), str(tmp_path / "plain.h5"), "--no-plots"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    total = next(ln for ln in out if ln.startswith("total") and len(ln.split()) == 7).split()
+    assert total[1] == f"{exchange_overlap(tr.segment(1))['total_in_flight']:.3f}"

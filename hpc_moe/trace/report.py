@@ -23,7 +23,7 @@ from hpc_moe.flags import flag
 from hpc_moe.outputs import OutputError, check_output
 from hpc_moe.trace.metrics import comm_stats, exchange_overlap, expert_load_imbalance, load_stats, rank_stats
 from hpc_moe.trace.reader import KINDS, Trace, TraceError, read_trace
-from hpc_moe.trace.resumed import rank_counts, segment_title, segment_views, segments_json, segments_lines
+from hpc_moe.trace.resumed import last_view, rank_counts, segment_title, segment_views, segments_json, segments_lines
 from hpc_moe.trace.stragglers import straggler_stats, straggler_table
 from hpc_moe.trace.text import fmt_bytes, fmt_num, text_table
 
@@ -162,8 +162,7 @@ def summary_json(trace: Trace) -> dict[str, Any]:
     Of a resumed trace, the figures that depend on the rank map (ranks, nodes, phases, bytes,
     exchanges, loads, ranks named) are its last segment's with steps; throughput, step times and
     the expert load are over all steps."""
-    views = segment_views(trace)
-    last = views[-1][1] if views else trace  # the ranks the run ended on
+    last = last_view(trace)
     st = summary_stats(trace)
     wall = float(trace.wall_time_s.sum())
     ov = exchange_overlap(last)
@@ -368,7 +367,7 @@ def run_report(o: ReportOptions) -> int:
             tables.append(scaling_table(traces))
         if len(traces) > 1 and len({t.num_layers for t in traces}) == 1 and len(traces[0].moe_layers) \
                 and not o.no_tables:
-            tables.append(overlap_table(traces))
+            tables.append(overlap_table([last_view(t) for t in traces]))  # a resumed one: its last ranks
         for text in tables:
             print(text, end="\n\n")
         if not o.no_plots:

@@ -37,6 +37,13 @@ def segment_views(trace: Trace) -> list[tuple[Segment, Trace]]:
     return views
 
 
+def last_view(trace: Trace) -> Trace:
+    """The trace of the last segment with steps here (the ranks the run ended on); the trace
+    itself when never resumed or without steps: what one figure per rank map is computed on."""
+    views = segment_views(trace)
+    return views[-1][1] if views else trace
+
+
 def rank_counts(trace: Trace, mask_S: np.ndarray) -> tuple[float, float, float]:
     """(ranks, GPUs, nodes) that ran the steps of mask_S (bool [S]): each segment's counts weighted
     by its share of their summed wall time, so that tokens/s over them divided by the ranks is
