@@ -97,6 +97,7 @@ def copy_to_resume(path: str, steps: int) -> tuple[h5py.File, str]:
     writer was killed cannot be opened for writing again (HDF5 wants h5clear), and the
     original stays whole until the copy is complete."""
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.resume")
+    dst = None
     try:
         with h5py.File(path, "r", swmr=True) as src:
             dst = h5py.File(tmp, "w", libver="latest")
@@ -104,10 +105,15 @@ def copy_to_resume(path: str, steps: int) -> tuple[h5py.File, str]:
                 dst.attrs[key] = value
             for name in src:
                 src.copy(src[name], dst, name=name)
-    except (OSError, ValueError) as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _cut(dst, steps)
+    except (OSError, ValueError, KeyError) as e:
+        discard_copy(dst, tmp)
         raise TraceError(f"cannot copy trace {path} to resume it: {_one_line(e)}") from None
+    return dst, tmp
+
+
+def _cut(dst: h5py.File, steps: int) -> None:
+    """Cut the copy to its first ``steps`` steps: the rows of an append cut short go too."""
     for ds in dst["steps"].values():
         ds.resize(steps, axis=0)
     for name in ("events", "exchanges", "placements"):
@@ -123,7 +129,14 @@ def copy_to_resume(path: str, steps: int) -> tuple[h5py.File, str]:
         del dst[segment_group(k)]
     seg.resize((kept,))
     dst["status"][()] = np.zeros((), STATUS_DTYPE)
-    return dst, tmp
+
+
+def discard_copy(dst: h5py.File | None, tmp: str) -> None:
+    """Close and remove a resume's copy (the original was never touched)."""
+    if dst is not None and dst.id.valid:
+        dst.close()
+    if os.path.exists(tmp):
+        os.unlink(tmp)
 
 
 class Rows:

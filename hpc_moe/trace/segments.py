@@ -62,6 +62,23 @@ def segments_of(rows: np.ndarray, rank_columns: list[dict[str, np.ndarray]], sta
                          rank_columns[k]) for k, r in enumerate(rows))
 
 
+def segment_of(trace, step_N: np.ndarray) -> np.ndarray:
+    """int64 [N]: the index of the segment that ran each of these steps."""
+    firsts = [seg.first_step for seg in trace.segments]
+    return np.maximum(np.searchsorted(firsts, np.asarray(step_N), side="right") - 1, 0)
+
+
+def rank_column(trace, name: str, step_N: np.ndarray, rank_N: np.ndarray) -> np.ndarray:
+    """[N]: rank column ``name`` (host, node, ...) of each (step, rank id) pair, read from the
+    segment that ran the step: the rank ids of /events and /exchanges are their segment's own."""
+    seg_N, rank_N = segment_of(trace, step_N), np.asarray(rank_N)
+    out = np.empty(len(rank_N), np.result_type(*(seg.ranks[name] for seg in trace.segments)))
+    for k, seg in enumerate(trace.segments):
+        mine = seg_N == k
+        out[mine] = seg.ranks[name][rank_N[mine]]
+    return out
+
+
 def resume_gaps(trace) -> list[dict[str, Any]]:
     """Each resume of a trace (segments after the first): the step it resumed at, how the run
     before it ended, its ranks and nodes, and the seconds lost: from the end of the last step
@@ -72,7 +89,9 @@ def resume_gaps(trace) -> list[dict[str, Any]]:
     out = []
     for seg in trace.segments[1:]:
         mine = np.flatnonzero(seg.holds(trace.step))
-        first_start = float(trace.time_unix[mine[0]] - trace.wall_time_s[mine[0]]) if len(mine) else None
+        # Unknown when the segment's first step is not among these steps (a subset that dropped it).
+        whole = len(mine) and trace.step[mine[0]] == seg.first_step
+        first_start = float(trace.time_unix[mine[0]] - trace.wall_time_s[mine[0]]) if whole else None
         known = seg.previous_end_unix > 0
         out.append({"step": seg.first_step, "after": seg.after, "ranks": seg.num_ranks, "nodes": seg.num_nodes,
                     "lost_s": first_start - seg.previous_end_unix if known and first_start else None,

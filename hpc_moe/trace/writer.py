@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hpc_moe.trace.checks import as_checked, check_moe_layers, check_placement, rank_columns
-from hpc_moe.trace.h5file import Rows, add_segment, copy_to_resume, create_file, create_row_datasets, write_static
+from hpc_moe.trace.h5file import (
+    Rows,
+    add_segment,
+    copy_to_resume,
+    create_file,
+    create_row_datasets,
+    discard_copy,
+    write_static,
+)
 from hpc_moe.trace.reader import (
     COMM_PHASES,
     EVENT_DTYPE,
@@ -319,9 +327,8 @@ class TraceWriter(_Recorder):
             add_segment(f, steps, self._ranks, after_state=STATES.index(after), previous_end_unix=previous_end_unix)
             self._start_swmr()
             os.replace(tmp, self.path)
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            self._file.close()
-            os.unlink(tmp)
+        except (TraceError, OSError, ValueError, TypeError, KeyError) as e:  # TraceError: this layout does not fit
+            discard_copy(self._file, tmp)
             raise TraceError(f"cannot resume trace {self.path}: {_one_line(e)}") from None
         self.append_placement(step=steps, placement=placement)
         return self
