@@ -4,7 +4,7 @@
 # with --slurm, a real multi-node Slurm across them. Needs root and iproute2 (`ip`, `tc`).
 #
 #   scripts/cluster.sh up --nodes N [--rate RATE] [--slurm]   make the nodes (RATE: a tc rate, 1gbit)
-#   scripts/cluster.sh mpiexec [--cyclic|--ppn L] -n NP ARGS... Hydra from node0 across the nodes
+#   scripts/cluster.sh mpiexec [--cyclic|--ppn L|--nodes A,B] -n NP ARGS...  Hydra from node0 across the nodes
 #   scripts/cluster.sh exec NODE CMD...                        a command inside one node
 #   scripts/cluster.sh sbatch|srun|squeue|sinfo|scancel|scontrol ARGS...   Slurm's commands (node0)
 #   scripts/cluster.sh nic-bytes                               NODE TX_BYTES RX_BYTES since `up`
@@ -189,11 +189,13 @@ slurm_down() {
 # ---- MPI ---------------------------------------------------------------------------------------
 cmd_mpiexec() {
   need_up
-  local cyclic=0 ppn="" np="" a args=()
+  local cyclic=0 ppn="" np="" a args=() only=""
   case ${1:-} in
     --cyclic) cyclic=1; shift ;;
     --ppn) ppn=${2:-}; shift 2 || true
            [[ $ppn =~ ^[0-9]+$ ]] && [ "$ppn" -ge 1 ] || die "mpiexec: --ppn must be a positive integer" ;;
+    --nodes) only=${2:-}; shift 2 || true
+             for ns in ${only//,/ }; do need_node mpiexec "$ns"; done ;;
   esac
   args=("$@")
   for ((a = 0; a < ${#args[@]}; a++)); do
@@ -202,11 +204,14 @@ cmd_mpiexec() {
   [[ $np =~ ^[0-9]+$ ]] && [ "$np" -ge 1 ] || die "mpiexec: give the number of ranks as -n NP"
   local n hosts="" ns per
   n=$(nodes)
+  [ -z "$only" ] || n=$(echo "${only//,/ }" | wc -w)
   per=${ppn:-$(( (np + n - 1) / n ))}  # block: node0's ranks first, then node1's, ...
   [ "$cyclic" = 1 ] && per=1  # Hydra deals one rank per host in turn: round-robin
   [ -z "$ppn" ] || [ $(( (np + ppn - 1) / ppn )) -le "$n" ] || die "mpiexec: $np ranks at $ppn a node need more than $n nodes"
   # With --ppn, only the nodes the ranks fill (a job on part of the cluster).
-  for ns in $(node_names | head -n $(( ppn ? (np + per - 1) / per : n ))); do hosts+="${hosts:+,}$ns:$per"; done
+  for ns in ${only:+${only//,/ }} $([ -n "$only" ] || node_names | head -n $(( ppn ? (np + per - 1) / per : n ))); do
+    hosts+="${hosts:+,}$ns:$per"
+  done
   local mpiexec=${MPIEXEC:-}
   [ -n "$mpiexec" ] || { [ -x "$REPO/.venv/bin/mpiexec" ] && mpiexec=$REPO/.venv/bin/mpiexec; } \
     || mpiexec=$(command -v mpiexec) || die "mpiexec not found (make install, or set MPIEXEC)"

@@ -12,6 +12,7 @@ Run alone: make test-cluster.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -155,16 +156,16 @@ class TestTwoNodes:
     def test_run_job_on_two_nodes(self, two_nodes, traces):
         jid, code, log = job("-N", "2", *CPU_ONLY, "-o", "traces/cluster-%j.out", "jobs/run.sbatch")
         assert code == "0:0", log
-        t = read_trace(traces / f"run-{jid}-n4.h5")
+        t = read_trace(traces / f"run-{jid}.h5")
         assert t.state == "completed" and sorted(set(t.rank_host)) == ["node0", "node1"]
         assert "Throughput" in log
 
     def test_stop_signal_stops_every_node_after_the_same_step(self, two_nodes, traces):
         r = cluster("sbatch", "--parsable", "-N", "2", *CPU_ONLY, "-o", "traces/cluster-%j.out", "jobs/run.sbatch",
-                    env={**ENV, **JOB_ENV, "STEPS": "100000"})
+                    env={**ENV, **JOB_ENV, "STEPS": "100000", "REQUEUE": "0"})
         assert r.returncode == 0, r.stderr
         jid = r.stdout.strip().split(";")[0]
-        trace = traces / f"run-{jid}-n4.h5"
+        trace = traces / f"run-{jid}.h5"
         deadline = time.monotonic() + 120
         while _steps(trace) < 3:
             assert time.monotonic() < deadline, "the job wrote no steps in 120 s"
@@ -179,6 +180,36 @@ class TestTwoNodes:
         assert t.state == "stopped" and t.num_steps >= 3 and "stopped by SIGUSR1" in log
         # Every rank wrote every step it ran (the trace holds whole steps: all ranks or none).
         assert np.all(t.phase_time_s.sum(axis=(1, 3)) > 0)
+
+    def test_a_preempted_job_requeues_itself_and_resumes_as_if_never_stopped(self, two_nodes, traces, tmp_path):
+        """scancel --signal=USR1: the run stops after the step in flight (exit 3), jobs/run.sbatch
+        requeues the job, and the next allocation resumes the trace on the same nodes: its steps
+        equal those of the same run never stopped (Hydra on the same nodes)."""
+        env = {**ENV, **JOB_ENV, "STEPS": "30"}
+        r = cluster("sbatch", "--parsable", "-N", "2", *CPU_ONLY, "--open-mode=append", "-o", "traces/cluster-%j.out",
+                    "jobs/run.sbatch", env=env)
+        assert r.returncode == 0, r.stderr
+        jid = r.stdout.strip().split(";")[0]
+        trace = traces / f"run-{jid}.h5"
+        deadline = time.monotonic() + 120
+        while _steps(trace) < 3:
+            assert time.monotonic() < deadline, "the job wrote no steps in 120 s"
+            time.sleep(0.3)
+        assert cluster("scancel", "--signal=USR1", jid).returncode == 0
+        while "COMPLETED" not in cluster("scontrol", "show", "job", jid).stdout:
+            assert time.monotonic() < deadline + 180, cluster("scontrol", "show", "job", jid).stdout
+            time.sleep(1)
+        t = read_trace(trace)
+        log = (traces / f"cluster-{jid}.out").read_text()
+        assert t.state == "completed" and t.step.tolist() == list(range(30)), log
+        assert [s.after for s in t.segments] == ["", "stopped"] and "resuming" in log
+        workload = JOB_ENV["WORKLOAD"].split()
+        r = cluster("mpiexec", "-n", "4", PY, "-m", "mpi4py", "-m", "hpc_moe", "run", "--config", "tiny", "--layers",
+                    "3", "--steps", "30", "--warmup", "5", *workload, "--trace", str(tmp_path / "whole.h5"), timeout=240)
+        assert r.returncode == 0, r.stderr[-2000:]
+        whole = read_trace(tmp_path / "whole.h5")
+        for field in ("input_tokens", "num_sequences", "expert_tokens", "rank_tokens"):
+            np.testing.assert_array_equal(getattr(t, field), getattr(whole, field), err_msg=field)
 
     def test_a_dead_node_ends_the_job(self, two_nodes, tmp_path):
         trace = tmp_path / "t.h5"
@@ -242,6 +273,32 @@ class TestFourNodes:
         bw = np.array(t.meta["links"]["bytes_per_s"], dtype=float)
         assert bw[1:, 0].max() < 0.25 * bw[1:, 1:][~np.eye(3, dtype=bool)].min(), bw
         assert np.argmax(node_load["off"]) == 0 and np.argmin(node_load["on"]) == 0, node_load
+
+    def test_a_lost_node_and_the_run_resumed_on_the_three_left(self, four_nodes, tmp_path):
+        """A node's processes killed at a random step (and a random node but node0, where Hydra
+        runs): the job ends within the watchdog's bound; ``run --resume`` on the three nodes left
+        finishes it; every step is in the trace once, and with --deterministic the steps carry the
+        requests and per-expert loads an uninterrupted run on those three nodes measures."""
+        rng = np.random.default_rng()
+        lost, after = f"node{rng.integers(1, 4)}", int(rng.integers(2, 7))
+        args = ["--config", "tiny", "--mode", "mixed", "--batch", "32", "--seq-len", "64", "--steps", "30",
+                "--warmup", "1", "--watchdog", "20", "--deterministic"]
+        r = subprocess.run([PY, str(REPO / "scripts/lost_node.py"), "--trace", str(tmp_path / "t.h5"), "--nodes", "4",
+                            "--ppn", "2", "--kill-after", str(after), "--lost", lost, "--", *args],
+                           capture_output=True, text=True, env={**ENV, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=600)
+        assert r.returncode == 0, (lost, after, r.stdout[-2000:], r.stderr[-3000:])
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+        assert got["exit_code"] != 0 and got["job_end_s"] < 20 + 30, got
+        assert got["resumed_ranks"] == 6 and lost not in got["resumed_hosts"], got
+        t = read_trace(tmp_path / "t.h5")
+        assert t.state == "completed" and t.step.tolist() == list(range(30)) and got["steps_before"] >= after
+        left = ",".join(n for n in ("node0", "node1", "node2", "node3") if n != lost)
+        r = cluster("mpiexec", "--nodes", left, "-n", "6", PY, "-m", "mpi4py", "-m", "hpc_moe", "run", *args,
+                    "--trace", str(tmp_path / "three.h5"), timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        three = read_trace(tmp_path / "three.h5")
+        for field in ("kind", "input_tokens", "num_sequences", "expert_tokens"):
+            np.testing.assert_array_equal(getattr(t, field), getattr(three, field), err_msg=field)
 
     def test_scaling_job_on_four_nodes(self, four_nodes, traces):
         jid, code, log = job("-N", "4", *CPU_ONLY, "-o", "traces/cluster-%j.out", "jobs/scaling.sbatch",

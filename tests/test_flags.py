@@ -36,8 +36,8 @@ FLAGS = {
         "--mode": ("prefill", ("prefill", "decode", "mixed")), "--batch": "8", "--seq-len": "64",
         "--prefill-fraction": 0.25, "--routing": "model", "--steps": None, "--duration": None, "--warmup": 2,
         "--trace": "hpc-moe-trace.h5", "--summary-json": None, "--overwrite": False, "--events-every": 10,
-        "--watchdog": 600.0, "--profile": ("on", ("on", "off")), "--baseline": None, "--loads-from": None,
-        "--replan-every": 0, "--probe-links": ("on", ("on", "off")), "--bias-update-rate": 0.0,
+        "--watchdog": 600.0, "--profile": ("on", ("on", "off")), "--resume": None, "--baseline": None,
+        "--loads-from": None, "--replan-every": 0, "--probe-links": ("on", ("on", "off")), "--bias-update-rate": 0.0,
         **LAYOUT,
     },
     "generate": {

@@ -199,10 +199,21 @@ def feed(recorder: TraceWriter | MemoryTrace, d: Dims, steps: list[dict]) -> Non
 
 
 def assert_same_trace(got: Trace, want: Trace) -> None:
-    """Every field equal (arrays: dtype, shape, values, read-only), but path and meta["created"]."""
+    """Every field equal (arrays: dtype, shape, values, read-only), but path, meta["created"] and
+    the clock times (each step's end, each segment's start)."""
     for f in dataclasses.fields(Trace):
         a, b = getattr(got, f.name), getattr(want, f.name)
-        if f.name == "meta":
+        if f.name == "time_unix":
+            assert a.shape == b.shape and a.dtype == b.dtype and np.all(a > 0) and not a.flags.writeable
+        elif f.name == "segments":
+            assert len(a) == len(b)
+            for x, y in zip(a, b):
+                assert (x.index, x.first_step, x.end_step, x.after, x.previous_end_unix) == \
+                    (y.index, y.first_step, y.end_step, y.after, y.previous_end_unix)
+                assert x.started_unix > 0 and y.started_unix > 0 and x.ranks.keys() == y.ranks.keys()
+                for name in x.ranks:
+                    np.testing.assert_array_equal(x.ranks[name], y.ranks[name], err_msg=name)
+        elif f.name == "meta":
             assert a.keys() == b.keys()
             for key in a.keys() - {"created"}:
                 assert a[key] == b[key] and type(a[key]) is type(b[key]), key
@@ -330,7 +341,7 @@ def test_schema_matches_doc(tmp_path):
     d = Dims()
     write_synthetic(tmp_path / "t.h5", d)
     sizes = {"S": 6, "L": d.num_layers, "X": None, "H": None, "M": len(d.moe_layers), "E": d.num_experts, "R": d.num_ranks,
-             "P": len(PHASES), "K": 2, "M1": 1}
+             "P": len(PHASES), "K": 2, "M1": 1, "G": 1}
     doc_ds, doc_attrs = _doc_tables()
     found = {}
     with h5py.File(tmp_path / "t.h5", "r") as f:

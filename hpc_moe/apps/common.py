@@ -53,14 +53,19 @@ def on_root(ctx, fn, share: bool = True):
     """fn() on rank 0; an input error raised there is raised on every rank, so that none waits
     forever in a collective that rank 0 never reaches. share: broadcast the result (small Python
     objects only) to every rank; otherwise the other ranks get None."""
+    return root_only(ctx.world, fn, share)
+
+
+def root_only(comm, fn, share: bool = True):
+    """on_root on a communicator (before the parallel context exists)."""
     result, error = None, None
-    if ctx.rank == 0:
+    if comm.Get_rank() == 0:
         try:
             result = fn()
         except (InputError, OSError) as e:
             error = f"{e}"
     result_and_error = (result if share else None, error)
-    shared, error = ctx.world.bcast(result_and_error, root=0)
+    shared, error = comm.bcast(result_and_error, root=0)
     if error is not None:
         raise UsageError(error)
     return shared if share else result

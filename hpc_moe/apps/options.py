@@ -147,6 +147,9 @@ class RunOptions:
     profile: str = flag("on", choices=("on", "off"), group=_OUTPUT,
                         help="time every phase (on a GPU by CUDA events, read once a step: the device is not "
                         "synchronised at each phase)")
+    resume: str | None = flag(None, metavar="TRACE.h5", group=_OUTPUT,
+                              help="continue the stopped or killed run of this trace from its first step not written, "
+                              "with its options, on these ranks (the same or fewer), appending to it")
     baseline: str | None = flag(None, metavar="TRACE.h5", group=_OUTPUT,
                                 help="a smaller run of the same scaling series: print scaling efficiency against it")
     loads_from: str | None = flag(None, metavar="TRACE.h5", group=_BALANCE,

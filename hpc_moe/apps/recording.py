@@ -31,11 +31,15 @@ def placement_model(p) -> dict:
     return {"policy": p.policy, "modelled_rank_load": [float(r.max() / r.mean()) for r in rows]}
 
 
-def open_recorder(o: RunOptions, cfg, layers, ctx, backend, engine: Engine, workload, rank_map, links):
+def open_recorder(o: RunOptions, cfg, layers, ctx, backend, engine: Engine, workload, rank_map, links, point=None):
     """Rank 0's recorder of the run: a TraceWriter on o.trace, or a MemoryTrace with --trace none
-    (the summary reads it either way)."""
+    (the summary reads it either way); resumed (``point``, hpc_moe.apps.resume.ResumePoint), the
+    trace it continues, with this run's ranks and placement from its first step on."""
     from hpc_moe.ep.transport import mpi_cuda_support
     from hpc_moe.trace.writer import MemoryTrace, TraceWriter
+    if point is not None:
+        return TraceWriter.resume(point.path, steps=point.first_step, placement=placement_ranks(engine.placement),
+                                  rank_map=rank_map, after=point.after, previous_end_unix=point.previous_end_unix)
     run_config = {**dataclasses.asdict(o), "workload": workload.describe()}
     meta = {"model_config": cfg.to_dict(), "run_config": run_config, "parallel_config": ctx.describe(),
             "mpi_library_version": MPI.Get_library_version(), "transport": engine.transport_name,

@@ -3,23 +3,33 @@
 Rank 0 draws every step's requests, assigns sequences to ranks (data-parallel attention), and
 after each step gathers the ranks' phase timings, expert loads and traffic, appends them to the
 trace and shows progress. Every rank runs every step and every MoE exchange, with or without
-sequences of its own. Decode steps attend over a latent cache of the drawn context length filled
-with synthetic latents: attention costs the same whatever the cached values are.
+sequences of its own; its inputs (hpc_moe.apps.batches) are a function of the seed and the step's
+index, so ``--resume`` (hpc_moe.apps.resume) continues a stopped or killed run where it ended.
 
 Shape legend: R world ranks, P EP ranks, L layers, M MoE layers, E experts, F phases.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
 import numpy as np
 from mpi4py import MPI
 
-from hpc_moe.apps.common import loads_from_trace, on_root, open_weights, quiet_other_ranks, warn_shared_cores
+from hpc_moe.apps.batches import StepInputs
+from hpc_moe.apps.common import (
+    loads_from_trace,
+    on_root,
+    open_weights,
+    quiet_other_ranks,
+    root_only,
+    warn_shared_cores,
+)
 from hpc_moe.apps.options import RunOptions
 from hpc_moe.apps.progress import Progress
 from hpc_moe.apps.recording import open_recorder, placement_model, placement_ranks
+from hpc_moe.apps.resume import ResumePoint, read_resume_point
 from hpc_moe.apps.selftest import run_checks
 from hpc_moe.apps.stop import StopRequest
 from hpc_moe.apps.workload import Step, Workload, assign
@@ -28,7 +38,6 @@ from hpc_moe.comm import ParallelContext
 from hpc_moe.ep.engine import Engine
 from hpc_moe.errors import EXIT_STOPPED, UsageError
 from hpc_moe.links import measure_links
-from hpc_moe.model.kvcache import Batch, KVCache
 from hpc_moe.model.router import SyntheticRouting
 from hpc_moe.outputs import check_output, write_json
 from hpc_moe.perf.footprint import GpuLoad, Layout, memory_per_gpu
@@ -42,12 +51,17 @@ log = logging.getLogger("hpc_moe")
 def run_job(o: RunOptions) -> int:
     """The run job on every rank. Every rank checks the same inputs, so a bad one ends the job
     with the same one-line InputError everywhere, before any rank waits in a collective."""
+    point = None
+    if o.resume:  # the trace's options, checked on rank 0 before anything else
+        point = root_only(MPI.COMM_WORLD, lambda: read_resume_point(o, MPI.COMM_WORLD.Get_size()))
+        o = point.options
     ctx = ParallelContext.create(dp=o.layout.dp, expert_tp=o.layout.expert_tp,
                                  ranks_per_node=o.layout.ranks_per_node)
     quiet_other_ranks(ctx)
 
     def files() -> None:  # rank 0's outputs and the baseline it reads at the end: checked before any work
-        check_output(o.trace, "--trace")
+        if point is None:
+            check_output(o.trace, "--trace")
         check_output(o.summary_json, "--summary-json")
         if o.baseline:
             read_trace(o.baseline)
@@ -59,7 +73,11 @@ def run_job(o: RunOptions) -> int:
         raise UsageError(f"--layers must be in [1, {cfg.num_hidden_layers}] (got {layers})")
     workload = Workload.create(o.mode, o.batch, o.seq_len, o.prefill_fraction, o.seed, cfg.max_position_embeddings)
     synthetic = SyntheticRouting.parse(o.routing, seed=o.seed, stream=ctx.rank)
-    loads = on_root(ctx, lambda: loads_from_trace(o.loads_from, layers, cfg)) if o.loads_from else None
+    loads = None
+    if o.loads_from and (point is None or point.loads_ME is None):
+        loads = on_root(ctx, lambda: loads_from_trace(o.loads_from, layers, cfg))
+    if point is not None:
+        loads = point.placement_loads(ctx.node_of_rank, loads)
     backend = get_backend(o.layout.backend, o.layout.dtype, ctx.local_rank)
     _check_fits(cfg, layers, workload, ctx, backend)
     warn_shared_cores(ctx, backend)
@@ -80,13 +98,13 @@ def run_job(o: RunOptions) -> int:
     rank_map = ctx.world.gather({"host": ctx.hostnames[ctx.rank], "node": ctx.node_id, "gpu": backend.device_id,
                                  "device": backend.device, "machine": ctx.machines[ctx.rank]}, root=0)
     recorder = on_root(ctx, lambda: open_recorder(o, cfg, layers, ctx, backend, engine,
-                                                   workload, rank_map, links), share=False)
+                                                   workload, rank_map, links, point), share=False)
     if ctx.rank == 0:
-        _announce(cfg, layers, ctx, engine, workload, o, links)
+        _announce(cfg, layers, ctx, engine, workload, o, links, point)
     stop = StopRequest()
     try:
         with stop.installed():
-            steps = _loop(o, ctx, engine, workload, backend, prof, recorder, watchdog, stop)
+            steps = _loop(o, ctx, engine, workload, backend, prof, recorder, watchdog, stop, point)
     except BaseException:
         if recorder is not None:
             recorder.close(failed=True)
@@ -163,29 +181,33 @@ def _policy_chooser(cfg, ctx: ParallelContext, layers: int, backend, links, work
 
 # ---- the step loop -----------------------------------------------------------------------------
 def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workload, backend, prof: Profiler,
-          recorder, watchdog: Watchdog, stop: StopRequest) -> int:
+          recorder, watchdog: Watchdog, stop: StopRequest, point: ResumePoint | None) -> int:
     """Warm-up steps, then measured steps until --steps, --duration or a stop request; returns
-    measured steps."""
-    draw = workload.stream()
-    cache = None
-    rng = np.random.default_rng([o.seed, ctx.rank])
-    cumulative = np.zeros((len(engine.moe_layers), engine.cfg.n_routed_experts), np.int64)
-    progress = Progress(o.steps, o.duration) if ctx.rank == 0 else None
-    measured, started, index, recording, pending = 0, time.perf_counter(), 0, 0.0, None
+    the measured steps this run added. Resumed (``point``): the first run's warm-up, then its
+    measured steps from the first one the trace lacks."""
+    first = point.first_step if point else 0
+    duration = point.duration_left if point else o.duration
+    draws = itertools.chain(itertools.islice(workload.stream(), o.warmup), workload.stream(o.warmup + first))
+    inputs = StepInputs(engine.model, o.seed)
+    cumulative = point.total_ME.copy() if point else np.zeros((len(engine.moe_layers), engine.cfg.n_routed_experts), np.int64)
+    progress = Progress(o.steps and o.steps - first, duration) if ctx.rank == 0 else None
+    measured, started, index, recording, pending = first, time.perf_counter(), 0, 0.0, None
     while not o.steps or measured < o.steps:
         warm = index < o.warmup
         if index == o.warmup:
             started = time.perf_counter()
-        over = ctx.rank == 0 and not warm and bool(o.duration) and time.perf_counter() - started >= o.duration
+        # The step's place in the workload stream: its requests, tokens and synthetic routing.
+        drawn = index if warm else o.warmup + measured
+        over = ctx.rank == 0 and not warm and bool(duration) and time.perf_counter() - started >= duration
         # Every rank learns of a stop signal any rank got, and all leave after the same step.
         with watchdog.waiting("the step's start (an Allreduce)"):
             if ctx.world.allreduce(int(over or stop.signal is not None), op=MPI.MAX):
                 break
         watchdog.step = measured
         with watchdog.waiting("the step's requests from rank 0"):
-            step, owner = _broadcast_step(ctx, next(draw) if ctx.rank == 0 else None)
-        batch, cache = _local_batch(engine.model, cache, step, owner, ctx.rank, rng)
-        engine.start_step()
+            step, owner = _broadcast_step(ctx, next(draws) if ctx.rank == 0 else None)
+        batch, cache = inputs.batch(step, owner, ctx.rank, drawn)
+        engine.start_step(drawn)
         with watchdog.waiting("the barrier before the step"):
             ctx.world.Barrier()
         t0 = time.perf_counter()
@@ -193,6 +215,7 @@ def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workloa
         with watchdog.waiting("the device's queued work (kernels, NCCL transfers)"):
             backend.synchronize()
         mine = time.perf_counter() - t0
+        inputs.restore(batch)
         with watchdog.waiting("the barrier after the step"):
             ctx.world.Barrier()
         wall = time.perf_counter() - t0
@@ -236,9 +259,9 @@ def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workloa
     if progress is not None:
         progress.close()
         loop = time.perf_counter() - started
-        log.info("%d steps in %.2f s; recording them took %.3f s (%.2f%%)", measured, loop, recording,
+        log.info("%d steps in %.2f s; recording them took %.3f s (%.2f%%)", measured - first, loop, recording,
                  100 * recording / max(loop, 1e-9))
-    return measured
+    return measured - first
 
 
 def _adopt(ctx: ParallelContext, engine: Engine, pending, recorder, step: int) -> None:
@@ -280,26 +303,6 @@ def _broadcast_step(ctx: ParallelContext, step: Step | None) -> tuple[Step, np.n
     return Step(msg[2:2 + a], msg[2 + a:2 + a + b]), msg[2 + a + b:]
 
 
-def _local_batch(model, cache: KVCache | None, step: Step, owner: np.ndarray, rank: int, rng):
-    """This rank's sequences of the step as one ragged batch, and a cache that holds them.
-
-    Prefills start at position 0; decodes add one token after a context of the drawn length.
-    """
-    a = len(step.prefill_lens)
-    mine = np.nonzero(owner == rank)[0]
-    pre, dec = mine[mine < a], mine[mine >= a] - a
-    new = np.concatenate([step.prefill_lens[pre], np.ones(len(dec), np.int64)])
-    start = np.concatenate([np.zeros(len(pre), np.int64), step.decode_ctx[dec]])
-    need_len = int((start + new).max(initial=1))
-    if cache is None or cache.data[0].shape[0] < len(new) or cache.max_len < need_len:
-        slots = max(len(new), cache.data[0].shape[0] if cache else 1)
-        cache = model.new_cache(slots, max(need_len, cache.max_len if cache else 1))
-        for d in cache.data:  # synthetic context for decodes (prefills overwrite their slots)
-            d[...] = model.backend.asarray(rng.standard_normal(d.shape, dtype=np.float32))
-    tokens = rng.integers(0, model.cfg.vocab_size, int(new.sum()))
-    return Batch(tokens, np.arange(len(new), dtype=np.int64), start, new), cache
-
-
 def _gather_step(ctx: ParallelContext, engine: Engine, prof: Profiler, step_s: float):
     """-> (expert tokens int64 [M, E] on every rank; on rank 0: phase times float64 [L, R, F],
     bytes sent int64 [R, R], exchange times float64 [L, R, 2, 2], and the trace's rank_tokens
@@ -339,7 +342,11 @@ def _gather_rows(ctx: ParallelContext, rows_NC: np.ndarray):
 
 
 # ---- rank 0: announcement, summary ------------------------------------------------------------
-def _announce(cfg, layers, ctx, engine: Engine, workload, o: RunOptions, links) -> None:
+def _announce(cfg, layers, ctx, engine: Engine, workload, o: RunOptions, links, point: ResumePoint | None) -> None:
+    if point is not None:
+        log.info("resuming %s (%s) at measured step %d on %d ranks; experts placed %s", point.path,
+                 {"running": "killed", "failed": "failed"}.get(point.after, "stopped"), point.first_step, ctx.size,
+                 "evenly" if engine.placement.loads is None else "by the loads measured so far")
     log.info("%s: %d of %d layers%s, %d experts, top-%d; %d ranks on %s (EP %d x DP %d, expert TP %d)",
              o.checkpoint or o.config, layers, cfg.num_hidden_layers,
              " (truncated with --layers)" if layers < cfg.num_hidden_layers else "", cfg.n_routed_experts,

@@ -144,8 +144,12 @@ class Workload:
                                                                               if mode != "prefill" else ""))
         return cls(mode, Distribution.parse(batch, "batch size"), lengths, prefill_fraction, seed, max_len)
 
-    def stream(self):
-        """Steps without end, the same for a given seed whatever the number of ranks."""
+    def stream(self, start: int = 0):
+        """Steps without end from the ``start``-th on (those before are drawn and dropped), the
+        same for a given seed whatever the number of ranks."""
+        return itertools.islice(self._draws(), start, None)
+
+    def _draws(self):
         rng = np.random.default_rng(self.seed)
         bc, lc = [0], [0]
         while True:

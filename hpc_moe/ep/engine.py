@@ -125,12 +125,16 @@ class Engine:
         sequence's last position) on the host. Collective."""
         return self.backend.to_numpy(self.model.forward(batch, cache, self.options.micro_batches, last_only))
 
-    def start_step(self) -> None:
-        """Reset the per-step accounting (phase times, exchanges, expert counts, bytes)."""
+    def start_step(self, index: int | None = None) -> None:
+        """Reset the per-step accounting (phase times, exchanges, expert counts, bytes). index:
+        the step's place in the run's workload stream, which seeds its synthetic routing (so a
+        resumed run routes step n as the first run did); None: continue from the last step."""
         self.prof.start_step()
         self.executor.start_step()
         for block in self.model.moe_blocks():
             block.reset_counts()
+            if index is not None:  # a block routes once per micro-batch
+                block.calls = index * self.options.micro_batches
 
     def step_stats(self) -> StepStats:
         """The accounting since start_step, reduced over the EP group and the model replicas."""

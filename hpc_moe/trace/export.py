@@ -10,6 +10,9 @@ bytes are recorded per step and peer, not per exchange: the step's instant event
 and every step an instant event at its start. Each rank's clock starts at the barrier before the
 step (the trace's alignment); steps follow one another by their wall times, so that step s starts
 at the sum of the walls before it. Only the steps ``run --events-every`` sampled have timelines.
+A resumed trace (hpc_moe.trace.segments) has a process per node and a thread per rank of each
+segment (numbered on after the segment before's, named with the segment), and a step's rank ids
+are those of the segment that ran it.
 
 Legend: S steps, R ranks.
 """
@@ -25,6 +28,7 @@ import numpy as np
 from hpc_moe.outputs import OutputError, check_output
 from hpc_moe.timing import EXCHANGE_KINDS
 from hpc_moe.trace.reader import Trace, TraceError, read_trace
+from hpc_moe.trace.segments import Segment, segment_of
 
 _US = 1e6  # the format's timestamps are microseconds
 
@@ -34,41 +38,56 @@ def perfetto_events(tr: Trace, steps: slice = slice(None)) -> list[dict]:
     keep = np.arange(tr.num_steps)[steps]
     start_S = np.concatenate([[0.0], np.cumsum(tr.wall_time_s)])[:-1] * _US
     at = dict(zip(tr.step[keep].tolist(), start_S[keep]))
-    m = tr.meta
-    label = (f"{m['model_config'].get('n_routed_experts')} experts, {tr.num_ranks} ranks on {tr.num_nodes} nodes; "
-             f"{m.get('array_backend')}; {str(m.get('mpi_library_version')).splitlines()[0]}")
     out: list[dict] = []
-    for n in range(tr.num_nodes):
-        hosts = sorted(set(tr.rank_host[tr.rank_node == n]))
-        out += [{"ph": "M", "name": "process_name", "pid": n, "args": {"name": f"node {n} ({', '.join(hosts)})"}},
-                {"ph": "M", "name": "process_labels", "pid": n, "args": {"labels": label}},
-                {"ph": "M", "name": "process_sort_index", "pid": n, "args": {"sort_index": n}}]
-    for r in range(tr.num_ranks):
-        n = int(tr.rank_node[r])
-        out += [{"ph": "M", "name": "thread_name", "pid": n, "tid": r,
-                 "args": {"name": f"rank {r} (node {n}, host {tr.rank_host[r]})"}},
-                {"ph": "M", "name": "thread_sort_index", "pid": n, "tid": r, "args": {"sort_index": r}}]
+    pids, tids = [], []  # per segment, int [R_k]: the process (node) and thread of each of its ranks
+    for seg in tr.segments:
+        pid0, tid0 = (sum(getattr(s, n) for s in tr.segments[:seg.index]) for n in ("num_nodes", "num_ranks"))
+        pids.append(pid0 + seg.ranks["node"].astype(np.int64))
+        tids.append(tid0 + np.arange(seg.num_ranks))
+        out += _processes(tr, seg, pid0, tid0)
     for i in keep:
         out.append({"ph": "i", "s": "g", "name": f"step {int(tr.step[i])}", "ts": float(start_S[i]), "pid": 0, "tid": 0,
                     "args": {"kind": str(tr.kind[i]), "wall_ms": float(tr.wall_time_s[i] * 1e3),
                              "input_tokens": int(tr.input_tokens[i]), "output_tokens": int(tr.output_tokens[i]),
                              "offrank_bytes": int(tr.bytes_sent[i].sum() - np.trace(tr.bytes_sent[i]))}})
     ev = tr.events[np.isin(tr.events["step"], list(at))]
-    for e in ev:
+    for e, k in zip(ev, segment_of(tr, ev["step"])):
         base, r = at[int(e["step"])], int(e["rank"])
         out.append({"ph": "X", "name": tr.phases[int(e["phase"])], "ts": base + e["t_start_s"] * _US,
-                    "dur": (e["t_end_s"] - e["t_start_s"]) * _US, "pid": int(tr.rank_node[r]), "tid": r,
+                    "dur": (e["t_end_s"] - e["t_start_s"]) * _US, "pid": int(pids[k][r]), "tid": int(tids[k][r]),
                     "args": {"layer": int(e["layer"]), "step": int(e["step"])}})
     ex = tr.exchanges[np.isin(tr.exchanges["step"], list(at))]
-    for i, x in enumerate(ex):
+    for i, (x, k) in enumerate(zip(ex, segment_of(tr, ex["step"]))):
         base, r = at[int(x["step"])], int(x["rank"])
         name = f"{EXCHANGE_KINDS[int(x['kind'])]} layer {int(x['layer'])}"
-        common = {"cat": "exchange", "name": name, "id": i, "pid": int(tr.rank_node[r]), "tid": r}
+        common = {"cat": "exchange", "name": name, "id": i, "pid": int(pids[k][r]), "tid": int(tids[k][r])}
         out.append({**common, "ph": "b", "ts": base + x["t_post_s"] * _US,
                     "args": {"layer": int(x["layer"]), "micro_batch": int(x["micro_batch"]), "step": int(x["step"]),
                              "started_us": float(base + x["t_start_s"] * _US),
                              "blocked_ms": float(x["blocked_s"] * 1e3)}})
         out.append({**common, "ph": "e", "ts": base + x["t_done_s"] * _US})
+    return out
+
+
+def _processes(tr: Trace, seg: Segment, pid0: int, tid0: int) -> list[dict]:
+    """The metadata events naming a segment's nodes (processes from pid0) and ranks (threads from
+    tid0), labelled with the run's model, this segment's layout and MPI."""
+    m = tr.meta
+    label = (f"{m['model_config'].get('n_routed_experts')} experts, {seg.num_ranks} ranks on {seg.num_nodes} nodes; "
+             f"{m.get('array_backend')}; {str(m.get('mpi_library_version')).splitlines()[0]}")
+    tag = f"segment {seg.index} (from step {seg.first_step}): " if tr.resumed else ""
+    node_R, host_R = seg.ranks["node"], seg.ranks["host"]
+    out: list[dict] = []
+    for n in range(seg.num_nodes):
+        hosts = sorted(set(host_R[node_R == n]))
+        out += [{"ph": "M", "name": "process_name", "pid": pid0 + n, "args": {"name": f"{tag}node {n} ({', '.join(hosts)})"}},
+                {"ph": "M", "name": "process_labels", "pid": pid0 + n, "args": {"labels": label}},
+                {"ph": "M", "name": "process_sort_index", "pid": pid0 + n, "args": {"sort_index": pid0 + n}}]
+    for r in range(seg.num_ranks):
+        n = int(node_R[r])
+        out += [{"ph": "M", "name": "thread_name", "pid": pid0 + n, "tid": tid0 + r,
+                 "args": {"name": f"{tag}rank {r} (node {n}, host {host_R[r]})"}},
+                {"ph": "M", "name": "thread_sort_index", "pid": pid0 + n, "tid": tid0 + r, "args": {"sort_index": tid0 + r}}]
     return out
 
 

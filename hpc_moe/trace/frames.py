@@ -1,16 +1,19 @@
 """A trace as pandas DataFrames with named columns (``pip install 'hpc_moe[analysis]'``): one row
 per step, per timeline event, per exchange; ranks with their node and host, phases and exchange
-kinds by name. Called through ``Trace.steps_frame()`` and its siblings (hpc_moe.trace.reader),
+kinds by name (a resumed trace's rank ids are read with the ranks of the segment that ran
+their step). Called through ``Trace.steps_frame()`` and its siblings (hpc_moe.trace.reader),
 which import pandas when a frame is asked for and pass it in; ``tr`` is that Trace."""
 from __future__ import annotations
 
 import numpy as np
 
 from hpc_moe.timing import EXCHANGE_KINDS
+from hpc_moe.trace.segments import rank_column
 
 
-def _ranks(tr, rank: np.ndarray) -> dict:
-    return {"rank": rank, "node": tr.rank_node[rank], "host": tr.rank_host[rank]}
+def _ranks(tr, step: np.ndarray, rank: np.ndarray) -> dict:
+    """Rows' rank, node and host columns: a rank id is that of the segment that ran its step."""
+    return {"rank": rank, **{name: rank_column(tr, name, step, rank) for name in ("node", "host")}}
 
 
 def steps_frame(tr, pd):
@@ -25,7 +28,7 @@ def events_frame(tr, pd):
     """One row per timeline event of the sampled steps: step, rank, node, host, layer, phase (its
     name), t_start_s, t_end_s (the rank's clock from the step's start) and duration_s."""
     e = tr.events
-    return pd.DataFrame({"step": e["step"], **_ranks(tr, e["rank"]), "layer": e["layer"],
+    return pd.DataFrame({"step": e["step"], **_ranks(tr, e["step"], e["rank"]), "layer": e["layer"],
                                 "phase": np.array(tr.phases, dtype=object)[e["phase"]],
                                 "t_start_s": e["t_start_s"], "t_end_s": e["t_end_s"],
                                 "duration_s": e["t_end_s"] - e["t_start_s"]})
@@ -35,7 +38,7 @@ def exchanges_frame(tr, pd):
     """One row per exchange of the sampled steps: step, rank, node, host, layer, micro_batch, kind
     ("dispatch" | "combine"), t_start_s, t_post_s, t_done_s, blocked_s and in_flight_s."""
     x = tr.exchanges
-    return pd.DataFrame({"step": x["step"], **_ranks(tr, x["rank"]), "layer": x["layer"],
+    return pd.DataFrame({"step": x["step"], **_ranks(tr, x["step"], x["rank"]), "layer": x["layer"],
                                 "micro_batch": x["micro_batch"],
                                 "kind": np.array(EXCHANGE_KINDS, dtype=object)[x["kind"].astype(int)],
                                 "t_start_s": x["t_start_s"], "t_post_s": x["t_post_s"], "t_done_s": x["t_done_s"],

@@ -1,9 +1,12 @@
 """Figures derived from a read trace (hpc_moe.trace.reader.Trace): what the report, the plots and
-users' scripts compute from the recorded arrays.
+users' scripts compute from the recorded arrays. Those per rank read one rank map: of a resumed
+trace, compute them on ``trace.segment(k)`` (hpc_moe.trace.resumed.segment_views).
 
 Shape legend: S steps, L layers, M MoE layers, R ranks, P phases.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -70,3 +73,28 @@ def comm_stats(trace: Trace) -> dict[str, float]:
             "bw_min": float(ok.min()) if ok.size else float("nan"),
             "bw_mean": float(ok.mean()) if ok.size else float("nan"),
             "bw_max": float(ok.max()) if ok.size else float("nan")}
+
+
+def rank_stats(trace: Trace) -> dict[str, Any]:
+    """Which rank held the step up: per rank, the median over steps of its compute (every phase but
+    "wait", summed over layers) and of its own step time (/steps/rank_time_s); the slowest and last
+    ranks and the extremes in ms."""
+    wait = trace.phases.index("wait")
+    compute_R = np.median(np.delete(trace.phase_time_s, wait, axis=3).sum(axis=(1, 3)), axis=0) * 1e3
+    own_R = np.median(trace.rank_time_s, axis=0) * 1e3
+    return {"slowest_rank": int(np.argmax(compute_R)), "compute_ms_max": float(compute_R.max()),
+            "compute_ms_min": float(compute_R.min()), "last_rank": int(np.argmax(own_R)),
+            "own_ms_max": float(own_R.max()), "own_ms_min": float(own_R.min())}
+
+
+def load_stats(trace: Trace) -> dict[str, float | None]:
+    """rank_load_max_over_mean: max/mean token rows received over ranks, mean over steps and MoE
+    layers (1 = balanced); nodes_per_token_mean / _max: nodes a token reached (its own included)."""
+    rows = trace.rank_tokens.astype(np.float64)  # [S, M, R]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per = rows.max(axis=2) / rows.mean(axis=2)
+    nodes = trace.nodes_reached.sum(axis=(0, 2))  # [M, 3] summed over steps and ranks
+    tokens = nodes[:, 0].sum()
+    return {"rank_load_max_over_mean": float(np.nanmean(per)) if np.isfinite(per).any() else None,
+            "nodes_per_token_mean": float(nodes[:, 1].sum() / tokens) if tokens else None,
+            "nodes_per_token_max": int(trace.nodes_reached[..., 2].max()) if tokens else None}

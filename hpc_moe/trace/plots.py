@@ -3,7 +3,9 @@
 Every function returns a ``matplotlib.figure.Figure`` built without pyplot, so nothing here touches
 matplotlib's global backend or figure registry: PNGs render with Agg through ``Figure.savefig``,
 and a caller that uses pyplot interactively is not disturbed. Communication phases are drawn in
-cool colours (blues, purples), compute in warm ones (reds, oranges, yellows).
+cool colours (blues, purples), compute in warm ones (reds, oranges, yellows). The figures per rank
+read one rank map: of a resumed trace, report.write_plots draws them per segment (on
+``trace.segment(k)``).
 
 Shape legend: S steps, L layers, M MoE layers, E experts, R ranks, P phases.
 """
@@ -15,6 +17,7 @@ import numpy as np
 
 from hpc_moe.trace.metrics import expert_load_imbalance
 from hpc_moe.trace.reader import Trace
+from hpc_moe.trace.segments import resume_gaps
 
 _WARM = ("#d95f02", "#e6ab02", "#fdbf6f", "#e31a1c", "#fb9a99", "#a6761d", "#ffff99", "#b15928")
 _COOL = ("#1f78b4", "#6a3d9a", "#a6cee3", "#cab2d6", "#0b3c5d", "#80b1d3")
@@ -237,10 +240,13 @@ def plot_rank_load(trace: Trace):
 
 
 def plot_step_throughput(trace: Trace):
-    """Input and output tokens/s of every step (log scale), marker per step kind.
+    """Input and output tokens/s of every step (log scale), marker per step kind; of a resumed
+    trace, a dashed vertical line at the first step of each resume, labelled with its ranks and
+    nodes and the time lost before it.
 
     Data: one line per (direction, kind) with x = step, y = tokens / wall_time_s (zero-token
-    points left out).
+    points left out); per resume here one axvline at its first step (label "resumed on R ranks /
+    N nodes after X s", hpc_moe.trace.segments.resume_gaps' lost_s).
     """
     fig = _figure(10, 4.2)
     ax = fig.subplots()
@@ -252,6 +258,11 @@ def plot_step_throughput(trace: Trace):
             if keep.any():
                 ax.plot(trace.step[keep], tokens[keep] / trace.wall_time_s[keep], marker, color=color,
                         ms=4, ls="none", label=f"{direction} tok/s, {kind}")
+    for seg, gap in zip(trace.segments[1:], resume_gaps(trace)):
+        if seg.holds(trace.step).any():
+            lost = "an unknown time" if gap["lost_s"] is None else f"{gap['lost_s']:.1f} s"
+            ax.axvline(seg.first_step, color="black", lw=0.9, ls="--",
+                       label=f"resumed on {seg.num_ranks} ranks / {seg.num_nodes} nodes after {lost}")
     ax.set_yscale("log")
     _plain_log_labels(ax.yaxis)
     ax.set_xlabel("step")
@@ -259,7 +270,8 @@ def plot_step_throughput(trace: Trace):
     ax.grid(alpha=0.3, which="both")
     if ax.lines:
         ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(f"{trace.name}: throughput per step ({trace.num_ranks} ranks)")
+    ranks = " then ".join(str(seg.num_ranks) for seg in trace.segments)  # one number unless resumed
+    fig.suptitle(f"{trace.name}: throughput per step ({ranks} ranks)")
     return fig
 
 
@@ -341,7 +353,7 @@ def plot_stragglers(trace: Trace):
         return None
     fig = _figure(10, 4)
     ax = fig.subplots()
-    ranks = np.arange(trace.num_ranks)
+    ranks = np.arange(len(s["skew_ms"]))  # a resumed trace's: its last sampled segment's (straggler_stats)
     ax.bar(ranks, s["skew_ms"], label="skew: blocked until the last peer arrived", color="#d62728")
     ax.bar(ranks, s["transfer_ms"], bottom=s["skew_ms"], label="transfer: blocked after", color="#1f77b4")
     for r in ranks:

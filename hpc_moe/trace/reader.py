@@ -1,11 +1,10 @@
-"""The throughput trace as data: schema constants, root attributes, ``Trace``, ``read_trace``
-(figures derived from it: hpc_moe.trace.metrics).
+"""The throughput trace as data: ``Trace`` and ``read_trace`` (figures derived from it:
+hpc_moe.trace.metrics).
 
-hpc_moe.trace.writer records a trace (``TraceWriter`` into an HDF5 file, ``MemoryTrace`` in memory); this
-module defines what both record and reads the files back. The schema is docs/trace-format.md
-(``SCHEMA_VERSION``). The constants and ``root_attributes`` (the run's meta -> root attributes,
-which ``Trace.meta`` decodes again) live here so that the recorders import them from the reader
-side: reading a trace never imports the writer.
+hpc_moe.trace.writer records a trace (``TraceWriter`` into an HDF5 file, ``MemoryTrace`` in memory);
+this module reads the files back. The schema is docs/trace-format.md (``SCHEMA_VERSION``); its
+constants and root attributes are defined in hpc_moe.trace.schema and re-exported here, so that
+reading a trace never imports the writer.
 
 Shape legend: S steps, L layers, M MoE layers, E routed experts, R ranks, P phases,
 K replicas per expert (placement), N timeline events.
@@ -15,114 +14,32 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shlex
-import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
 
-from hpc_moe.errors import InputError
 from hpc_moe.timing import COMM_PHASES, EXCHANGE_KINDS, PHASES  # noqa: F401 (part of the format: re-exported)
-from hpc_moe.trace.provenance import git_commit, software_version
-
-SCHEMA_NAME = "hpc_moe.trace"
-SCHEMA_VERSION = 2  # 2: exchange records, rank loads, nodes reached (version 1 files read with them empty)
-KINDS = ("prefill", "decode", "mixed")
-STATES = ("running", "completed", "failed", "stopped")  # a killed writer leaves "running"; stopped: by a signal
-EVENT_DTYPE = np.dtype([("step", "<i8"), ("rank", "<i4"), ("layer", "<i4"), ("phase", "<i2"),
-                        ("t_start_s", "<f8"), ("t_end_s", "<f8")])
-EXCHANGE_DTYPE = np.dtype([("step", "<i8"), ("rank", "<i4"), ("layer", "<i4"), ("micro_batch", "<i2"),
-                           ("kind", "i1"), ("t_start_s", "<f8"), ("t_post_s", "<f8"), ("t_done_s", "<f8"),
-                           ("blocked_s", "<f8")])
-def placement_dtype(maps: int, experts: int, ranks: int) -> np.dtype:
-    """A re-placement record: the step it took effect from, the placement (replicas padded to R),
-    the experts and bytes that moved to new owners (all ranks), the seconds from posting their
-    transfers to done, of those spent posting and blocked waiting for them (the slowest rank's)."""
-    return np.dtype([("step", "<i8"), ("placement", "<i4", (maps, experts, ranks)), ("experts_moved", "<i8"),
-                     ("bytes_moved", "<i8"), ("fetch_time_s", "<f8"), ("post_time_s", "<f8"),
-                     ("wait_time_s", "<f8")])
-
-
-STATUS_DTYPE = np.dtype([("state", "i1"), ("steps_written", "<i8"), ("elapsed_s", "<f8"),
-                         ("end_time_unix", "<f8")])
-UNITS = {"rank_tokens": "tokens", "rank_time_s": "s", "nodes_reached": "1", "wall_time_s": "s", "input_tokens": "tokens",
-         "output_tokens": "tokens",
-         "num_sequences": "sequences", "input_tokens_per_s": "tokens/s",
-         "output_tokens_per_s": "tokens/s", "phase_time_s": "s", "expert_tokens": "tokens",
-         "bytes_sent": "B", "events": "s", "exchange_time_s": "s", "exchanges": "s", "elapsed_s": "s",
-         "end_time_unix": "s"}
-RANK_COLUMNS = ("host", "node", "local_rank", "gpu", "device", "machine")  # /layout/rank_<name>
-
-
-class TraceError(InputError):
-    """A trace cannot be written or read; the message is one line naming the file."""
-
-
-# ------------------------------------------------------------------------------------- root attributes
-# Built here for both recorders (hpc_moe.trace.writer) and decoded here into Trace.meta: the attribute
-# table of docs/trace-format.md in one place. Keys the run must put in ``meta``; root_attributes
-# adds the provenance it can find itself (version, commit, date, command line, Slurm job id).
-REQUIRED_META = ("model_config", "run_config", "parallel_config", "mpi_library_version", "transport",
-                 "cuda_aware", "array_backend", "truncated")
-_OPTIONAL_META = ("command_line", "extra", "links")
-_JSON_ATTRS = ("model_config", "run_config", "parallel_config", "hostnames", "device_names", "units",
-               "phases", "comm_phases", "extra", "links")
-
-
-def root_attributes(meta: Mapping[str, Any], ranks: Mapping[str, np.ndarray], *, phases: Sequence[str],
-                    comm_phases: Sequence[str], num_layers: int, num_moe_layers: int, num_experts: int) -> dict:
-    """The root attributes of a trace, JSON ones as strings (``Trace.meta`` decodes them).
-
-    meta: the REQUIRED_META keys plus optional command_line and extra (hpc_moe.trace.writer documents
-    their types); ranks: the /layout/rank_<name> columns [R] (host, node and device are used).
-    """
-    missing = [k for k in REQUIRED_META if k not in meta]
-    unknown = [k for k in meta if k not in REQUIRED_META + _OPTIONAL_META]
-    if missing or unknown:
-        raise TraceError(f"trace meta: missing keys {missing}, unknown keys {unknown} (put extras in meta['extra'])")
-    if not isinstance(meta["cuda_aware"], (bool, np.bool_)) or not isinstance(meta["truncated"], (bool, np.bool_)):
-        raise TraceError("trace meta: cuda_aware and truncated must be bools")
-    return {
-        "schema_name": SCHEMA_NAME, "schema_version": SCHEMA_VERSION,
-        "software_version": software_version(), "git_commit": git_commit(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-        "command_line": clean_text(meta.get("command_line") or shlex.join(sys.argv)),
-        **{k: _jsonable(meta[k], k) for k in ("model_config", "run_config", "parallel_config")},
-        "mpi_library_version": clean_text(meta["mpi_library_version"]),
-        "transport": clean_text(meta["transport"]), "cuda_aware": bool(meta["cuda_aware"]),
-        "array_backend": clean_text(meta["array_backend"]), "truncated": bool(meta["truncated"]),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
-        "hostnames": json.dumps(list(dict.fromkeys(ranks["host"].tolist()))),
-        "device_names": json.dumps(sorted(set(ranks["device"].tolist()))),
-        "units": json.dumps(UNITS, sort_keys=True),
-        "phases": json.dumps(list(phases)), "comm_phases": json.dumps(list(comm_phases)),
-        "num_layers": int(num_layers), "num_moe_layers": int(num_moe_layers), "num_ranks": len(ranks["node"]),
-        "num_nodes": int(ranks["node"].max()) + 1, "num_experts": int(num_experts),
-        "extra": _jsonable(meta.get("extra") or {}, "extra"),
-        "links": _jsonable(meta.get("links") or {}, "links"),
-    }
-
-
-def clean_text(value: Any) -> str:
-    """A string from MPI or the host as the trace stores it: without NUL bytes and other control
-    characters but newline and tab (Open MPI's library version ends in a NUL, which HDF5's
-    variable-length strings refuse), without surrounding blanks."""
-    return "".join(c for c in str(value) if c.isprintable() or c in "\n\t").strip()
-
-
-def _jsonable(value: Any, key: str) -> str:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    if isinstance(value, str):
-        value = json.loads(value)
-    if not isinstance(value, Mapping):
-        raise TraceError(f"meta[{key!r}] must be a dict, a dataclass or a JSON object string")
-    return json.dumps(value, sort_keys=True, default=str)
-
+from hpc_moe.trace.schema import (  # noqa: F401 (the format's names, re-exported)
+    _JSON_ATTRS,
+    EVENT_DTYPE,
+    EXCHANGE_DTYPE,
+    KINDS,
+    RANK_COLUMNS,
+    REQUIRED_META,
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
+    STATES,
+    STATUS_DTYPE,
+    UNITS,
+    TraceError,
+    _one_line,
+    clean_text,
+    placement_dtype,
+    root_attributes,
+)
+from hpc_moe.trace.segments import SEGMENT_DTYPE, Segment, segment_group, segments_of
 
 # --------------------------------------------------------------------------------------------- reading
 
@@ -144,7 +61,12 @@ class Trace:
     placement padded to R); ``placement`` is the one the run started with. moe_layers int64 [M];
     placement int32 [M or 1, E, K]; rank_host / rank_device / rank_machine str [R] (machine: the
     physical machine, its boot id, or the host in older files); rank_node / rank_local_rank /
-    rank_gpu int32 [R]. state: "running" (still written, or killed), "completed" or "failed".
+    rank_gpu int32 [R]. state: "running" (still written, or killed), "completed", "failed" or
+    "stopped". time_unix float64 [S]: when each step ended (rank 0's clock; 0 in older files).
+    segments: the first run and each ``run --resume`` that continued it (hpc_moe.trace.segments;
+    one for a run never resumed); the rank columns above are the first segment's, and a later
+    segment of fewer ranks fills the first R_k columns of the per-step rank axes: ``segment(k)``
+    is the trace of segment k alone, with its own ranks.
     path: the file, or "<memory>" for a hpc_moe.trace.MemoryTrace.
     """
 
@@ -177,17 +99,22 @@ class Trace:
     rank_device: np.ndarray
     rank_machine: np.ndarray
     state: str
+    time_unix: np.ndarray
+    segments: tuple[Segment, ...]
 
     @classmethod
     def from_contents(cls, path: str, attrs: Mapping, steps: Mapping[str, np.ndarray], events: np.ndarray,
                       exchanges: np.ndarray, placements: np.ndarray, layout: Mapping[str, np.ndarray],
-                      state: str) -> Trace:
+                      state: str, segments: np.ndarray | None = None,
+                      segment_ranks: Sequence[Mapping[str, np.ndarray]] = ()) -> Trace:
         """The Trace of a trace file's contents, whether read from HDF5 or held in memory.
 
         attrs: root attributes as stored (JSON ones as strings); steps: the committed rows of the
         ``/steps/*`` datasets, kind as int enum codes; events, exchanges: all of ``/events`` and
         ``/exchanges``; layout: the
-        ``/layout/*`` datasets by name (rank_host / rank_device as any string array).
+        ``/layout/*`` datasets by name (rank_host / rank_device as any string array); segments:
+        the /segments rows (SEGMENT_DTYPE; None: one segment of the layout's ranks) and
+        segment_ranks the rank columns of segments 1, 2, ... by name.
         """
         meta = {k: (json.loads(v) if k in _JSON_ATTRS else _scalar(v)) for k, v in attrs.items()}
         rows = {name: steps[name] for name in _PER_STEP}
@@ -198,8 +125,14 @@ class Trace:
                   **{f"rank_{k}": layout[f"rank_{k}"] for k in RANK_COLUMNS}}
         for k in ("rank_host", "rank_device", "rank_machine"):
             arrays[k] = arrays[k].astype(str)
+        if segments is None:
+            segments = np.array([(0, len(arrays["rank_node"]), 0.0, -1, 0.0)], SEGMENT_DTYPE)
+        ranks = [{k: arrays[f"rank_{k}"] for k in RANK_COLUMNS},
+                 *({k: np.asarray(cols[f"rank_{k}"]).astype(str) if k in ("host", "device", "machine")
+                    else np.asarray(cols[f"rank_{k}"]) for k in RANK_COLUMNS} for cols in segment_ranks)]
         return cls(path=path, meta=meta, phases=tuple(meta["phases"]), comm_phases=tuple(meta["comm_phases"]),
-                   state=state, **{k: _frozen(v) for k, v in arrays.items()})
+                   state=state, segments=segments_of(segments, ranks, STATES),
+                   **{k: _frozen(v) for k, v in arrays.items()})
 
     @property
     def name(self) -> str:
@@ -245,6 +178,31 @@ class Trace:
                 for name in ("events", "exchanges")}
         return dataclasses.replace(self, **kept, **fields)
 
+    @property
+    def resumed(self) -> bool:
+        """Whether ``run --resume`` continued this trace (more than one segment)."""
+        return len(self.segments) > 1
+
+    def segment(self, k: int) -> Trace:
+        """Segment k alone: its steps, its ranks (the per-step rank axes cut to its R_k), the
+        placement it started with and its re-placements; its own single segment."""
+        seg = self.segments[k]
+        t = self.subset(seg.holds(self.step))
+        R = seg.num_ranks
+        cut = {"phase_time_s": t.phase_time_s[:, :, :R], "bytes_sent": t.bytes_sent[:, :R, :R],
+               "exchange_time_s": t.exchange_time_s[:, :, :R], "rank_tokens": t.rank_tokens[:, :, :R],
+               "nodes_reached": t.nodes_reached[:, :, :R], "rank_time_s": t.rank_time_s[:, :R]}
+        placements = self.placements[seg.holds(self.placements["step"])]
+        placement = self.placement
+        if k and len(placements) and placements[0]["step"] == seg.first_step:  # the layout it resumed with
+            placement, placements = placements[0]["placement"], placements[1:]
+        hosts = list(dict.fromkeys(seg.ranks["host"].tolist()))
+        meta = {**self.meta, "num_ranks": R, "num_nodes": seg.num_nodes, "hostnames": hosts}
+        return dataclasses.replace(t, meta=meta, placement=_frozen(placement), placements=_frozen(placements),
+                                   segments=(dataclasses.replace(seg, index=0),),
+                                   **{k: _frozen(v) for k, v in cut.items()},
+                                   **{f"rank_{name}": _frozen(col) for name, col in seg.ranks.items()})
+
     def steps_frame(self):
         """pandas.DataFrame, one row per step (hpc_moe.trace.frames; needs pandas)."""
         from hpc_moe.trace import frames
@@ -271,7 +229,7 @@ class Trace:
 
 _PER_STEP = ("step", "kind", "wall_time_s", "input_tokens", "output_tokens", "num_sequences",
              "phase_time_s", "expert_tokens", "bytes_sent", "exchange_time_s", "rank_tokens", "nodes_reached",
-             "rank_time_s")
+             "rank_time_s", "time_unix")
 
 
 def read_trace(path: str | os.PathLike) -> Trace:
@@ -302,7 +260,11 @@ def _check_not_truncated(path: str) -> None:
     format specification, "Superblock Version 2 and 3"). Older superblocks are left to HDF5."""
     with open(path, "rb") as f:
         head = f.read(48)
-    if len(head) < 12 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (2, 3):
+    if head[:8] != b"\x89HDF\r\n\x1a\n":  # HDF5 also finds a signature at 512, 1024, ...: leave those to it
+        if len(head) < 8 or not os.path.getsize(path) > 512:
+            raise TraceError(f"cannot read trace {path}: not an HDF5 file")
+        return
+    if len(head) < 12 or head[8] not in (2, 3):
         return
     width = head[9]
     if len(head) < 12 + 3 * width:
@@ -321,14 +283,14 @@ def _read(f: h5py.File, path: str) -> Trace:
         raise TraceError(f"{path} has schema version {f.attrs['schema_version']}; this hpc_moe reads <= {SCHEMA_VERSION}")
     steps = f["steps"]
     n = min(steps[name].shape[0] for name in steps)  # /steps/step is the shortest unless corrupted
-    layout = {name: ds[:] for name, ds in f["layout"].items()}
+    layout = {name: ds[:] for name, ds in f["layout"].items() if isinstance(ds, h5py.Dataset)}
     layout.setdefault("rank_machine", layout["rank_host"])  # files before the machine column
     rows = {name: steps[name][:n] for name in _PER_STEP if name in steps}
     L, R = steps["phase_time_s"].shape[1:3]
     M = len(f["layout/moe_layers"])
     for name, shape, dtype in (("exchange_time_s", (L, R, len(EXCHANGE_KINDS), 2), np.float64),
                                ("rank_tokens", (M, R), np.int64), ("nodes_reached", (M, R, 3), np.int64),
-                               ("rank_time_s", (R,), np.float64)):
+                               ("rank_time_s", (R,), np.float64), ("time_unix", (), np.float64)):
         if name not in rows:  # an older file (docs/trace-format.md, Versioning)
             rows[name] = np.zeros((n, *shape), dtype)
     exchanges = f["exchanges"][:] if "exchanges" in f else np.empty(0, EXCHANGE_DTYPE)
@@ -336,8 +298,11 @@ def _read(f: h5py.File, path: str) -> Trace:
     for name in placements.dtype.names if len(placements) else ():  # older files lack the moved bytes: zeros
         if name in f["placements"].dtype.names:
             placements[name] = f["placements"][name]
+    segments = f["segments"][:] if "segments" in f else None  # files before version 3: one segment
+    segment_ranks = [{name: ds[:] for name, ds in f[segment_group(k)].items()}
+                     for k in range(1, 0 if segments is None else len(segments))]
     return Trace.from_contents(path, dict(f.attrs), rows, f["events"][:], exchanges, placements, layout,
-                               STATES[int(f["status"][()]["state"])])
+                               STATES[int(f["status"][()]["state"])], segments, segment_ranks)
 
 
 def _pandas():
@@ -346,10 +311,6 @@ def _pandas():
     except ImportError:
         raise TraceError("trace frames need pandas: pip install 'hpc_moe[analysis]' (or pip install pandas)") from None
     return pandas
-
-
-def _one_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _scalar(v):

@@ -3,7 +3,9 @@
 ``summary_stats`` computes the numbers, ``summary_table`` / ``scaling_table`` format them, and
 ``make_report`` writes the figures of hpc_moe.trace.plots. Throughput is tokens over the summed step wall
 time of the whole job; "per rank" divides it by the ranks, "per GPU" by the ranks that drive a
-GPU, "per node" by the distinct hosts.
+GPU, "per node" by the distinct hosts. A resumed trace (hpc_moe.trace.resumed) reads as one run:
+its throughput counts every step once, per rank over each segment's rank-seconds, and the figures
+that depend on the rank map come per segment.
 
 Shape legend: S steps, L layers, M MoE layers, E experts, R ranks, P phases.
 """
@@ -19,9 +21,11 @@ import numpy as np
 
 from hpc_moe.flags import flag
 from hpc_moe.outputs import OutputError, check_output
-from hpc_moe.trace.metrics import comm_stats, exchange_overlap, expert_load_imbalance
+from hpc_moe.trace.metrics import comm_stats, exchange_overlap, expert_load_imbalance, load_stats, rank_stats
 from hpc_moe.trace.reader import KINDS, Trace, TraceError, read_trace
+from hpc_moe.trace.resumed import last_view, rank_counts, segment_title, segment_views, segments_json, segments_lines
 from hpc_moe.trace.stragglers import straggler_stats, straggler_table
+from hpc_moe.trace.text import fmt_bytes, fmt_num, text_table
 
 
 def _groups(trace: Trace) -> list[tuple[str, np.ndarray]]:
@@ -32,18 +36,18 @@ def _groups(trace: Trace) -> list[tuple[str, np.ndarray]]:
 
 def throughput_rows(trace: Trace) -> list[dict[str, Any]]:
     """One dict per (step kind, direction) with tokens > 0: tokens, wall_s, tok_s and tok_s per
-    rank / GPU (NaN on a CPU run) / node."""
+    rank / GPU (NaN on a CPU run) / node (of a resumed trace: per rank-second, resumed.rank_counts)."""
     rows = []
     for kind, mask in _groups(trace):
         wall = float(trace.wall_time_s[mask].sum())
+        ranks, gpus, nodes = rank_counts(trace, mask)
         for direction, tokens in (("input", trace.input_tokens), ("output", trace.output_tokens)):
             n = int(tokens[mask].sum())
             if n:
                 tps = n / wall
                 rows.append({"kind": kind, "direction": direction, "steps": int(mask.sum()),
-                             "wall_s": wall, "tokens": n, "tok_s": tps, "per_rank": tps / trace.num_ranks,
-                             "per_gpu": tps / trace.num_gpus if trace.num_gpus else float("nan"),
-                             "per_node": tps / trace.num_nodes})
+                             "wall_s": wall, "tokens": n, "tok_s": tps, "per_rank": tps / ranks,
+                             "per_gpu": tps / gpus if gpus else float("nan"), "per_node": tps / nodes})
     return rows
 
 
@@ -66,27 +70,6 @@ def summary_stats(trace: Trace) -> dict[str, Any]:
             "step_ms": step_ms, "wall_ms": wall_ms, "comm": comm_stats(trace), "imbalance": per_layer}
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Plain-text table; first column left-aligned, the others right-aligned."""
-    cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _num(x: float, digits: int = 0) -> str:
-    return "-" if not np.isfinite(x) else f"{x:,.{digits}f}"
-
-
-def _bytes(n: float) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3f} {unit}"
-    return f"{n:.0f} B"
-
-
 def _header(trace: Trace) -> list[str]:
     m = trace.meta
     gpus = ", ".join(m.get("device_names", [])) if trace.num_gpus else "no GPUs"
@@ -94,42 +77,51 @@ def _header(trace: Trace) -> list[str]:
              "stopped": "stopped early by a signal (the steps written are complete)",
              "running": "still running, or killed (valid up to the last flushed step)"}[trace.state]
     slurm = f", Slurm job {m['slurm_job_id']}" if m.get("slurm_job_id") else ""
+    ranks = (" then ".join(f"{s.num_ranks} ranks on {s.num_nodes} nodes" for s in trace.segments) + f" ({gpus})"
+             if trace.resumed else f"{trace.num_ranks} ranks on {trace.num_nodes} nodes, {trace.num_gpus} GPUs ({gpus})")
     return [f"== {trace.name} ({trace.path}) ==",
             f"{trace.num_steps} steps, {state}",
-            (f"{trace.num_ranks} ranks on {trace.num_nodes} nodes, {trace.num_gpus} GPUs ({gpus}); "
+            (f"{ranks}; "
              f"backend {m.get('array_backend')}, transport {m.get('transport')}, CUDA-aware MPI {m.get('cuda_aware')}"),
             (f"{trace.num_layers} layers ({len(trace.moe_layers)} MoE{', truncated' if m.get('truncated') else ''}), "
              f"{trace.num_experts} experts; hpc_moe {m.get('software_version')} (git {str(m.get('git_commit'))[:12]}), "
              f"created {m.get('created')}{slurm}")]
 
 
-def rank_stats(trace: Trace) -> dict[str, Any]:
-    """Which rank held the step up: per rank, the median over steps of its compute (every phase but
-    "wait", summed over layers) and of its own step time (/steps/rank_time_s); the slowest and last
-    ranks and the extremes in ms."""
-    wait = trace.phases.index("wait")
-    compute_R = np.median(np.delete(trace.phase_time_s, wait, axis=3).sum(axis=(1, 3)), axis=0) * 1e3
-    own_R = np.median(trace.rank_time_s, axis=0) * 1e3
-    return {"slowest_rank": int(np.argmax(compute_R)), "compute_ms_max": float(compute_R.max()),
-            "compute_ms_min": float(compute_R.min()), "last_rank": int(np.argmax(own_R)),
-            "own_ms_max": float(own_R.max()), "own_ms_min": float(own_R.min())}
-
-
 def summary_table(trace: Trace) -> str:
     """Text summary of one trace: throughput, time per layer split into phases, communication,
-    expert load imbalance. Scaling over several traces is scaling_table's."""
+    expert load imbalance. Scaling over several traces is scaling_table's. A resumed trace: its
+    segments and the time lost at each resume first, the rank-dependent sections per segment."""
     out = _header(trace)
     if not trace.num_steps:
         return "\n".join(out + ["(no steps recorded)"])
     st = summary_stats(trace)
-    out += ["", "Throughput (tokens/s, whole job; one GPU per rank)", _table(
+    out += segments_lines(trace)
+    per = "; per rank, GPU and node: over each segment's rank-seconds" if trace.resumed else ""
+    out += ["", f"Throughput (tokens/s, whole job; one GPU per rank{per})", text_table(
         ["kind", "steps", "wall s", "tokens", "tok/s", "per rank", "per GPU", "per node"],
         [[f"{r['kind']} {r['direction']}", r["steps"], f"{r['wall_s']:.3f}", f"{r['tokens']:,}",
-          _num(r["tok_s"]), _num(r["per_rank"]), _num(r["per_gpu"]), _num(r["per_node"])]
+          fmt_num(r["tok_s"]), fmt_num(r["per_rank"]), fmt_num(r["per_gpu"]), fmt_num(r["per_node"])]
          for r in st["throughput"]])]
+    for seg, view in segment_views(trace):
+        out += ["", segment_title(seg, view)] if trace.resumed else []
+        out += _rank_sections(view, summary_stats(view) if trace.resumed else st)
+    imb = st["imbalance"]
+    if imb.size and np.isfinite(imb).any():
+        worst = int(np.nanargmax(imb))
+        out += ["", "Expert load imbalance (max/mean tokens per expert, mean over steps; 1.00 = balanced)",
+                (f"  mean over MoE layers {np.nanmean(imb):.2f}, worst layer {trace.moe_layers[worst]}: "
+                 f"{imb[worst]:.2f}, best {np.nanmin(imb):.2f}")]
+    return "\n".join(out)
+
+
+def _rank_sections(trace: Trace, st: dict[str, Any]) -> list[str]:
+    """The sections of summary_table that depend on the rank map (of a trace of one segment; st:
+    its summary_stats): phases, ranks, layers, communication, exchanges, stragglers, loads,
+    re-placements."""
     phases = list(trace.phases)
-    out += ["", "Time per step by phase (ms, summed over layers, mean over steps and ranks; wall - sum: outside "
-            "the layers, embedding, head, sampling and the step's barriers)", _table(
+    out = ["", "Time per step by phase (ms, summed over layers, mean over steps and ranks; wall - sum: outside "
+            "the layers, embedding, head, sampling and the step's barriers)", text_table(
         ["kind", *phases, "sum", "wall"],
         [[kind, *(f"{v:.3f}" for v in ms), f"{ms.sum():.3f}", f"{st['wall_ms'][kind]:.3f}"]
          for kind, ms in st["step_ms"].items()])]
@@ -143,13 +135,13 @@ def summary_table(trace: Trace) -> str:
     rows = [[layer, "moe" if layer in moe else "dense", *(f"{v:.3f}" for v in ms[layer]), f"{ms[layer].sum():.3f}"]
             for layer in range(trace.num_layers)]
     out += ["", f"Time per layer (ms, mean over all {trace.num_steps} steps and {trace.num_ranks} ranks)",
-            _table(["layer", "type", *phases, "total"], rows)]
+            text_table(["layer", "type", *phases, "total"], rows)]
     c = st["comm"]
     inter = c["inter_node_bytes_per_step"] / c["bytes_per_step"] * 100 if c["bytes_per_step"] else 0.0
     out += ["", "Communication (expert-parallel all-to-all, off-rank bytes)",
-            f"  per step: {_bytes(c['bytes_per_step'])} ({inter:.1f}% between nodes)",
-            (f"  achieved bandwidth per rank, bytes / (dispatch + combine + wait) time: min {_num(c['bw_min'] / 1e9, 3)}, "
-             f"mean {_num(c['bw_mean'] / 1e9, 3)}, max {_num(c['bw_max'] / 1e9, 3)} GB/s")]
+            f"  per step: {fmt_bytes(c['bytes_per_step'])} ({inter:.1f}% between nodes)",
+            (f"  achieved bandwidth per rank, bytes / (dispatch + combine + wait) time: min {fmt_num(c['bw_min'] / 1e9, 3)}, "
+             f"mean {fmt_num(c['bw_mean'] / 1e9, 3)}, max {fmt_num(c['bw_max'] / 1e9, 3)} GB/s")]
     if len(trace.moe_layers):
         out += ["", overlap_table([trace])]
     stragglers = straggler_table(trace)
@@ -162,30 +154,27 @@ def summary_table(trace: Trace) -> str:
                 "1.00 = balanced)" + _modelled(trace),
                 f"  nodes a token reached: mean {loads['nodes_per_token_mean']:.2f}, max {loads['nodes_per_token_max']} "
                 f"of {trace.num_nodes}"]
-    out += _replacement_table(trace)
-    imb = st["imbalance"]
-    if imb.size and np.isfinite(imb).any():
-        worst = int(np.nanargmax(imb))
-        out += ["", "Expert load imbalance (max/mean tokens per expert, mean over steps; 1.00 = balanced)",
-                (f"  mean over MoE layers {np.nanmean(imb):.2f}, worst layer {trace.moe_layers[worst]}: "
-                 f"{imb[worst]:.2f}, best {np.nanmin(imb):.2f}")]
-    return "\n".join(out)
+    return out + _replacement_table(trace)
 
 
 def summary_json(trace: Trace) -> dict[str, Any]:
-    """The summary as JSON-able numbers (``hpc-moe run --summary-json``; keys in docs/trace-format.md)."""
+    """The summary as JSON-able numbers (``hpc-moe run --summary-json``; keys in docs/trace-format.md).
+    Of a resumed trace, the figures that depend on the rank map (ranks, nodes, phases, bytes,
+    exchanges, loads, ranks named) are its last segment's with steps; throughput, step times and
+    the expert load are over all steps."""
+    last = last_view(trace)
     st = summary_stats(trace)
     wall = float(trace.wall_time_s.sum())
-    ov = exchange_overlap(trace)
+    ov = exchange_overlap(last)
     imb = st["imbalance"]
-    c = st["comm"]
-    per_step = trace.phase_time_s.sum(axis=1).mean(axis=(0, 1)) * 1e3 if trace.num_steps else np.zeros(len(trace.phases))
+    c = st["comm"] if last is trace else comm_stats(last)
+    per_step = last.phase_time_s.sum(axis=1).mean(axis=(0, 1)) * 1e3 if last.num_steps else np.zeros(len(last.phases))
 
     def num(x) -> float | None:
         return float(x) if np.isfinite(x) else None
 
     return {
-        "steps": trace.num_steps, "ranks": trace.num_ranks, "nodes": trace.num_nodes, "state": trace.state,
+        "steps": trace.num_steps, "ranks": last.num_ranks, "nodes": last.num_nodes, "state": trace.state,
         "input_tokens_per_s": num(trace.input_tokens.sum() / wall) if wall else None,
         "output_tokens_per_s": num(trace.output_tokens.sum() / wall) if wall else None,
         "step_ms_median": num(np.median(trace.wall_time_s) * 1e3) if trace.num_steps else None,
@@ -197,9 +186,10 @@ def summary_json(trace: Trace) -> dict[str, Any]:
         "exchange_exposed_ms_per_step": ov["total_blocked"],
         "exchange_hidden_fraction": num(ov["total_hidden"]),
         "expert_load_imbalance": num(np.nanmean(imb)) if imb.size and np.isfinite(imb).any() else None,
-        **load_stats(trace),
-        **(rank_stats(trace) if trace.num_steps else {}),
-        "stragglers": [g["rank"] for g in (straggler_stats(trace) or {"stragglers": []})["stragglers"]],
+        **load_stats(last),
+        **(rank_stats(last) if last.num_steps else {}),
+        "stragglers": [g["rank"] for g in (straggler_stats(last) or {"stragglers": []})["stragglers"]],
+        **segments_json(trace),
     }
 
 
@@ -235,26 +225,13 @@ def _replacement_table(trace: Trace) -> list[str]:
     if not rows:
         return []
     return ["", "Re-placements (the moved experts travel during the step before the one they serve; post and wait: "
-            "outside every step)", _table(
+            "outside every step)", text_table(
                 ["from step", "experts moved", "bytes", "fetch ms", "post ms", "wait ms", "that step ms",
                  "median before ms", "ratio"],
-                [[r["step"], r["experts"], _bytes(r["bytes"]), f"{r['fetch_ms']:.1f}", f"{r['post_ms']:.1f}",
+                [[r["step"], r["experts"], fmt_bytes(r["bytes"]), f"{r['fetch_ms']:.1f}", f"{r['post_ms']:.1f}",
                   f"{r['wait_ms']:.1f}", "-" if r["step_ms"] is None else f"{r['step_ms']:.1f}",
                   "-" if r["before_ms"] is None else f"{r['before_ms']:.1f}",
                   f"{r['step_ms'] / r['before_ms']:.2f}x" if r["step_ms"] and r["before_ms"] else "-"] for r in rows])]
-
-
-def load_stats(trace: Trace) -> dict[str, float | None]:
-    """rank_load_max_over_mean: max/mean token rows received over ranks, mean over steps and MoE
-    layers (1 = balanced); nodes_per_token_mean / _max: nodes a token reached (its own included)."""
-    rows = trace.rank_tokens.astype(np.float64)  # [S, M, R]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per = rows.max(axis=2) / rows.mean(axis=2)
-    nodes = trace.nodes_reached.sum(axis=(0, 2))  # [M, 3] summed over steps and ranks
-    tokens = nodes[:, 0].sum()
-    return {"rank_load_max_over_mean": float(np.nanmean(per)) if np.isfinite(per).any() else None,
-            "nodes_per_token_mean": float(nodes[:, 1].sum() / tokens) if tokens else None,
-            "nodes_per_token_max": int(trace.nodes_reached[..., 2].max()) if tokens else None}
 
 
 def overlap_table(traces: Sequence[Trace]) -> str:
@@ -271,12 +248,12 @@ def overlap_table(traces: Sequence[Trace]) -> str:
         row = [int(layer)]
         for s in stats:
             ok = i < len(s["in_flight"])
-            row += [f"{s['in_flight'][i]:.3f}", f"{s['blocked'][i]:.3f}", _num(s["hidden"][i] * 100, 1)] if ok else ["-"] * 3
+            row += [f"{s['in_flight'][i]:.3f}", f"{s['blocked'][i]:.3f}", fmt_num(s["hidden"][i] * 100, 1)] if ok else ["-"] * 3
         rows.append(row)
     rows.append(["total", *(v for s in stats for v in (f"{s['total_in_flight']:.3f}", f"{s['total_blocked']:.3f}",
-                                                        _num(s["total_hidden"] * 100, 1)))])
+                                                        fmt_num(s["total_hidden"] * 100, 1)))])
     return "\n".join(["Exchanges (all-to-all per step, mean over steps and ranks; exposed = the rank was blocked, "
-                      "hidden = in flight under compute)", _table(header, rows)])
+                      "hidden = in flight under compute)", text_table(header, rows)])
 
 
 def scaling_points(traces: Sequence[Trace]) -> list[dict[str, Any]]:
@@ -298,11 +275,11 @@ def scaling_points(traces: Sequence[Trace]) -> list[dict[str, Any]]:
 def scaling_table(traces: Sequence[Trace]) -> str:
     """Throughput and scaling efficiency per trace, by rank count (efficiency 100% = linear)."""
     pts = scaling_points(traces)
-    rows = [[p["name"], p["ranks"], p["nodes"], p["steps"], _num(p["input_tok_s"]),
-             _num(p["input_tok_s"] / p["ranks"]), _num(p["input_eff"] * 100, 1), _num(p["output_tok_s"]),
-             _num(p["output_tok_s"] / p["ranks"]), _num(p["output_eff"] * 100, 1)] for p in pts]
+    rows = [[p["name"], p["ranks"], p["nodes"], p["steps"], fmt_num(p["input_tok_s"]),
+             fmt_num(p["input_tok_s"] / p["ranks"]), fmt_num(p["input_eff"] * 100, 1), fmt_num(p["output_tok_s"]),
+             fmt_num(p["output_tok_s"] / p["ranks"]), fmt_num(p["output_eff"] * 100, 1)] for p in pts]
     return "\n".join([f"Scaling (efficiency = tok/s per rank relative to the {pts[0]['ranks']}-rank run)",
-                      _table(["trace", "ranks", "nodes", "steps", "input tok/s", "per rank", "eff %",
+                      text_table(["trace", "ranks", "nodes", "steps", "input tok/s", "per rank", "eff %",
                               "output tok/s", "per rank", "eff %"], rows)])
 
 
@@ -312,7 +289,8 @@ def _unique_stems(traces: Sequence[Trace]) -> list[str]:
 
 
 def write_plots(traces: Sequence[Trace], out_dir: str | os.PathLike, *, step: int | None = None) -> list[str]:
-    """Save the figures of each trace (and the scaling figure when rank counts differ) as PNGs."""
+    """Save the figures of each trace (and the scaling figure when rank counts differ) as PNGs.
+    Of a resumed trace, those drawn per rank come once per segment (<stem>_segment<k>_<figure>)."""
     import hpc_moe.trace.plots as plots
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -332,13 +310,14 @@ def write_plots(traces: Sequence[Trace], out_dir: str | os.PathLike, *, step: in
     for trace, stem in zip(traces, _unique_stems(traces)):
         if not trace.num_steps:
             continue
-        save(plots.plot_phase_breakdown(trace), f"{stem}_phases.png")
-        save(plots.plot_timeline(trace, step), f"{stem}_timeline.png")
-        save(plots.plot_expert_load(trace), f"{stem}_expert_load.png")
-        save(plots.plot_rank_load(trace), f"{stem}_rank_load.png")
-        save(plots.plot_step_throughput(trace), f"{stem}_steps.png")
-        save(plots.plot_traffic(trace), f"{stem}_traffic.png")
-        save(plots.plot_stragglers(trace), f"{stem}_stragglers.png")
+        views = [(view, f"{stem}_segment{seg.index}" if trace.resumed else stem) for seg, view in segment_views(trace)]
+        figures = (("phases", plots.plot_phase_breakdown, True), ("timeline", lambda t: plots.plot_timeline(t, step), True),
+                   ("expert_load", plots.plot_expert_load, False), ("rank_load", plots.plot_rank_load, True),
+                   ("steps", plots.plot_step_throughput, False), ("traffic", plots.plot_traffic, True),
+                   ("stragglers", plots.plot_stragglers, True))
+        for name, plot, per_rank in figures:
+            for view, tag in views if per_rank else [(trace, stem)]:
+                save(plot(view), f"{tag}_{name}.png")
     if len({t.num_ranks for t in traces if t.num_steps}) > 1:
         save(plots.plot_scaling(scaling_points([t for t in traces if t.num_steps])), "scaling.png")
     return written
@@ -349,8 +328,9 @@ def make_report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, 
     """Read traces, drop ``skip_steps`` warm-up steps of each and write the PNGs into ``out_dir``.
 
     Returns the written paths: per trace <stem>_phases, _timeline (when it has events),
-    _expert_load, _rank_load (when it has per-rank loads), _steps, _traffic; scaling.png when the
-    traces have different rank counts.
+    _expert_load, _rank_load (when it has per-rank loads), _steps, _traffic (a resumed trace's per
+    rank figures once per segment: write_plots); scaling.png when the traces have different rank
+    counts.
     """
     traces = [read_trace(p).subset(slice(skip_steps, None)) for p in paths]
     return write_plots(traces, out_dir, step=step)
@@ -387,9 +367,9 @@ def run_report(o: ReportOptions) -> int:
             tables.append(scaling_table(traces))
         if len(traces) > 1 and len({t.num_layers for t in traces}) == 1 and len(traces[0].moe_layers) \
                 and not o.no_tables:
-            tables.append(overlap_table(traces))
-        for table in tables:
-            print(table, end="\n\n")
+            tables.append(overlap_table([last_view(t) for t in traces]))  # a resumed one: its last ranks
+        for text in tables:
+            print(text, end="\n\n")
         if not o.no_plots:
             for path in write_plots(traces, out, step=o.step):
                 print(f"wrote {path}")

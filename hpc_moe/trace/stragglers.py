@@ -16,6 +16,10 @@ polls: MPI progresses only in its calls) delays its peers' transfer rather than 
 is not named. For each straggler, the phase
 it spent the most time in beyond the median rank (what it was doing instead of arriving).
 
+A resumed trace (hpc_moe.trace.segments) is analysed in its last segment with exchange records:
+rank ids are each segment's own, and an instance's ranks are those of the segment that ran it
+(the report analyses each segment, on ``trace.segment(k)``).
+
 Legend: X exchange records, I instances, R ranks.
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from hpc_moe.trace.reader import Trace
+from hpc_moe.trace.segments import segment_of
 
 
 def share_needed(ranks: int) -> float:
@@ -38,6 +43,7 @@ def straggler_stats(tr: Trace) -> dict[str, Any] | None:
     summed over its exchanges), caused_share (of all peers' skew, caused by arriving last),
     last_share (of instances it arrived last in) and lateness_ms (mean); stragglers: [{rank, node,
     host, caused_share, last_share, lateness_ms, busy_phase, busy_extra_ms}]."""
+    tr = _last_sampled_segment(tr)
     ex = tr.exchanges
     if len(ex) == 0 or tr.num_ranks < 2:
         return None
@@ -74,6 +80,13 @@ def straggler_stats(tr: Trace) -> dict[str, Any] | None:
             "lateness_ms": (lateness_R * 1e3).tolist(), "stragglers": out}
 
 
+def _last_sampled_segment(tr: Trace) -> Trace:
+    """tr, or of a resumed trace the last segment with exchange records alone."""
+    if not tr.resumed or not len(tr.exchanges):
+        return tr
+    return tr.segment(int(segment_of(tr, tr.exchanges["step"]).max()))
+
+
 def _busiest_phase(tr: Trace, rank: int) -> tuple[str, float]:
     """The compute phase (not "wait") in which ``rank`` spent the most beyond the median rank, ms
     a step, over the steps the exchanges were sampled in."""
@@ -88,6 +101,7 @@ def _busiest_phase(tr: Trace, rank: int) -> tuple[str, float]:
 def straggler_table(tr: Trace) -> str | None:
     """Text: per rank its skew and transfer ms a step and how often it arrived last; the stragglers
     named, or that there were none. None without exchange records."""
+    tr = _last_sampled_segment(tr)
     s = straggler_stats(tr)
     if s is None:
         return None

@@ -19,10 +19,18 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import h5py
 import numpy as np
 
 from hpc_moe.trace.checks import as_checked, check_moe_layers, check_placement, rank_columns
+from hpc_moe.trace.h5file import (
+    Rows,
+    add_segment,
+    copy_to_resume,
+    create_file,
+    create_row_datasets,
+    discard_copy,
+    write_static,
+)
 from hpc_moe.trace.reader import (
     COMM_PHASES,
     EVENT_DTYPE,
@@ -32,7 +40,6 @@ from hpc_moe.trace.reader import (
     PHASES,
     STATES,
     STATUS_DTYPE,
-    UNITS,
     Trace,
     TraceError,
     _one_line,
@@ -40,6 +47,7 @@ from hpc_moe.trace.reader import (
     read_trace,
     root_attributes,
 )
+from hpc_moe.trace.segments import SEGMENT_DTYPE
 
 if TYPE_CHECKING:
     from typing import Self  # Python >= 3.11; annotations are not evaluated at run time
@@ -67,6 +75,14 @@ class _Recorder:
     def __init__(self, meta: Mapping[str, Any], *, num_layers: int, moe_layers: Sequence[int],
                  placement: np.ndarray, rank_map: Sequence[Mapping], phases: Sequence[str],
                  comm_phases: Sequence[str]) -> None:
+        self._setup(num_layers, moe_layers, placement, rank_map, phases, comm_phases, columns=len(rank_map))
+        self._attrs = root_attributes(meta, self._ranks, phases=self.phases, comm_phases=self.comm_phases,
+                                      num_layers=self.num_layers, num_moe_layers=len(self.moe_layers),
+                                      num_experts=self.num_experts)
+
+    def _setup(self, num_layers, moe_layers, placement, rank_map, phases, comm_phases, columns: int) -> None:
+        """The layout this recorder checks its calls against; columns: the trace's rank columns
+        (the first run's ranks; a resumed run of fewer ranks pads its rows to them)."""
         self.phases, self.comm_phases = tuple(phases), tuple(comm_phases)
         self.num_layers = int(num_layers)
         self._ranks = rank_columns(rank_map)
@@ -76,21 +92,30 @@ class _Recorder:
         self.num_experts = self.placement.shape[1]
         if set(self.comm_phases) - set(self.phases) or len(set(self.phases)) != len(self.phases):
             raise TraceError(f"phases {self.phases} must be unique and contain comm_phases {self.comm_phases}")
-        self._attrs = root_attributes(meta, self._ranks, phases=self.phases, comm_phases=self.comm_phases,
-                                      num_layers=self.num_layers, num_moe_layers=len(self.moe_layers),
-                                      num_experts=self.num_experts)
+        if self.num_ranks > columns:
+            raise TraceError(f"{self.num_ranks} ranks do not fit the trace's {columns} rank columns")
         L, M, R, E, P = self.num_layers, len(self.moe_layers), self.num_ranks, self.num_experts, len(self.phases)
+        self._columns = columns
         # dtype and row shape of each /steps dataset, in append order: bulk rows first, "step" last.
         self._specs = {"phase_time_s": (np.float64, (L, R, P)), "expert_tokens": (np.int64, (M, E)),
                        "bytes_sent": (np.int64, (R, R)), "exchange_time_s": (np.float64, (L, R, len(EXCHANGE_KINDS), 2)),
                        "rank_tokens": (np.int64, (M, R)), "nodes_reached": (np.int64, (M, R, 3)),
                        "rank_time_s": (np.float64, (R,)), "kind": (np.int8, ()), "wall_time_s": (np.float64, ()),
                        **dict.fromkeys(("input_tokens", "output_tokens", "num_sequences"), (np.int64, ())),
-                       **dict.fromkeys(("input_tokens_per_s", "output_tokens_per_s"), (np.float64, ())),
+                       **dict.fromkeys(("input_tokens_per_s", "output_tokens_per_s", "time_unix"), (np.float64, ())),
                        "step": (np.int64, ())}
-        # Every placement with the step it took effect from (replicas padded with -1 to R ranks).
-        self._placement_dtype = placement_dtype(self.placement.shape[0], E, R)
+        # Every placement with the step it took effect from (replicas padded with -1 to the rank columns).
+        self._placement_dtype = placement_dtype(self.placement.shape[0], E, columns)
         self._last_step = -1
+
+    def padded(self, name: str, row: np.ndarray) -> np.ndarray:
+        """A /steps row of this recorder's R ranks as the trace's rank columns hold it (zeros beyond R)."""
+        axes = _RANK_AXES.get(name, ())
+        if not axes or self.num_ranks == self._columns:
+            return row
+        out = np.zeros(tuple(self._columns if a in axes else n for a, n in enumerate(row.shape)), row.dtype)
+        out[tuple(slice(0, n) for n in row.shape)] = row
+        return out
 
     def __enter__(self) -> Self:
         return self
@@ -131,8 +156,9 @@ class _Recorder:
         wall = float(wall_time_s)
         values.update(step=int(step), kind=KINDS.index(kind), wall_time_s=wall,
                       input_tokens_per_s=values["input_tokens"] / wall,
-                      output_tokens_per_s=values["output_tokens"] / wall)
-        self._store_step({name: np.asarray(values[name], dtype) for name, (dtype, _) in self._specs.items()})
+                      output_tokens_per_s=values["output_tokens"] / wall, time_unix=time.time())
+        self._store_step({name: self.padded(name, np.asarray(values[name], dtype))
+                          for name, (dtype, _) in self._specs.items()})
         self._last_step = int(step)
 
     def append_events(self, *, step: int, rank, layer, phase, t_start_s, t_end_s) -> None:
@@ -221,6 +247,7 @@ class MemoryTrace(_Recorder):
         self._steps: dict[str, list[np.ndarray]] = {name: [] for name in self._specs}
         self._records: dict[str, list[np.ndarray]] = {"events": [], "exchanges": [], "placements": []}
         self._state = "running"  # until close()
+        self._segments = np.array([(0, self.num_ranks, time.time(), -1, 0.0)], SEGMENT_DTYPE)
 
     @property
     def closed(self) -> bool:
@@ -241,7 +268,8 @@ class MemoryTrace(_Recorder):
             for name, dtype in (("events", EVENT_DTYPE), ("exchanges", EXCHANGE_DTYPE), ("placements", self._placement_dtype)))
         layout = {"moe_layers": self.moe_layers.copy(), "placement": self.placement.copy(),
                   **{f"rank_{name}": col.copy() for name, col in self._ranks.items()}}
-        return Trace.from_contents(self.path, self._attrs, steps, events, exchanges, placements, layout, self._state)
+        return Trace.from_contents(self.path, self._attrs, steps, events, exchanges, placements, layout, self._state,
+                                   self._segments)
 
     def _store_step(self, rows: dict[str, np.ndarray]) -> None:
         for name, row in rows.items():
@@ -267,19 +295,50 @@ class TraceWriter(_Recorder):
         super().__init__(meta, num_layers=num_layers, moe_layers=moe_layers, placement=placement,
                          rank_map=rank_map, phases=phases, comm_phases=comm_phases)
         self._t0 = time.monotonic()
-        self._file = _create_file(self.path, overwrite)
+        self._file = create_file(self.path, overwrite)
         try:
-            _write_static(self._file, self)
-            _create_row_datasets(self._file, self)
-            self._file.swmr_mode = True  # from here on: no new objects or attributes
-            # h5py name lookups cost ~0.1 ms each: resolve the appended datasets once.
-            self._rows = {name: _Rows(self._file[f"steps/{name}"]) for name in self._specs}
-            for name in ("events", "exchanges", "placements"):
-                self._rows[name] = _Rows(self._file[name])
+            write_static(self._file, self)
+            create_row_datasets(self._file, self)
+            self._start_swmr()
         except (OSError, ValueError, TypeError, KeyError) as e:  # what h5py raises
             self._file.close()
             os.unlink(self.path)
             raise TraceError(f"cannot create trace {self.path}: {_one_line(e)}") from None
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike, *, steps: int, placement: np.ndarray, rank_map: Sequence[Mapping],
+               after: str, previous_end_unix: float) -> TraceWriter:
+        """Continue the trace at ``path`` (``hpc-moe run --resume``): its first ``steps``
+        committed steps kept, a new segment of these ranks (at most the trace's) from step
+        ``steps`` on, and this run's placement recorded as in force from there. after: the
+        state the trace ended in; previous_end_unix: when its last step ended (0: unknown).
+        The trace is checked by the caller (hpc_moe.apps.resume); the file at ``path`` is
+        replaced by its continued copy once that is complete."""
+        self = cls.__new__(cls)
+        self.path = os.fspath(path)
+        self._t0 = time.monotonic()
+        self._file, tmp = copy_to_resume(self.path, steps)
+        try:
+            f = self._file
+            self._setup(f.attrs["num_layers"], f["layout/moe_layers"][:], placement, rank_map,
+                        json.loads(f.attrs["phases"]), json.loads(f.attrs["comm_phases"]),
+                        columns=int(f["steps/rank_time_s"].shape[1]))
+            self._last_step = steps - 1
+            add_segment(f, steps, self._ranks, after_state=STATES.index(after), previous_end_unix=previous_end_unix)
+            self._start_swmr()
+            os.replace(tmp, self.path)
+        except (TraceError, OSError, ValueError, TypeError, KeyError) as e:  # TraceError: this layout does not fit
+            discard_copy(self._file, tmp)
+            raise TraceError(f"cannot resume trace {self.path}: {_one_line(e)}") from None
+        self.append_placement(step=steps, placement=placement)
+        return self
+
+    def _start_swmr(self) -> None:
+        self._file.swmr_mode = True  # from here on: no new objects or attributes
+        # h5py name lookups cost ~0.1 ms each: resolve the appended datasets once.
+        self._rows = {name: Rows(self._file[f"steps/{name}"]) for name in self._specs}
+        for name in ("events", "exchanges", "placements"):
+            self._rows[name] = Rows(self._file[name])
 
     @property
     def closed(self) -> bool:
@@ -327,65 +386,6 @@ def end_state(failed: bool, stopped: bool) -> str:
     return "failed" if failed else "stopped" if stopped else "completed"
 
 
-def _create_file(path: str, overwrite: bool) -> h5py.File:
-    if os.path.exists(path) and not overwrite:
-        raise TraceError(f"trace {path} exists; refusing to overwrite it (--overwrite replaces it)")
-    try:
-        return h5py.File(path, "w" if overwrite else "x", libver="latest")
-    except (OSError, ValueError) as e:
-        raise TraceError(f"cannot create trace {path}: {_one_line(e)}") from None
-
-
-def _write_static(f: h5py.File, w: TraceWriter) -> None:
-    for key, value in w._attrs.items():
-        f.attrs[key] = value
-    layout = f.create_group("layout")
-    layout.create_dataset("moe_layers", data=w.moe_layers)
-    layout.create_dataset("placement", data=w.placement)
-    for name, col in w._ranks.items():
-        text = col.dtype.kind == "U"  # h5py stores str as variable-length UTF-8 from objects
-        layout.create_dataset(f"rank_{name}", data=col.astype(object) if text else col,
-                              dtype=h5py.string_dtype() if text else col.dtype)
-    status = f.create_dataset("status", shape=(), dtype=STATUS_DTYPE)
-    status.attrs["states"] = json.dumps(list(STATES))
-    status[()] = np.zeros((), STATUS_DTYPE)  # state 0 = running, until close() says otherwise
-
-
-def _create_row_datasets(f: h5py.File, w: TraceWriter) -> None:
-    kind_dtype = h5py.enum_dtype({k: i for i, k in enumerate(KINDS)}, basetype="i1")
-    labels = {"phase_time_s": ("step", "layer", "rank", "phase"),
-              "expert_tokens": ("step", "moe_layer", "expert"), "bytes_sent": ("step", "src", "dst"),
-              "exchange_time_s": ("step", "layer", "rank", "kind", "in_flight|blocked"),
-              "rank_tokens": ("step", "moe_layer", "rank"), "nodes_reached": ("step", "moe_layer", "rank", "tokens|nodes|max"),
-              "rank_time_s": ("step", "rank")}
-    steps = f.create_group("steps")
-    for name, (dtype, tail) in w._specs.items():
-        # Bulk rows get one chunk per step (one write each); scalar columns share chunks.
-        chunk = (1, *tail) if tail else (1024,)
-        ds = steps.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), chunks=chunk,
-                                  dtype=kind_dtype if name == "kind" else dtype)
-        ds.attrs["units"] = UNITS.get(name, "1")
-        for axis, label in enumerate(labels.get(name, ("step",))):
-            ds.dims[axis].label = label
-    for name, dtype in (("events", EVENT_DTYPE), ("exchanges", EXCHANGE_DTYPE), ("placements", w._placement_dtype)):
-        ds = f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096 if name != "placements" else 1,))
-        ds.attrs["units"] = UNITS.get(name, "1")
-
-
-class _Rows:
-    """One appendable dataset, written through the low-level API: h5py's ``ds[i] = v`` costs
-    ~0.1 ms a call, which over a dozen datasets per step is time rank 0 takes from every step."""
-
-    def __init__(self, ds: h5py.Dataset) -> None:
-        self.id, self.dtype = ds.id, ds.dtype
-
-    def append(self, rows: np.ndarray) -> None:
-        """rows: [n, *row shape]; resize + write + flush."""
-        rows = np.ascontiguousarray(rows, dtype=self.dtype)
-        n0 = self.id.shape[0]
-        self.id.set_extent((n0 + rows.shape[0], *rows.shape[1:]))
-        if rows.shape[0]:
-            space = self.id.get_space()
-            space.select_hyperslab((n0,) + (0,) * (rows.ndim - 1), rows.shape)
-            self.id.write(h5py.h5s.create_simple(rows.shape), space, rows)
-        self.id.flush()
+# The rank axes of each per-step row (without the step axis): padded to the trace's rank columns.
+_RANK_AXES = {"phase_time_s": (1,), "bytes_sent": (0, 1), "exchange_time_s": (1,), "rank_tokens": (1,),
+              "nodes_reached": (1,), "rank_time_s": (0,)}
