@@ -117,3 +117,15 @@ def test_replacement_prices_the_kept_placement_and_the_moved_bytes(tiny12):
         assert c.moved_bytes % expert_bytes == 0 and c.step_ms == pytest.approx(f.step_ms + c.move_ms)
         assert c.move_ms == pytest.approx(1e3 * hw.inter_node.seconds(c.moved_bytes, c.moved_bytes / expert_bytes) / 4)
     assert moved[-1].policy == "global, kept" and moved[-1].moved_experts < min(c.moved_experts for c in moved[:-1])
+
+
+def test_one_engine_for_every_node_counts_every_crossing(tiny12):
+    # Links that run concurrently: the busiest node's crossings set the time. One engine for all
+    # nodes (the CPU file: simulated nodes, or namespaced ones on one machine): every node's count.
+    loads = issue_loads()
+    p = ExpertPlacement.build(12, 8, node_of_rank=[r // 2 for r in range(8)], n_group=4, loads=loads, layers=[1, 2],
+                              policy="cut", redundant=12)
+    busiest, mean = traffic(p, loads, 4, True), traffic(p, loads, 4, True, busiest=False)
+    assert 0 < mean.inter_node_rows < busiest.inter_node_rows
+    assert (mean.rows_sent, mean.intra_node_rows) == (busiest.rows_sent, busiest.intra_node_rows)
+    assert not load_hardware("cpu-2core").links_concurrent and load_hardware("h100-sxm").links_concurrent

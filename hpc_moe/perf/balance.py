@@ -59,7 +59,7 @@ def rank_load(p: ExpertPlacement, loads_ME: np.ndarray) -> float:
 
 
 def traffic(p: ExpertPlacement, loads_ME: np.ndarray, top_k: int, hierarchical: bool,
-            groups: tuple[int, int] | None = None) -> Traffic:
+            groups: tuple[int, int] | None = None, busiest: bool = True) -> Traffic:
     """Rows per token of a GPU under placement p, the mean over MoE layers (loads float [M, E]).
 
     A token's K picks are taken as draws of experts in proportion to their loads (the joint law of
@@ -68,8 +68,10 @@ def traffic(p: ExpertPlacement, loads_ME: np.ndarray, top_k: int, hierarchical: 
     product of their loads), then its K experts among theirs. Each pick goes where choose_replica
     sends it; a token reaches a slot (or a node) with probability 1 - (1 - q)^K, q the share of
     its picks that go there. Tokens are spread evenly over ranks. The busiest node's cross-node
-    rows (the larger of what its tokens send and what it receives) set the link time; a row to
-    the source's own slot stays put."""
+    rows (the larger of what its tokens send and what it receives) set the link time, or with
+    busiest False (one engine moves every node's bytes: simulated nodes, or namespaced ones on one
+    machine) the mean node's, so that every crossing counts; a row to the source's own slot
+    stays put."""
     node_S = np.asarray(p.node_of_rank[::p.expert_tp])
     nodes = np.unique(node_S)
     node_ix = np.searchsorted(nodes, node_S)  # node index 0..N-1 of every slot
@@ -94,7 +96,8 @@ def traffic(p: ExpertPlacement, loads_ME: np.ndarray, top_k: int, hierarchical: 
         else:
             cross_NM = np.where(local_NS, 0.0, reach_NS) @ on_SM * tp
             inside = (np.where(local_NS, reach_NS, 0.0) * (1 - stay_S)).sum(axis=1) * tp
-        inter.append(float(max(cross_NM.sum(axis=1).max(), cross_NM.sum(axis=0).max())))  # egress, ingress
+        node = np.max if busiest else np.mean
+        inter.append(float(max(node(cross_NM.sum(axis=1)), node(cross_NM.sum(axis=0)))))  # egress, ingress
         intra.append(float(inside.mean()))
     return Traffic(float(np.mean(sent)), float(np.mean(inter)), float(np.mean(intra)))
 
@@ -151,7 +154,7 @@ def candidates(cfg: ModelConfig, hw: Hardware, layout: Layout, node_of_rank, loa
         / layout.expert_tp
     for policy, p in built:
         hier = dispatch == "hierarchical"
-        t = traffic(p, loads_ME, cfg.num_experts_per_tok, hier, groups)
+        t = traffic(p, loads_ME, cfg.num_experts_per_tok, hier, groups, busiest=hw.links_concurrent)
         imb = rank_load(p, loads_ME)
         pred = predict_step(cfg, layout, hw, mode=mode, tokens=tokens, sequences=sequences, context=context,
                             expert_fp8=expert_fp8, dispatch=dispatch, micro_batches=micro_batches, imbalance=imb,
