@@ -1,7 +1,8 @@
 """Expert placement chosen by predicted cost: every policy's placement for the measured loads,
 each priced by the planner's cost model (hpc_moe.perf.predict: the slowest rank's expert work,
-the rows that cross nodes on the busiest node's links and those that move inside nodes, on the
-hardware's or the measured links), and the one of least predicted step time chosen.
+the rows that cross nodes on the busiest node's links (the mean node's where one engine moves
+every node's bytes) and those that move inside nodes, on the hardware's or the measured links),
+and the one of least predicted step time chosen.
 
 DeepSeek's EPLB picks its policy by a rule (hierarchical when the nodes divide the routing groups).
 The rule cannot see that keeping each group on one node may leave a node's hottest experts
