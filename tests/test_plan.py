@@ -287,7 +287,9 @@ def test_plan_prices_every_placement_of_measured_loads(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "predicted prefill step" in text and text.count("<- chosen") == 1
     cands = json.loads((tmp_path / "p.json").read_text())["placement_candidates"]
-    assert [c["policy"] for c in cands] == ["hierarchical", "global", "hierarchical-refined", "global-refined"]
+    # cut joins where the loads leave spare places to cut with (it is global's placement otherwise)
+    assert [c["policy"] for c in cands][:4] == ["hierarchical", "global", "hierarchical-refined", "global-refined"]
+    assert [c["policy"] for c in cands][4:] in ([], ["cut"])
     chosen = [c for c in cands if c["chosen"]]
     assert len(chosen) == 1 and chosen[0]["predicted_step_ms"] <= min(c["predicted_step_ms"] for c in cands) * 1.001
     assert all(c["rank_load"] >= 1.0 and c["inter_node_bytes"] > 0 for c in cands)
