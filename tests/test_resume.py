@@ -8,11 +8,12 @@ start mpiexec as users do. The emulated cluster's lost node is tests/test_cluste
 import hashlib
 import os
 import signal
+import subprocess
 
 import h5py
 import numpy as np
 import pytest
-from test_cli import _start_run, _wait_for_steps, hpc_moe
+from test_cli import ENV, REPO, _start_run, _wait_for_steps, hpc_moe
 
 from hpc_moe.trace.h5file import copy_to_resume
 from hpc_moe.trace.reader import read_trace
@@ -121,3 +122,38 @@ def test_a_trace_that_cannot_be_resumed_is_refused_in_one_line_and_left_untouche
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert digest(path) == before and not list(tmp_path.glob(".*.resume"))
+
+
+def test_the_bare_metal_script_resumes_after_a_lost_rank(tmp_path):
+    """jobs/mpirun-local.sh with RETRIES=1: a rank killed mid-run fails the job, and the script
+    resumes the trace on the same ranks until it completes; every step once."""
+    trace = tmp_path / "t.h5"
+    job = subprocess.Popen(["jobs/mpirun-local.sh", "2"], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, start_new_session=True,
+                           env={**ENV, "TRACE": str(trace), "RETRIES": "1", "STEPS": "40"})
+    try:
+        _wait_for_steps(trace, job)
+        ranks = [int(p) for p in os.listdir("/proc") if p.isdigit() and _rank_of(int(p), trace) == "1"]
+        assert len(ranks) == 1, ranks
+        os.kill(ranks[0], signal.SIGKILL)
+        _, err = job.communicate(timeout=180)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.communicate()
+    assert job.returncode == 0 and "the run failed" in err and "resuming" in err, err[-3000:]
+    t = read_trace(trace)
+    assert t.state == "completed" and t.step.tolist() == list(range(40))
+    assert [s.after for s in t.segments] == ["", "running"]
+
+
+def _rank_of(pid: int, trace) -> str | None:
+    """PMI_RANK of a process of the run writing ``trace`` (None for any other process)."""
+    try:
+        if str(trace) not in open(f"/proc/{pid}/cmdline").read():
+            return None
+        env = dict(x.split("=", 1) for x in open(f"/proc/{pid}/environ").read().split("\0") if "=" in x)
+    except OSError:
+        return None
+    return env.get("PMI_RANK")
+
