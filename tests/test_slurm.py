@@ -148,7 +148,7 @@ def test_run_job_writes_its_trace(slurm, tmp_path):
     job, code = _job(slurm, *CPU_ONLY, "-o", str(out), "jobs/run.sbatch")
     log = Path(str(out).replace("%j", job)).read_text()
     assert code == "0:0", log
-    t = read_trace(REPO / f"traces/run-{job}-n4.h5")
+    t = read_trace(REPO / f"traces/run-{job}.h5")
     assert t.state == "completed" and t.num_steps == 3 and t.num_ranks == 4
     assert "Throughput" in log
 
@@ -168,11 +168,11 @@ def test_scaling_job_runs_each_size_and_the_report(slurm, tmp_path):
 def test_a_time_limit_signal_stops_the_run_and_keeps_the_trace(slurm, tmp_path):
     """What #SBATCH --signal=USR1@120 does before the time limit, sent now with scancel."""
     out = tmp_path / "stop-%j.out"
-    r = _sh("sbatch", "--parsable", *CPU_ONLY, "-o", str(out), "jobs/run.sbatch", env={**slurm, "STEPS": "100000"},
-            cwd=REPO)
+    r = _sh("sbatch", "--parsable", *CPU_ONLY, "-o", str(out), "jobs/run.sbatch",
+            env={**slurm, "STEPS": "100000", "REQUEUE": "0"}, cwd=REPO)
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().split(";")[0]
-    trace = REPO / f"traces/run-{job}-n4.h5"
+    trace = REPO / f"traces/run-{job}.h5"
     deadline = time.monotonic() + 120
     while not (trace.exists() and _steps(trace) >= 3):
         assert time.monotonic() < deadline, "the job wrote no steps in 120 s"

@@ -178,11 +178,12 @@ def _moved(old: ExpertPlacement, new: ExpertPlacement) -> tuple[int, int]:
 
 
 def best(cands: list[Candidate]) -> Candidate:
-    """The candidate of least predicted step; a tie (within 0.1 %, below what the model resolves)
-    goes to the lower rank load, then to fewer moved experts, then to the earlier policy
-    (DeepSeek's own first)."""
+    """The candidate of least predicted step; a tie (within 1 %: the planner's steps are off by
+    5-15 % against measured ones, docs/benchmarks.md, and placements a few tenths of a percent
+    apart are not told apart by it) goes to the lower rank load, then to fewer moved experts,
+    then to the earlier policy (DeepSeek's own first)."""
     fastest = min(c.step_ms for c in cands)
-    near = [c for c in cands if c.step_ms <= fastest * 1.001]
+    near = [c for c in cands if c.step_ms <= fastest * 1.01]
     return min(near, key=lambda c: (round(c.rank_load, 6), c.moved_experts))
 
 
