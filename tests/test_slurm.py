@@ -105,7 +105,18 @@ def slurm(tmp_path_factory):
 
 
 def _stop(root: Path, munged: bool) -> None:
-    """The daemons this fixture started (munged too, unless it was running before)."""
+    """The daemons this fixture started (munged too, unless it was running before), and every job
+    step they still run: a job a failed test left running outlives slurmd (its slurmstepd is not
+    slurmd's child), loads the machine, and was seen to hang the next cluster's job of the same id
+    at start-up."""
+    # Every process of this cluster's jobs carries its SLURM_CONF (sbatch exports the environment).
+    jobs = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()
+            and f"SLURM_CONF={root}/slurm.conf" in _environ(int(p))]
+    for p in jobs:
+        try:
+            os.kill(p, 9)
+        except OSError:
+            pass
     for daemon in ("slurmd", "slurmctld"):
         pid = root / f"{daemon}.pid"
         if pid.exists():
@@ -115,6 +126,13 @@ def _stop(root: Path, munged: bool) -> None:
                 pass
     if munged:
         _sh("pkill", "-x", "munged")
+
+
+def _environ(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/environ", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _job(env, *args, timeout=180) -> tuple[str, str]:
