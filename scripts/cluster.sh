@@ -71,6 +71,7 @@ cmd_up() {
   is_up && die "a cluster of $(nodes) nodes is already up (scripts/cluster.sh down first)"
   mkdir -p "$STATE"
   : > "$STATE/made"
+  ls /dev/shm > "$STATE/shm-before"  # the MPI segments that ranks killed in the nodes leave go at `down`
   # Whatever ends `up` early (a failed command, a refusal) removes what it made.
   trap 'rc=$?; [ $rc = 0 ] || { echo "cluster.sh: up failed; removing what it made" >&2; cmd_down >/dev/null 2>&1; }; exit $rc' EXIT
 
@@ -143,6 +144,9 @@ slurm_up() {
     echo "ProctrackType=proctrack/linuxproc"; echo "TaskPlugin=task/none"
     echo "SelectType=select/cons_tres"; echo "SelectTypeParameters=CR_Core"; echo "MpiDefault=none"
     echo "ReturnToService=2"; echo "KillWait=10"; echo "SlurmdTimeout=30"; echo "InactiveLimit=0"
+    # Job ids unique across clusters: srun's PMI names a step by them and MPICH its shared memory
+    # after that; a rank killed earlier leaves its segment, which a later job of the same id meets.
+    echo "FirstJobId=$(( $(date +%s) % 50000000 + 1000 ))"
     echo "SlurmctldPort=6817"; echo "SlurmdPort=6818"
     echo "StateSaveLocation=$dir/state"
     echo "SlurmdSpoolDir=$dir/spool-%n"; echo "SlurmdPidFile=$dir/slurmd-%n.pid"
@@ -292,6 +296,10 @@ cmd_down() {
       munged) pkill -x munged 2>/dev/null || true ;;
     esac
   done < "$STATE/made"
+  local seg
+  for seg in /dev/shm/mpich_shm_* /dev/shm/sm_segment.*; do
+    [ -e "$seg" ] && ! grep -qxF "${seg#/dev/shm/}" "$STATE/shm-before" 2>/dev/null && rm -f "$seg"
+  done
   rm -rf "$STATE"
   echo "cluster.sh: removed"
 }

@@ -63,6 +63,7 @@ def slurm(tmp_path_factory):
     if why:
         pytest.skip(why)
     root = tmp_path_factory.mktemp("slurm")
+    shm_before = set(os.listdir("/dev/shm"))
     key = Path("/etc/munge/munge.key")
     if not key.exists():
         key.write_bytes(os.urandom(1024))
@@ -86,6 +87,10 @@ def slurm(tmp_path_factory):
         f"SlurmctldLogFile={root}/log/slurmctld.log", f"SlurmdLogFile={root}/log/slurmd.log", "KillWait=10",
         # 8 CPUs on a 2-core machine: the ranks oversubscribe the cores, as the MPI tests do.
         "SlurmdParameters=config_overrides", f"NodeName={host} CPUs=8 State=UNKNOWN",
+        # Job ids unique across the clusters this fixture makes: srun's PMI names a job step by
+        # them, and MPICH its shared memory after that (a step killed earlier leaves its segment
+        # in /dev/shm, which the next cluster's job of the same id would attach to and fail).
+        f"FirstJobId={int(time.time()) % 50_000_000 + 1000}",
         f"PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE", ""]))
     env = {**os.environ, "SLURM_CONF": str(conf), "SRUN_MPI": "pmi2", "PY": sys.executable, "CONFIG": "tiny",
            "LAYERS": "3", "STEPS": "3", "WORKLOAD": "--mode prefill --batch 8 --seq-len 16",
@@ -95,20 +100,19 @@ def slurm(tmp_path_factory):
     deadline = time.monotonic() + 30
     while _sh("sinfo", "-h", "-o", "%T", env=env).stdout.strip() != "idle":
         if time.monotonic() > deadline:
-            _stop(root, started_munged)
+            _stop(root, started_munged, shm_before)
             pytest.skip(f"the one-node Slurm did not come up in 30 s: {(root / 'log/slurmctld.log').read_text()[-300:]}")
         time.sleep(0.5)
     try:
         yield env
     finally:
-        _stop(root, started_munged)
+        _stop(root, started_munged, shm_before)
 
 
-def _stop(root: Path, munged: bool) -> None:
-    """The daemons this fixture started (munged too, unless it was running before), and every job
-    step they still run: a job a failed test left running outlives slurmd (its slurmstepd is not
-    slurmd's child), loads the machine, and was seen to hang the next cluster's job of the same id
-    at start-up."""
+def _stop(root: Path, munged: bool, shm_before: set[str]) -> None:
+    """The daemons this fixture started (munged too, unless it was running before), every job
+    step they still run (a job a failed test left running outlives slurmd: its slurmstepd is not
+    slurmd's child), and the MPI shared-memory segments its killed ranks left in /dev/shm."""
     # Every process of this cluster's jobs carries its SLURM_CONF (sbatch exports the environment).
     jobs = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()
             and f"SLURM_CONF={root}/slurm.conf" in _environ(int(p))]
@@ -126,6 +130,9 @@ def _stop(root: Path, munged: bool) -> None:
                 pass
     if munged:
         _sh("pkill", "-x", "munged")
+    for name in set(os.listdir("/dev/shm")) - shm_before:
+        if name.startswith(("mpich_shm_", "sm_segment.")):
+            Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def _environ(pid: int) -> str:
