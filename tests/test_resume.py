@@ -157,3 +157,21 @@ def _rank_of(pid: int, trace) -> str | None:
         return None
     return env.get("PMI_RANK")
 
+
+def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """Slurm signals each node's ranks on its own, so some ranks learn of a stop only from the
+    others (and a late signal finds the handler still installed): a signal to rank 1 alone stops
+    the run on every rank, exit 3, and rank 0 says it came to another rank."""
+    trace = tmp_path / "t.h5"
+    job = _start_run(trace, 2)
+    try:
+        _wait_for_steps(trace, job)
+        rank1 = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _rank_of(int(p), trace) == "1")
+        os.kill(rank1, signal.SIGUSR1)
+        out, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.communicate()
+    assert job.returncode == 3, err[-3000:]
+    assert read_trace(trace).state == "stopped" and "stopped by a signal to another rank" in err

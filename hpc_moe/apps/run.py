@@ -102,22 +102,25 @@ def run_job(o: RunOptions) -> int:
     if ctx.rank == 0:
         _announce(cfg, layers, ctx, engine, workload, o, links, point)
     stop = StopRequest()
-    try:
-        with stop.installed():
-            steps = _loop(o, ctx, engine, workload, backend, prof, recorder, watchdog, stop, point)
-    except BaseException:
-        if recorder is not None:
-            recorder.close(failed=True)
-        raise
-    engine.close()
-    watchdog.close()
-    if ctx.rank == 0:
-        recorder.close(stopped=stop.signal is not None)
-        if stop.signal is not None:
-            log.warning("stopped by %s after %d measured steps: the trace holds them", stop.signal.name, steps)
-        _finish(o, recorder, steps)
-    ctx.world.Barrier()  # the ranks leave together, once rank 0 has closed the trace and printed the summary
-    return EXIT_STOPPED if stop.signal is not None else 0
+    # Installed to the end: Slurm signals each node's ranks on its own, and a rank it reaches after
+    # the others have agreed to stop must not die of the signal's default action.
+    with stop.installed():
+        try:
+            steps, stopped = _loop(o, ctx, engine, workload, backend, prof, recorder, watchdog, stop, point)
+        except BaseException:
+            if recorder is not None:
+                recorder.close(failed=True)
+            raise
+        engine.close()
+        watchdog.close()
+        if ctx.rank == 0:
+            recorder.close(stopped=stopped)
+            if stopped:
+                log.warning("stopped by %s after %d measured steps: the trace holds them",
+                            stop.signal.name if stop.signal else "a signal to another rank", steps)
+            _finish(o, recorder, steps)
+        ctx.world.Barrier()  # the ranks leave together, once rank 0 has closed the trace and printed the summary
+    return EXIT_STOPPED if stopped else 0
 
 
 def _check_fits(cfg, layers: int, workload: Workload, ctx: ParallelContext, backend) -> None:
@@ -181,17 +184,18 @@ def _policy_chooser(cfg, ctx: ParallelContext, layers: int, backend, links, work
 
 # ---- the step loop -----------------------------------------------------------------------------
 def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workload, backend, prof: Profiler,
-          recorder, watchdog: Watchdog, stop: StopRequest, point: ResumePoint | None) -> int:
+          recorder, watchdog: Watchdog, stop: StopRequest, point: ResumePoint | None) -> tuple[int, bool]:
     """Warm-up steps, then measured steps until --steps, --duration or a stop request; returns
-    the measured steps this run added. Resumed (``point``): the first run's warm-up, then its
-    measured steps from the first one the trace lacks."""
+    the measured steps this run added and whether a stop signal (to any rank) ended it. Resumed
+    (``point``): the first run's warm-up, then its measured steps from the first one the trace
+    lacks."""
     first = point.first_step if point else 0
     duration = point.duration_left if point else o.duration
     draws = itertools.chain(itertools.islice(workload.stream(), o.warmup), workload.stream(o.warmup + first))
     inputs = StepInputs(engine.model, o.seed)
     cumulative = point.total_ME.copy() if point else np.zeros((len(engine.moe_layers), engine.cfg.n_routed_experts), np.int64)
     progress = Progress(o.steps and o.steps - first, duration) if ctx.rank == 0 else None
-    measured, started, index, recording, pending = first, time.perf_counter(), 0, 0.0, None
+    measured, started, index, recording, pending, why = first, time.perf_counter(), 0, 0.0, None, 0
     while not o.steps or measured < o.steps:
         warm = index < o.warmup
         if index == o.warmup:
@@ -201,7 +205,8 @@ def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workloa
         over = ctx.rank == 0 and not warm and bool(duration) and time.perf_counter() - started >= duration
         # Every rank learns of a stop signal any rank got, and all leave after the same step.
         with watchdog.waiting("the step's start (an Allreduce)"):
-            if ctx.world.allreduce(int(over or stop.signal is not None), op=MPI.MAX):
+            why = ctx.world.allreduce(int(over) | 2 * (stop.signal is not None), op=MPI.BOR)
+            if why:
                 break
         watchdog.step = measured
         with watchdog.waiting("the step's requests from rank 0"):
@@ -261,7 +266,7 @@ def _loop(o: RunOptions, ctx: ParallelContext, engine: Engine, workload: Workloa
         loop = time.perf_counter() - started
         log.info("%d steps in %.2f s; recording them took %.3f s (%.2f%%)", measured - first, loop, recording,
                  100 * recording / max(loop, 1e-9))
-    return measured - first
+    return measured - first, bool(why & 2)
 
 
 def _adopt(ctx: ParallelContext, engine: Engine, pending, recorder, step: int) -> None:
