@@ -124,6 +124,22 @@ def exit_code(jid: str) -> str:
     return next((w.split("=", 1)[1] for w in out.split() if w.startswith("ExitCode=")), "?")
 
 
+def signalled_after_3_steps(traces: Path, env: dict, *sbatch: str) -> tuple[str, Path, float]:
+    """jobs/run.sbatch on 2 nodes, sent scancel --signal=USR1 once its trace holds 3 steps ->
+    (job id, its trace, a deadline 120 s after the submission)."""
+    r = cluster("sbatch", "--parsable", "-N", "2", *CPU_ONLY, *sbatch, "-o", "traces/cluster-%j.out", "jobs/run.sbatch",
+                env={**ENV, **JOB_ENV, **env})
+    assert r.returncode == 0, r.stderr
+    jid = r.stdout.strip().split(";")[0]
+    trace = traces / f"run-{jid}.h5"
+    deadline = time.monotonic() + 120
+    while _steps(trace) < 3:
+        assert time.monotonic() < deadline, "the job wrote no steps in 120 s"
+        time.sleep(0.3)
+    assert cluster("scancel", "--signal=USR1", jid).returncode == 0
+    return jid, trace, deadline
+
+
 @pytest.fixture
 def traces():
     """The jobs write under the checkout's traces/ (their submit directory): remove what a test made."""
@@ -161,16 +177,7 @@ class TestTwoNodes:
         assert "Throughput" in log
 
     def test_stop_signal_stops_every_node_after_the_same_step(self, two_nodes, traces):
-        r = cluster("sbatch", "--parsable", "-N", "2", *CPU_ONLY, "-o", "traces/cluster-%j.out", "jobs/run.sbatch",
-                    env={**ENV, **JOB_ENV, "STEPS": "100000", "REQUEUE": "0"})
-        assert r.returncode == 0, r.stderr
-        jid = r.stdout.strip().split(";")[0]
-        trace = traces / f"run-{jid}.h5"
-        deadline = time.monotonic() + 120
-        while _steps(trace) < 3:
-            assert time.monotonic() < deadline, "the job wrote no steps in 120 s"
-            time.sleep(0.5)
-        assert cluster("scancel", "--signal=USR1", jid).returncode == 0
+        jid, trace, deadline = signalled_after_3_steps(traces, {"STEPS": "100000", "REQUEUE": "0"})
         while cluster("squeue", "-h", "-j", jid).stdout.strip():
             assert time.monotonic() < deadline + 60, "the job did not stop within 60 s of the signal"
             time.sleep(1)
@@ -185,17 +192,7 @@ class TestTwoNodes:
         """scancel --signal=USR1: the run stops after the step in flight (exit 3), jobs/run.sbatch
         requeues the job, and the next allocation resumes the trace on the same nodes: its steps
         equal those of the same run never stopped (Hydra on the same nodes)."""
-        env = {**ENV, **JOB_ENV, "STEPS": "30"}
-        r = cluster("sbatch", "--parsable", "-N", "2", *CPU_ONLY, "--open-mode=append", "-o", "traces/cluster-%j.out",
-                    "jobs/run.sbatch", env=env)
-        assert r.returncode == 0, r.stderr
-        jid = r.stdout.strip().split(";")[0]
-        trace = traces / f"run-{jid}.h5"
-        deadline = time.monotonic() + 120
-        while _steps(trace) < 3:
-            assert time.monotonic() < deadline, "the job wrote no steps in 120 s"
-            time.sleep(0.3)
-        assert cluster("scancel", "--signal=USR1", jid).returncode == 0
+        jid, trace, deadline = signalled_after_3_steps(traces, {"STEPS": "30"}, "--open-mode=append")
         while "COMPLETED" not in cluster("scontrol", "show", "job", jid).stdout:
             assert time.monotonic() < deadline + 180, cluster("scontrol", "show", "job", jid).stdout
             time.sleep(1)

@@ -38,9 +38,8 @@ class ResumePoint:
     "running": killed); previous_end_unix: when its last step ended (0: no step); duration_left:
     seconds of a --duration run still to measure; loads_ME float64 [M, E]: mean tokens per
     expert over the steps written (None: none written); total_ME int64 [M, E]: their sum (what
-    --replan-every has accumulated); columns: the trace's rank columns (the most ranks it can
-    continue on); last_nodes: the node of each rank of the trace's last segment; placed_by_loads:
-    whether the run placed its experts by loads (else evenly)."""
+    --replan-every has accumulated); last_nodes: the node of each rank of the trace's last
+    segment; placed_by_loads: whether the run placed its experts by loads (else evenly)."""
 
     path: str
     options: RunOptions
@@ -50,7 +49,6 @@ class ResumePoint:
     duration_left: float | None
     loads_ME: np.ndarray | None
     total_ME: np.ndarray
-    columns: int
     last_nodes: tuple[int, ...]
     placed_by_loads: bool
 
@@ -104,7 +102,7 @@ def read_resume_point(given: RunOptions, world_size: int) -> ResumePoint:
     return ResumePoint(path=path, options=first, first_step=done, after=trace.state,
                        previous_end_unix=float(trace.time_unix[-1]) if trace.num_steps else 0.0, duration_left=left,
                        loads_ME=trace.expert_tokens.mean(axis=0) if trace.num_steps else None,
-                       total_ME=trace.expert_tokens.sum(axis=0), columns=columns,
+                       total_ME=trace.expert_tokens.sum(axis=0),
                        last_nodes=tuple(int(n) for n in last.ranks["node"]),
                        placed_by_loads=model.get("modelled_rank_load") is not None or bool(first.replan_every))
 
