@@ -2,8 +2,8 @@
 and a latent cache whose context is synthetic.
 
 All of it is a function of the seed, the step's index in the workload stream and the sequence ->
-rank assignment, never of the steps before: the step's tokens are drawn for all its sequences
-from (seed, index) and each rank takes its own; decodes attend over a synthetic context that
+rank assignment, never of the steps before: each sequence's tokens are drawn from (seed, index,
+sequence); decodes attend over a synthetic context that
 depends on the position alone, and what a step writes into the cache is put back after it. So a
 resumed run (hpc_moe.apps.resume) rebuilds step n exactly, and a step's tokens are the same on
 any number of ranks. Attention costs the same whatever the cached values are.
@@ -40,11 +40,11 @@ class StepInputs:
         new_B = np.concatenate([step.prefill_lens[pre], np.ones(len(dec), np.int64)])
         start_B = np.concatenate([np.zeros(len(pre), np.int64), step.decode_ctx[dec]])
         self._fit(len(new_B), int((start_B + new_B).max(initial=1)))
-        lens = np.concatenate([step.prefill_lens, np.ones(len(step.decode_ctx), np.int64)])
-        off = np.concatenate([[0], np.cumsum(lens)])
-        every_T = np.random.default_rng([self.seed, _TOKENS, index]).integers(0, self.model.cfg.vocab_size, int(off[-1]))
-        rows = np.concatenate([np.arange(off[i], off[i + 1]) for i in mine]) if len(mine) else np.zeros(0, np.int64)
-        return Batch(every_T[rows], np.arange(len(new_B), dtype=np.int64), start_B, new_B), self.cache
+        # Each sequence's tokens from (seed, step, sequence): a rank draws only its own.
+        vocab = self.model.cfg.vocab_size
+        tokens_T = np.concatenate([np.random.default_rng([self.seed, _TOKENS, index, int(i)]).integers(0, vocab, int(n))
+                                   for i, n in zip(mine, new_B)]) if len(mine) else np.zeros(0, np.int64)
+        return Batch(tokens_T, np.arange(len(new_B), dtype=np.int64), start_B, new_B), self.cache
 
     def restore(self, batch: Batch) -> None:
         """Put back the synthetic context where ``batch`` wrote its latents (after its step)."""
